@@ -1,0 +1,37 @@
+# effml: the two commands are `make lab` and `make test`; both create .venv on first use.
+PYTHON     ?= python3
+VENV       ?= .venv
+# Which torch to install. Default: the newest release pip finds (a CUDA build on Linux).
+# CI pins the CPU build it has on disk: TORCH_SPEC=torch==2.13.0
+TORCH_SPEC ?= torch>=2.4
+LAB_ARGS   ?=
+PYTEST_ARGS ?=
+BIN        := $(VENV)/bin
+STAMP      := $(VENV)/.effml-installed
+
+.PHONY: lab test venv bench execute clean-venv
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+lab: venv  ## open JupyterLab on the course (LAB_ARGS=--no-browser for a server)
+	$(BIN)/jupyter lab --notebook-dir=. $(LAB_ARGS) README.md
+
+test: venv  ## the whole test suite (CPU; GPU tests skip without CUDA)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bench: venv  ## benchmarks; results go to bench/results/<device>/
+	$(BIN)/python bench/decode.py
+
+execute: venv  ## re-run every notebook in place, keeping outputs
+	for nb in notebooks/*.ipynb; do [ -f "$$nb" ] || continue; \
+	  $(BIN)/jupyter nbconvert --to notebook --execute --inplace "$$nb" || exit 1; done
+
+clean-venv:
+	rm -rf $(VENV)

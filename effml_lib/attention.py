@@ -1,0 +1,204 @@
+"""Scaled dot-product attention: the reference, PyTorch's fused path, and the attention layer.
+
+Shapes used throughout:
+  q    (B, H,   Tq, D)   queries of H heads
+  k, v (B, Hkv, Tk, D)   keys/values of Hkv heads, H % Hkv == 0 (MHA: Hkv == H, GQA: 1 < Hkv < H, MQA: Hkv == 1)
+
+Causal masking is aligned to the *end* of the keys: query ``i`` sits at absolute position
+``Tk - Tq + i`` and may see keys ``0 .. Tk - Tq + i``. That is what a decode step with a KV cache
+needs (Tq = 1 new token against Tk cached ones). ``torch.nn.functional.scaled_dot_product_attention``
+with ``is_causal=True`` aligns to the *start* instead, which is wrong whenever Tq < Tk; we never
+rely on it in that case.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ATTENTION_IMPLS = ("auto", "torch", "sdpa")
+
+
+
+def _sdpa_supports_gqa() -> bool:
+    """enable_gqa arrived in torch 2.5; with it SDPA handles head groups without copying K/V."""
+    q, kv = torch.zeros(1, 2, 1, 2), torch.zeros(1, 1, 1, 2)
+    try:
+        F.scaled_dot_product_attention(q, kv, kv, enable_gqa=True)
+    except TypeError:
+        return False
+    return True
+
+
+_SDPA_HAS_GQA = _sdpa_supports_gqa()
+
+
+def causal_mask(q_len: int, k_len: int, device=None) -> torch.Tensor:
+    """Boolean (Tq, Tk) mask, True where query i may attend to key j (end-aligned)."""
+    if q_len > k_len:
+        raise ValueError(f"causal attention needs q_len <= k_len, got q_len={q_len}, k_len={k_len}")
+    offset = k_len - q_len
+    query_pos = torch.arange(q_len, device=device).unsqueeze(1) + offset  # (Tq, 1)
+    key_pos = torch.arange(k_len, device=device).unsqueeze(0)  # (1, Tk)
+    return key_pos <= query_pos
+
+
+def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """(B, Hkv, T, D) -> (B, Hkv * n_rep, T, D): each KV head repeated for its group of query heads.
+
+    This *copies*; it exists to explain GQA and as a test reference. ``attention`` itself never calls it.
+    """
+    if n_rep == 1:
+        return x
+    b, h_kv, t, d = x.shape
+    return x[:, :, None].expand(b, h_kv, n_rep, t, d).reshape(b, h_kv * n_rep, t, d)
+
+
+def _check_qkv(q, k, v, mask):
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(
+            f"q, k, v must be 4-D (B, H, T, D); got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
+        )
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    (b, h, _, d), (bk, h_kv, _, dk) = q.shape, k.shape
+    if b != bk or d != dk:
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree on batch size and head_dim")
+    if h % h_kv:
+        raise ValueError(f"query heads ({h}) must be a multiple of key/value heads ({h_kv})")
+    if q.dtype != k.dtype or q.dtype != v.dtype:
+        raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if mask is not None and mask.dtype != torch.bool:
+        raise TypeError(f"mask must be a bool tensor (True = may attend), got {mask.dtype}")
+
+
+def attention_reference(q, k, v, causal: bool = True, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The readable reference: softmax(q k^T / sqrt(D) + mask) v, in float32, GQA by head groups.
+
+    Grouping: the G = H // Hkv query heads that share one KV head are folded into the query-length
+    axis, so one ordinary batched matmul serves the whole group and K/V are read, never copied.
+    ``mask`` is a boolean tensor broadcastable to (B, H, Tq, Tk), True where attention is allowed.
+    """
+    b, h, tq, d = q.shape
+    h_kv, tk = k.shape[1], k.shape[2]
+    groups = h // h_kv
+    qf, kf, vf = q.float(), k.float(), v.float()
+
+    q_grouped = qf.reshape(b, h_kv, groups * tq, d)  # heads of a group are adjacent: (B, Hkv, G*Tq, D)
+    scores = q_grouped @ kf.transpose(-2, -1) / math.sqrt(d)  # (B, Hkv, G*Tq, Tk)
+    scores = scores.view(b, h_kv, groups, tq, tk)
+
+    allowed = causal_mask(tq, tk, q.device) if causal else None  # (Tq, Tk), broadcasts over groups
+    if mask is not None:
+        # (B|1, H|1, Tq|1, Tk) -> (B, Hkv, G, Tq, Tk), matching the grouped scores
+        grouped = torch.broadcast_to(mask, (b, h, tq, tk)).reshape(b, h_kv, groups, tq, tk)
+        allowed = grouped if allowed is None else (allowed & grouped)
+    if allowed is not None:
+        scores = scores.masked_fill(~allowed, float("-inf"))
+
+    probs = torch.softmax(scores, dim=-1)
+    # A row with no allowed key gives NaN from softmax; define its output as zeros.
+    probs = torch.nan_to_num(probs, nan=0.0)
+    out = probs.view(b, h_kv, groups * tq, tk) @ vf  # (B, Hkv, G*Tq, D)
+    return out.view(b, h, tq, d).to(q.dtype)
+
+
+def _attention_sdpa(q, k, v, causal, mask):
+    """PyTorch's fused SDPA, used only with semantics identical to the reference."""
+    tq, tk = q.shape[2], k.shape[2]
+    n_rep = q.shape[1] // k.shape[1]
+    if causal and tq != tk:
+        causal_part = causal_mask(tq, tk, q.device)
+        mask = causal_part if mask is None else (mask & causal_part)
+        causal = False
+    kwargs = {}
+    if n_rep > 1:
+        if _SDPA_HAS_GQA:
+            kwargs["enable_gqa"] = True
+        else:
+            k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None, **kwargs)
+
+
+def attention(q, k, v, causal: bool = True, mask: torch.Tensor | None = None, impl: str = "auto") -> torch.Tensor:
+    """Scaled dot-product attention. q (B, H, Tq, D), k/v (B, Hkv, Tk, D) -> (B, H, Tq, D).
+
+    impl: "torch" the reference above; "sdpa" PyTorch's fused kernel; "auto" SDPA when it computes
+    exactly the reference's function (no fully masked rows are possible, GQA supported natively),
+    otherwise the reference.
+    """
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"impl must be one of {ATTENTION_IMPLS}, got {impl!r}")
+    _check_qkv(q, k, v, mask)
+    if causal and q.shape[2] > k.shape[2]:
+        raise ValueError(f"causal attention needs Tq <= Tk, got Tq={q.shape[2]}, Tk={k.shape[2]}")
+    if impl == "auto":
+        # SDPA gives NaN for fully masked rows where the reference gives zeros, so only take it when
+        # no user mask can create such rows, and when it can group heads without a copy.
+        use_sdpa = mask is None and (_SDPA_HAS_GQA or q.shape[1] == k.shape[1])
+        impl = "sdpa" if use_sdpa else "torch"
+    if impl == "sdpa":
+        return _attention_sdpa(q, k, v, causal, mask)
+    return attention_reference(q, k, v, causal=causal, mask=mask)
+
+
+class Attention(nn.Module):
+    """Multi-head attention with ``n_kv_heads`` key/value heads (MHA, GQA or MQA) and RoPE.
+
+    Projections are named as in Meta's Llama code: wq, wk, wv, wo.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        n_heads: int,
+        n_kv_heads: int | None = None,
+        head_dim: int | None = None,
+        qkv_bias: bool = False,
+        out_bias: bool = False,
+        impl: str = "auto",
+    ):
+        super().__init__()
+        n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
+        if n_heads <= 0 or n_kv_heads <= 0:
+            raise ValueError(f"n_heads and n_kv_heads must be positive, got {n_heads} and {n_kv_heads}")
+        if n_heads % n_kv_heads:
+            raise ValueError(f"n_heads ({n_heads}) must be divisible by n_kv_heads ({n_kv_heads})")
+        if head_dim is None:
+            if dim % n_heads:
+                raise ValueError(f"dim ({dim}) must be divisible by n_heads ({n_heads}) when head_dim is not given")
+            head_dim = dim // n_heads
+        if impl not in ATTENTION_IMPLS:
+            raise ValueError(f"impl must be one of {ATTENTION_IMPLS}, got {impl!r}")
+        self.n_heads, self.n_kv_heads, self.head_dim, self.impl = n_heads, n_kv_heads, head_dim, impl
+        self.wq = nn.Linear(dim, n_heads * head_dim, bias=qkv_bias)
+        self.wk = nn.Linear(dim, n_kv_heads * head_dim, bias=qkv_bias)
+        self.wv = nn.Linear(dim, n_kv_heads * head_dim, bias=qkv_bias)
+        self.wo = nn.Linear(n_heads * head_dim, dim, bias=out_bias)
+
+    def forward(self, x, rope_cos, rope_sin, positions, layer_cache=None, mask=None):
+        """x (B, T, dim); positions (T,) absolute positions of x's tokens.
+
+        ``layer_cache`` is a callable ``(k, v) -> (k_all, v_all)`` that stores this step's keys/values
+        and returns everything visible so far (see ``kvcache.StaticKVCache.layer``).
+        """
+        from .rope import apply_rope
+
+        b, t, _ = x.shape
+        q = self.wq(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = self.wk(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        v = self.wv(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        q = apply_rope(q, rope_cos, rope_sin, positions)
+        k = apply_rope(k, rope_cos, rope_sin, positions)
+        if layer_cache is not None:
+            k, v = layer_cache(k, v)  # (B, Hkv, Tk, D)
+        impl = self.impl
+        if mask is not None and impl == "auto":
+            # A cache attended in full: the mask carries causality and always allows key 0, so no
+            # row is fully masked and SDPA computes exactly the reference's function.
+            impl = "sdpa"
+        out = attention(q, k, v, causal=mask is None, mask=mask, impl=impl)  # (B, H, T, D)
+        return self.wo(out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))

@@ -1,0 +1,211 @@
+"""Loading weights into ``model.Transformer``: Hugging Face Llama-family checkpoints and our own.
+
+``load_hf(path)`` reads ``config.json`` and ``*.safetensors`` of a Llama, Mistral or Qwen2
+checkpoint. Their q/k projections already use the half-split RoPE pairing that ``rope.apply_rope``
+defaults to, so tensors are renamed, never permuted.
+
+``pretrained(name)`` loads the course's own models shipped in ``effml_lib/assets/checkpoints``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .model import ModelConfig, Transformer
+from .rope import rope_frequencies
+
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
+CHECKPOINTS_DIR = Path(__file__).parent / "assets" / "checkpoints"
+PRETRAINED = ("effml-tiny", "effml-tiny-draft")
+
+
+def config_from_hf(hf: dict, max_seq_len: int | None = None) -> ModelConfig:
+    """Translate a Hugging Face ``config.json`` dict into a ``ModelConfig``."""
+    arch = hf.get("model_type")
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise ValueError(
+            f"unsupported checkpoint architecture model_type={arch!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+        )
+    if hf.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"unsupported hidden_act {hf['hidden_act']!r}: the SwiGLU feed-forward uses 'silu'")
+    # transformers >= 5 nests RoPE settings under rope_parameters; older files keep them at top level
+    rope = hf.get("rope_parameters") or {}
+    theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+    scaling = hf.get("rope_scaling") or ({k: v for k, v in rope.items() if k != "rope_theta"} or None)
+    rope_type = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+    if rope_type not in ("default", None):
+        if rope_type != "linear":
+            raise ValueError(f"unsupported RoPE scaling {rope_type!r}; supported: default, linear")
+        scaling = {"type": "linear", "factor": float(scaling["factor"])}
+    else:
+        scaling = None
+    n_heads = hf["num_attention_heads"]
+    return ModelConfig(
+        vocab_size=hf["vocab_size"],
+        dim=hf["hidden_size"],
+        n_layers=hf["num_hidden_layers"],
+        n_heads=n_heads,
+        n_kv_heads=hf.get("num_key_value_heads") or n_heads,
+        head_dim=hf.get("head_dim") or hf["hidden_size"] // n_heads,
+        hidden_dim=hf["intermediate_size"],
+        max_seq_len=max_seq_len or hf.get("max_position_embeddings", 2048),
+        norm_eps=hf.get("rms_norm_eps", 1e-6),
+        rope_theta=float(theta),
+        rope_scaling=scaling,
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        qkv_bias=arch == "qwen2" or bool(hf.get("attention_bias", False)),
+        attn_out_bias=arch != "qwen2" and bool(hf.get("attention_bias", False)),
+        mlp_bias=bool(hf.get("mlp_bias", False)),
+    )
+
+
+def hf_to_effml_names(n_layers: int) -> dict[str, str]:
+    """Map from Hugging Face tensor names to ours (weights and possible biases)."""
+    names = {
+        "model.embed_tokens.weight": "tok_embeddings.weight",
+        "model.norm.weight": "norm.weight",
+        "lm_head.weight": "output.weight",
+    }
+    per_layer = {
+        "self_attn.q_proj": "attention.wq",
+        "self_attn.k_proj": "attention.wk",
+        "self_attn.v_proj": "attention.wv",
+        "self_attn.o_proj": "attention.wo",
+        "mlp.gate_proj": "feed_forward.w1",
+        "mlp.down_proj": "feed_forward.w2",
+        "mlp.up_proj": "feed_forward.w3",
+    }
+    for i in range(n_layers):
+        names[f"model.layers.{i}.input_layernorm.weight"] = f"layers.{i}.attention_norm.weight"
+        names[f"model.layers.{i}.post_attention_layernorm.weight"] = f"layers.{i}.ffn_norm.weight"
+        for hf_name, ours in per_layer.items():
+            for kind in ("weight", "bias"):
+                names[f"model.layers.{i}.{hf_name}.{kind}"] = f"layers.{i}.{ours}.{kind}"
+    return names
+
+
+def _safetensors_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        missing = [s for s in shards if not (path / s).exists()]
+        if missing:
+            raise FileNotFoundError(f"weight file(s) listed in {index.name} are missing from {path}: {missing}")
+        return [path / s for s in shards]
+    single = path / "model.safetensors"
+    if single.exists():
+        return [single]
+    others = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt*"))
+    hint = f" (found {others}: convert them to safetensors)" if others else ""
+    raise FileNotFoundError(f"missing weight file: neither model.safetensors nor model.safetensors.index.json in {path}{hint}")
+
+
+def _resolve(path_or_name) -> Path:
+    path = Path(path_or_name).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise ValueError(f"path must be a checkpoint directory (config.json + safetensors), got the file {path}")
+    if os.path.isabs(str(path_or_name)) or str(path_or_name).startswith("."):
+        raise FileNotFoundError(f"checkpoint directory {path} does not exist")
+    # Looks like a hub name ("org/model"): only for users who are online; tests never go here.
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError as e:
+        raise FileNotFoundError(
+            f"{path_or_name!r} is not a local directory, and huggingface_hub (needed to download it) is not installed"
+        ) from e
+    return Path(snapshot_download(str(path_or_name), allow_patterns=["config.json", "*.safetensors", "*.json"]))
+
+
+def load_hf(path, dtype: torch.dtype | None = None, device=None, max_seq_len: int | None = None) -> Transformer:
+    """Load a Llama/Mistral/Qwen2 checkpoint directory (or a hub name, when online) into a ``Transformer``.
+
+    ``dtype`` defaults to the checkpoint's own; ``max_seq_len`` caps the RoPE tables and caches
+    (default: the checkpoint's max_position_embeddings).
+    """
+    path = _resolve(path)
+    config_file = path / "config.json"
+    if not config_file.exists():
+        raise FileNotFoundError(f"missing config.json in {path}")
+    hf = json.loads(config_file.read_text())
+    config = config_from_hf(hf, max_seq_len)
+    names = hf_to_effml_names(config.n_layers)
+
+    state = {}
+    for file in _safetensors_files(path):
+        for hf_name, tensor in load_file(str(file)).items():
+            if hf_name not in names:
+                if hf_name.endswith("rotary_emb.inv_freq"):
+                    continue  # a cached table some exports include; we compute our own
+                raise ValueError(f"unexpected tensor {hf_name!r} in {file.name} for a {hf['model_type']} checkpoint")
+            state[names[hf_name]] = tensor
+    if config.tie_embeddings:
+        state.pop("output.weight", None)
+
+    with torch.device("meta"):
+        model = Transformer(config)
+    expected = set(model.state_dict())
+    if config.tie_embeddings:
+        expected.discard("output.weight")
+    missing = sorted(expected - set(state))
+    if missing:
+        raise ValueError(f"checkpoint {path} lacks tensors for {missing[:6]}{' ...' if len(missing) > 6 else ''}")
+    if dtype is None:
+        dtype = state["tok_embeddings.weight"].dtype
+    state = {k: v.to(dtype=dtype, device=device) for k, v in state.items()}
+    model.load_state_dict(state, strict=False, assign=True)
+    if config.tie_embeddings:
+        model.output.weight = model.tok_embeddings.weight
+    # the tables built under the meta device are placeholders: compute the real ones
+    model._rope = rope_frequencies(config.head_dim, config.max_seq_len, config.rope_theta, config.rope_scaling, device=device)
+    return model.eval()
+
+
+def save(model: Transformer, path, dtype: torch.dtype = torch.float16, metadata: dict | None = None) -> None:
+    """Write ``config.json`` (our ModelConfig, plus ``metadata``) and ``model.safetensors`` in ``dtype``."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in model.state_dict().items()}
+    if model.config.tie_embeddings:
+        state.pop("output.weight")
+    save_file(state, str(path / "model.safetensors"))
+    config = {"effml_config": model.config.to_dict(), **(metadata or {})}
+    (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+def load(path, dtype: torch.dtype = torch.float32, device=None) -> Transformer:
+    """Load a checkpoint written by ``save``."""
+    path = Path(path)
+    config_file, weights = path / "config.json", path / "model.safetensors"
+    for f in (config_file, weights):
+        if not f.exists():
+            raise FileNotFoundError(f"missing weight file {f}")
+    config = ModelConfig.from_dict(json.loads(config_file.read_text())["effml_config"])
+    model = Transformer(config)
+    state = load_file(str(weights))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [m for m in missing if not (config.tie_embeddings and m == "output.weight")]
+    if missing or unexpected:
+        raise ValueError(f"{weights} does not match its config: missing {missing}, unexpected {unexpected}")
+    return model.to(dtype=dtype, device=device).eval()
+
+
+def pretrained(name: str = "effml-tiny", dtype: torch.dtype = torch.float32, device=None) -> Transformer:
+    """The course's own models, trained by ``python -m effml_lib.train`` and shipped in the package."""
+    if name not in PRETRAINED:
+        raise ValueError(f"unknown pretrained model {name!r}; available: {', '.join(PRETRAINED)}")
+    return load(CHECKPOINTS_DIR / name, dtype=dtype, device=device)
+
+
+def pretrained_info(name: str = "effml-tiny") -> dict:
+    """The metadata saved with a shipped model (training command, held-out perplexity, sample...)."""
+    if name not in PRETRAINED:
+        raise ValueError(f"unknown pretrained model {name!r}; available: {', '.join(PRETRAINED)}")
+    info = json.loads((CHECKPOINTS_DIR / name / "config.json").read_text())
+    return info

@@ -1,0 +1,115 @@
+"""The KV cache: how big it is, and a static, preallocated one for decoding.
+
+During decoding every new token attends to the keys and values of all previous tokens. Recomputing
+them each step costs O(T^2) work over a generation; caching them costs memory instead:
+
+    bytes = 2 (K and V) * batch * seq_len * n_layers * n_kv_heads * head_dim * bytes_per_elem
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def kv_cache_bytes(batch_size, seq_len, n_layers, n_kv_heads, head_dim, bytes_per_elem=2) -> int:
+    """Bytes of a KV cache holding ``seq_len`` tokens for ``batch_size`` sequences."""
+    for name, value in dict(
+        batch_size=batch_size, seq_len=seq_len, n_layers=n_layers, n_kv_heads=n_kv_heads, head_dim=head_dim
+    ).items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+    if not isinstance(bytes_per_elem, (int, float)) or bytes_per_elem <= 0:
+        raise ValueError(f"bytes_per_elem must be a positive number, got {bytes_per_elem!r}")
+    return int(2 * batch_size * seq_len * n_layers * n_kv_heads * head_dim * bytes_per_elem)
+
+
+# Published shapes of real models, as in each model's config.json on the Hugging Face hub
+# (hidden_size, num_hidden_layers, num_attention_heads, num_key_value_heads, intermediate_size,
+# vocab_size, rope_theta). Keys are ModelConfig field names so a shape builds a model directly.
+MODEL_SHAPES: dict[str, dict] = {
+    # meta-llama/Llama-2-7b-hf config.json
+    "llama-2-7b": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, hidden_dim=11008, vocab_size=32000, rope_theta=10000.0),
+    # meta-llama/Llama-2-13b-hf config.json
+    "llama-2-13b": dict(dim=5120, n_layers=40, n_heads=40, n_kv_heads=40, hidden_dim=13824, vocab_size=32000, rope_theta=10000.0),
+    # meta-llama/Llama-2-70b-hf config.json (the first Llama to use GQA)
+    "llama-2-70b": dict(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, hidden_dim=28672, vocab_size=32000, rope_theta=10000.0),
+    # meta-llama/Meta-Llama-3-8B config.json
+    "llama-3-8b": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, hidden_dim=14336, vocab_size=128256, rope_theta=500000.0),
+    # meta-llama/Meta-Llama-3-70B config.json
+    "llama-3-70b": dict(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, hidden_dim=28672, vocab_size=128256, rope_theta=500000.0),
+    # mistralai/Mistral-7B-v0.1 config.json (also uses a 4096-token sliding window)
+    "mistral-7b": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, hidden_dim=14336, vocab_size=32000, rope_theta=10000.0),
+    # Qwen/Qwen2.5-7B config.json (q/k/v projections carry a bias)
+    "qwen2.5-7b": dict(dim=3584, n_layers=28, n_heads=28, n_kv_heads=4, hidden_dim=18944, vocab_size=152064, rope_theta=1000000.0, qkv_bias=True),
+}
+
+
+class StaticKVCache(nn.Module):
+    """A preallocated cache: K and V of shape (n_layers, B, Hkv, max_seq_len, D).
+
+    Preallocating keeps every decode step's tensors the same shape and address, which is what lets
+    ``torch.compile`` and CUDA graphs replay one decode step over and over. It is an ``nn.Module``
+    so the buffers follow ``.to(device)`` and compiled code sees them as fixed buffers.
+    """
+
+    def __init__(self, n_layers, batch_size, max_seq_len, n_kv_heads, head_dim, dtype=torch.float32, device=None):
+        super().__init__()
+        for name, value in dict(
+            n_layers=n_layers, batch_size=batch_size, max_seq_len=max_seq_len, n_kv_heads=n_kv_heads, head_dim=head_dim
+        ).items():
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        shape = (n_layers, batch_size, n_kv_heads, max_seq_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    @classmethod
+    def for_model(cls, model, batch_size: int, max_seq_len: int | None = None, dtype=None, device=None):
+        """A cache shaped for ``model`` (a ``model.Transformer``), on its device and dtype by default."""
+        cfg = model.config
+        ref = model.tok_embeddings.weight
+        return cls(
+            n_layers=cfg.n_layers,
+            batch_size=batch_size,
+            max_seq_len=cfg.max_seq_len if max_seq_len is None else max_seq_len,
+            n_kv_heads=cfg.n_kv_heads,
+            head_dim=cfg.head_dim,
+            dtype=ref.dtype if dtype is None else dtype,
+            device=ref.device if device is None else device,
+        )
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.k.shape)
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.k.shape[3]
+
+    @property
+    def batch_size(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.numel() * self.k.element_size() * 2
+
+    def update(self, layer: int, k_new, v_new, positions: torch.Tensor, visible: int | None):
+        """Store k/v_new (B, Hkv, T, D) at ``positions`` (T,) of ``layer``.
+
+        Returns the keys and values attention should see: the first ``visible`` positions, or the
+        whole buffer when ``visible`` is None (the caller then masks the unwritten tail).
+        """
+        if k_new.shape != v_new.shape:
+            raise ValueError(f"k and v must have the same shape, got {tuple(k_new.shape)} and {tuple(v_new.shape)}")
+        k_layer, v_layer = self.k[layer], self.v[layer]  # (B, Hkv, S, D)
+        k_layer.index_copy_(2, positions, k_new)
+        v_layer.index_copy_(2, positions, v_new)
+        if visible is None:
+            return k_layer, v_layer
+        return k_layer[:, :, :visible], v_layer[:, :, :visible]
+
+    def reset(self) -> None:
+        self.k.zero_()
+        self.v.zero_()

@@ -1,0 +1,247 @@
+"""A Llama-style decoder: the model every module of the course builds on.
+
+    tokens (B, T)
+      -> token embedding                         (B, T, dim)
+      -> n_layers x [ x + Attention(RMSNorm(x))   pre-norm residual blocks, RoPE, n_kv_heads
+                      x + SwiGLU(RMSNorm(x)) ]
+      -> RMSNorm -> LM head (optionally tied)    (B, T, vocab_size) logits
+
+The same class loads Llama, Mistral and Qwen2 checkpoints (``checkpoints.load_hf``) and the
+course's own ``effml-tiny`` models (``checkpoints.pretrained``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import Attention
+from .kvcache import StaticKVCache
+from .rope import rope_frequencies
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 4096
+    dim: int = 384
+    n_layers: int = 8
+    n_heads: int = 6
+    n_kv_heads: int | None = None  # None: same as n_heads (MHA)
+    head_dim: int | None = None  # None: dim // n_heads
+    hidden_dim: int | None = None  # SwiGLU inner size; None: Llama's rule, 2/3 * 4 * dim rounded up to 64
+    max_seq_len: int = 2048
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # see rope.rope_frequencies
+    tie_embeddings: bool = False
+    qkv_bias: bool = False  # Qwen2 has biases on q/k/v
+    attn_out_bias: bool = False
+    mlp_bias: bool = False
+    attn_impl: str = "auto"  # see attention.attention
+
+    def __post_init__(self):
+        for name in ("vocab_size", "dim", "n_layers", "n_heads", "max_seq_len"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"ModelConfig.{name} must be a positive int, got {value!r}")
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        if not isinstance(self.n_kv_heads, int) or self.n_kv_heads <= 0:
+            raise ValueError(f"ModelConfig.n_kv_heads must be a positive int, got {self.n_kv_heads!r}")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(
+                f"ModelConfig.n_heads ({self.n_heads}) must be divisible by n_kv_heads ({self.n_kv_heads})"
+            )
+        if self.head_dim is None:
+            if self.dim % self.n_heads:
+                raise ValueError(f"ModelConfig.dim ({self.dim}) must be divisible by n_heads ({self.n_heads})")
+            self.head_dim = self.dim // self.n_heads
+        if self.head_dim % 2:
+            raise ValueError(f"ModelConfig.head_dim must be even for RoPE, got {self.head_dim}")
+        if self.hidden_dim is None:
+            self.hidden_dim = 64 * math.ceil(int(2 * 4 * self.dim / 3) / 64)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown ModelConfig fields {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**d)
+
+
+class RMSNorm(nn.Module):
+    """x / sqrt(mean(x^2) + eps) * weight: LayerNorm without centring or bias, computed in float32."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        xf = x.float()
+        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * normed.to(x.dtype)
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x). w1 is the gate, w3 the up projection, w2 the down projection."""
+
+    def __init__(self, dim: int, hidden_dim: int, bias: bool = False):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden_dim, bias=bias)
+        self.w2 = nn.Linear(hidden_dim, dim, bias=bias)
+        self.w3 = nn.Linear(dim, hidden_dim, bias=bias)
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Block(nn.Module):
+    """One pre-norm decoder block: x + attn(norm(x)), then h + ffn(norm(h))."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attention = Attention(
+            cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim,
+            qkv_bias=cfg.qkv_bias, out_bias=cfg.attn_out_bias, impl=cfg.attn_impl,
+        )
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.feed_forward = FeedForward(cfg.dim, cfg.hidden_dim, bias=cfg.mlp_bias)
+
+    def forward(self, x, rope_cos, rope_sin, positions, layer_cache=None, mask=None):
+        h = x + self.attention(self.attention_norm(x), rope_cos, rope_sin, positions, layer_cache, mask)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        # RoPE tables stay float32 even when the model is cast to bf16/fp16 (rounding the angles of
+        # late positions to 8 bits of mantissa would shift them), so they are not buffers.
+        self._rope = rope_frequencies(config.head_dim, config.max_seq_len, config.rope_theta, config.rope_scaling)
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():
+            if name.endswith("wo.weight") or name.endswith("w2.weight"):
+                # residual-branch outputs start smaller so the sum over layers keeps unit scale
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layers))
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def num_parameters(self) -> int:
+        """Distinct parameters (a tied LM head counts once)."""
+        return sum(p.numel() for p in self.parameters())
+
+    def rope_tables(self, device) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._rope[0].device != torch.device(device):
+            self._rope = (self._rope[0].to(device), self._rope[1].to(device))
+        return self._rope
+
+    def forward(self, tokens: torch.Tensor, cache: StaticKVCache | None = None, start_pos: int = 0) -> torch.Tensor:
+        """tokens (B, T) int -> logits (B, T, vocab_size).
+
+        With a ``cache``, the tokens sit at positions ``start_pos .. start_pos+T-1``; their keys and
+        values are stored and the tokens attend to everything cached before them.
+        """
+        self._check_tokens(tokens)
+        self._check_positions(tokens, cache, start_pos)
+        return self.forward_unchecked(tokens, cache, start_pos)
+
+    def forward_unchecked(self, tokens, cache=None, start_pos=0):
+        """``forward`` without argument checks: no host-device syncs, so it can be compiled/graphed.
+
+        ``start_pos`` may be an int (attend to the cache's first start_pos+T entries) or a 0-d/1-element
+        integer tensor (attend to the whole preallocated cache under a mask: fixed shapes every step).
+        """
+        _, t = tokens.shape
+        device = tokens.device
+        cos, sin = self.rope_tables(device)
+        mask = None
+        if isinstance(start_pos, torch.Tensor):
+            positions = start_pos.reshape(1).to(device) + torch.arange(t, device=device)  # (T,)
+            if cache is not None:
+                key_pos = torch.arange(cache.max_seq_len, device=device)
+                mask = (key_pos[None, :] <= positions[:, None])[None, None]  # (1, 1, T, S)
+            visible = None
+        else:
+            positions = torch.arange(start_pos, start_pos + t, device=device)  # (T,)
+            visible = start_pos + t
+
+        x = self.tok_embeddings(tokens)  # (B, T, dim)
+        for i, layer in enumerate(self.layers):
+            layer_cache = None
+            if cache is not None:
+                layer_cache = lambda k, v, i=i: cache.update(i, k, v, positions, visible)  # noqa: E731
+            x = layer(x, cos, sin, positions, layer_cache, mask)
+        return self.output(self.norm(x))  # (B, T, vocab_size)
+
+    def _check_tokens(self, tokens):
+        if not isinstance(tokens, torch.Tensor):
+            raise TypeError(f"tokens must be a torch.Tensor of token ids, got {type(tokens).__name__}")
+        if tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
+            raise TypeError(f"tokens must be an integer tensor, got dtype {tokens.dtype}")
+        if tokens.dim() != 2:
+            raise ValueError(f"tokens must have shape (batch, seq_len), got {tuple(tokens.shape)}")
+        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.config.vocab_size):
+            raise ValueError(
+                f"token ids must be in [0, {self.config.vocab_size}), got min {int(tokens.min())}, "
+                f"max {int(tokens.max())}"
+            )
+
+    def _check_positions(self, tokens, cache, start_pos):
+        b, t = tokens.shape
+        if isinstance(start_pos, torch.Tensor):
+            start_pos = int(start_pos.reshape(-1)[0])
+        if not isinstance(start_pos, int) or start_pos < 0:
+            raise ValueError(f"start_pos must be a non-negative int, got {start_pos!r}")
+        if start_pos + t > self.config.max_seq_len:
+            raise ValueError(
+                f"sequence of {start_pos + t} tokens (start_pos={start_pos} + {t}) exceeds the model's "
+                f"max_seq_len={self.config.max_seq_len}"
+            )
+        if cache is None:
+            if start_pos:
+                raise ValueError("start_pos > 0 needs a cache holding the earlier tokens")
+            return
+        if not isinstance(cache, StaticKVCache):
+            raise TypeError(f"cache must be a kvcache.StaticKVCache, got {type(cache).__name__}")
+        cfg = self.config
+        expected = (cfg.n_layers, b, cfg.n_kv_heads, cfg.head_dim)
+        got = (cache.shape[0], cache.shape[1], cache.shape[2], cache.shape[4])
+        if got != expected:
+            raise ValueError(
+                f"cache has (n_layers, batch, n_kv_heads, head_dim) = {got}, the model and tokens need {expected}"
+            )
+        weight = self.layers[0].attention.wk.weight
+        if cache.k.dtype != weight.dtype:
+            raise TypeError(f"cache dtype {cache.k.dtype} differs from the model's {weight.dtype}")
+        if cache.k.device != tokens.device or weight.device != tokens.device:
+            raise ValueError(
+                f"cache ({cache.k.device}), model ({weight.device}) and tokens ({tokens.device}) must be on one device"
+            )
+        if start_pos + t > cache.max_seq_len:
+            raise ValueError(
+                f"cache overflow: {start_pos + t} tokens (start_pos={start_pos} + {t}) do not fit the cache's "
+                f"max_seq_len={cache.max_seq_len}"
+            )
