@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import gc
@@ -175,24 +176,26 @@ def benchmark(
 
     samples: list[float] = []
     total = 0.0
-    while len(samples) < reps or (min_time_s is not None and total < min_time_s and len(samples) < MAX_REPS):
-        if dev.type == "cuda":
-            start = torch.cuda.Event(enable_timing=True)
-            end = torch.cuda.Event(enable_timing=True)
-            torch.cuda.synchronize(dev)  # the GPU is idle: previous calls do not overlap this one
-            start.record()
-            fn(*args, **kwargs)
-            end.record()
-            end.synchronize()
-            t = start.elapsed_time(end) / 1e3  # elapsed_time is in ms
-        else:
-            _sync(dev)
-            t0 = time.perf_counter()
-            fn(*args, **kwargs)
-            _sync(dev)
-            t = time.perf_counter() - t0
-        samples.append(t)
-        total += t
+    # Events record on the current stream of the current device: make that dev's.
+    with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
+        while len(samples) < reps or (min_time_s is not None and total < min_time_s and len(samples) < MAX_REPS):
+            if dev.type == "cuda":
+                start = torch.cuda.Event(enable_timing=True)
+                end = torch.cuda.Event(enable_timing=True)
+                torch.cuda.synchronize()  # the GPU is idle: previous calls do not overlap this one
+                start.record()
+                fn(*args, **kwargs)
+                end.record()
+                end.synchronize()
+                t = start.elapsed_time(end) / 1e3  # elapsed_time is in ms
+            else:
+                _sync(dev)
+                t0 = time.perf_counter()
+                fn(*args, **kwargs)
+                _sync(dev)
+                t = time.perf_counter() - t0
+            samples.append(t)
+            total += t
 
     q25, median, q75 = np.percentile(samples, [25, 50, 75]).tolist()
     return Timing(
@@ -214,23 +217,46 @@ class PeakMemory(NamedTuple):
         return self.peak_bytes / 2**20
 
 
+@contextlib.contextmanager
+def _quiet_stderr():
+    """Silence the C++ side's stderr (file descriptor 2) for a moment; Python's is left alone."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, AttributeError, ValueError):  # no real fd 2 (some GUIs, Windows services)
+        yield
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
 def _cpu_peak_bytes(fn, args, kwargs):
     """Run fn under the profiler and replay its CPU allocation (+) and free (-) events in time
     order: the peak of the running sum is the most extra tensor memory alive at any moment."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+    with _quiet_stderr():  # Kineto prints "profiler_start/stop" lines on every use
+        prof.start()
+    try:
         result = fn(*args, **kwargs)
+    finally:
+        with _quiet_stderr():
+            prof.stop()
     # The raw Kineto events keep each allocation and free with its own timestamp; the aggregated
     # FunctionEvents fold them into their ops and would hide peaks inside an op.
     try:
         events = prof.profiler.kineto_results.events()
         deltas = [
             (e.start_ns(), e.nbytes()) for e in events
-            if e.name() == "[memory]" and e.device_type() == torch.device("cpu").type_enum
-        ] if False else [
-            (e.start_ns(), e.nbytes()) for e in events
-            if e.name() == "[memory]" and str(e.device_type()).endswith("CPU")
+            if e.name() == "[memory]" and e.device_type() == DeviceType.CPU
         ]
     except AttributeError as e:  # the profiler's raw-event API moved
         raise RuntimeError(f"peak_memory on CPU needs torch.profiler's raw memory events: {e}") from None
@@ -322,10 +348,8 @@ def _jsonable(obj):
         return obj.to_dict(samples=True)
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         return dataclasses.asdict(obj)
-    if isinstance(obj, (np.generic, torch.Tensor)) and obj.ndim == 0 if hasattr(obj, "ndim") else False:
-        return obj.item()
-    if isinstance(obj, (np.ndarray, torch.Tensor)):
-        return obj.tolist()
+    if isinstance(obj, (np.generic, np.ndarray, torch.Tensor)):
+        return obj.tolist()  # a scalar becomes a Python number, an array nested lists
     if hasattr(obj, "to_dict") and hasattr(obj, "columns"):  # a pandas DataFrame
         return obj.to_dict(orient="records")
     if isinstance(obj, (torch.device, torch.dtype, Path)):
