@@ -17,7 +17,6 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .model import ModelConfig, Transformer
-from .rope import rope_frequencies
 
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
 CHECKPOINTS_DIR = Path(__file__).parent / "assets" / "checkpoints"
@@ -162,8 +161,6 @@ def load_hf(path, dtype: torch.dtype | None = None, device=None, max_seq_len: in
     model.load_state_dict(state, strict=False, assign=True)
     if config.tie_embeddings:
         model.output.weight = model.tok_embeddings.weight
-    # the tables built under the meta device are placeholders: compute the real ones
-    model._rope = rope_frequencies(config.head_dim, config.max_seq_len, config.rope_theta, config.rope_scaling, device=device)
     return model.eval()
 
 

@@ -60,15 +60,21 @@ def _as_prompt(prompt, device) -> torch.Tensor:
     return prompt.to(device)
 
 
-def make_decode_step(model, cache: StaticKVCache, compile: bool = False):
-    """Return ``step(token (B, 1), pos (1,) int tensor) -> logits (B, V)`` over the full static cache."""
+def decode_step(model, cache: StaticKVCache, token: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """One decode step over the whole static cache: token (B, 1), pos (1,) int tensor -> logits (B, V)."""
+    return model.forward_unchecked(token, cache, pos)[:, -1]
 
-    def step(token, pos):
-        return model.forward_unchecked(token, cache, pos)[:, -1]
 
-    if compile:
-        return torch.compile(step, mode="reduce-overhead", fullgraph=True)
-    return step
+_compiled_decode_step = None
+
+
+def compiled_decode_step():
+    """``decode_step`` under torch.compile, created once per process so every generate() call (same
+    model and cache shapes) reuses the compiled kernels and the recorded CUDA graph."""
+    global _compiled_decode_step
+    if _compiled_decode_step is None:
+        _compiled_decode_step = torch.compile(decode_step, mode="reduce-overhead", fullgraph=True)
+    return _compiled_decode_step
 
 
 @torch.no_grad()
@@ -137,12 +143,15 @@ def generate(
 
     emit(model.forward_unchecked(tokens, cache, 0)[:, -1], prompt_len)  # prefill
     if compile:
-        step = make_decode_step(model, cache, compile=True)
+        step = compiled_decode_step()
         pos = torch.empty(1, dtype=torch.long, device=device)
+        token = torch.empty(batch, 1, dtype=torch.long, device=device)
     for t in range(prompt_len + 1, total):
         if compile:
-            pos.fill_(t - 1)  # position of the token being fed in, as a tensor: one graph for all steps
-            logits = step(out[:, t - 1 : t], pos)
+            # fixed-address inputs, position as a tensor: one graph serves every step
+            pos.fill_(t - 1)
+            token.copy_(out[:, t - 1 : t])
+            logits = step(model, cache, token, pos)
         else:
             logits = model.forward_unchecked(out[:, t - 1 : t], cache, t - 1)[:, -1]  # sees t entries
         emit(logits, t)

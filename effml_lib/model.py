@@ -134,8 +134,11 @@ class Transformer(nn.Module):
         if config.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
         # RoPE tables stay float32 even when the model is cast to bf16/fp16 (rounding the angles of
-        # late positions to 8 bits of mantissa would shift them), so they are not buffers.
-        self._rope = rope_frequencies(config.head_dim, config.max_seq_len, config.rope_theta, config.rope_scaling)
+        # late positions to 8 bits of mantissa would shift them), so they are not buffers. Built on the
+        # CPU explicitly, so a model created under torch.device("meta") still has real tables.
+        self._rope = rope_frequencies(
+            config.head_dim, config.max_seq_len, config.rope_theta, config.rope_scaling, device="cpu"
+        )
         self.apply(self._init_weights)
         for name, p in self.named_parameters():
             if name.endswith("wo.weight") or name.endswith("w2.weight"):

@@ -1,0 +1,78 @@
+import pytest
+import torch
+
+from effml_lib.decoding import generate, sample_next
+from test_model import small_model
+
+
+def naive_greedy(model, prompt, n):
+    """Independent reference: full forward over the whole sequence for every new token."""
+    seq = prompt.clone()
+    for _ in range(n):
+        with torch.no_grad():
+            nxt = model(seq)[:, -1].argmax(-1, keepdim=True)
+        seq = torch.cat([seq, nxt], dim=1)
+    return seq
+
+
+@pytest.mark.parametrize("n_kv_heads", [4, 1])
+def test_greedy_with_cache_equals_naive_loop(n_kv_heads, gen):
+    model = small_model(n_kv_heads=n_kv_heads)
+    prompt = torch.randint(0, 97, (3, 6), generator=gen)
+    assert torch.equal(generate(model, prompt, 25), naive_greedy(model, prompt, 25))
+    assert torch.equal(generate(model, prompt, 25, use_cache=False), naive_greedy(model, prompt, 25))
+
+
+@pytest.mark.slow
+def test_compiled_decode_equals_eager(gen):
+    model = small_model()
+    prompt = torch.randint(0, 97, (1, 5), generator=gen)
+    assert torch.equal(generate(model, prompt, 12, compile=True), generate(model, prompt, 12))
+
+
+def test_seeded_sampling_is_reproducible_and_varies_with_seed(gen):
+    model = small_model()
+    prompt = [1, 2, 3]
+    a = generate(model, prompt, 30, temperature=1.0, seed=7)
+    assert torch.equal(a, generate(model, prompt, 30, temperature=1.0, seed=7))
+    assert not torch.equal(a, generate(model, prompt, 30, temperature=1.0, seed=8))
+
+
+def test_top_k_and_top_p_restrict_the_support(gen):
+    logits = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0]]).repeat(2000, 1)
+    g = torch.Generator().manual_seed(0)
+    assert set(sample_next(logits, 1.0, top_k=2, generator=g).tolist()) == {0, 1}
+    probs = torch.softmax(logits[0], 0)  # 0.64, 0.24, 0.09, ...: top_p=0.8 keeps exactly tokens 0 and 1
+    assert probs[0] < 0.8 < probs[0] + probs[1]
+    drawn = sample_next(logits, 1.0, top_p=0.8, generator=g)
+    assert set(drawn.tolist()) == {0, 1}
+    frac0 = (drawn == 0).float().mean().item()
+    assert abs(frac0 - probs[0] / (probs[0] + probs[1])) < 0.04, "kept tokens must be renormalised"
+
+
+def test_temperature_zero_is_argmax():
+    logits = torch.tensor([[0.1, 2.0, -1.0], [5.0, 0.0, 0.0]])
+    assert sample_next(logits, 0.0).tolist() == [1, 0]
+
+
+def test_eos_stops_and_pads(gen):
+    model = small_model()
+    prompt = torch.randint(0, 97, (1, 4), generator=gen)
+    greedy = generate(model, prompt, 10)
+    eos = int(greedy[0, 6])  # the third generated token
+    out = generate(model, prompt, 10, eos_id=eos)
+    assert out.shape[1] == 7 and out[0, -1] == eos
+
+
+def test_bad_arguments():
+    model = small_model()
+    with pytest.raises(ValueError, match="max_seq_len"):
+        generate(model, [1, 2], 47)
+    with pytest.raises(ValueError, match="token ids"):
+        generate(model, [1, 500], 2)
+    with pytest.raises(TypeError, match="prompt"):
+        generate(model, "hello", 2)
+    with pytest.raises(ValueError, match="temperature"):
+        sample_next(torch.zeros(1, 3), -1.0)
+    with pytest.raises(ValueError, match="top_p"):
+        sample_next(torch.zeros(1, 3), 1.0, top_p=1.5)

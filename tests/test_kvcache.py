@@ -1,0 +1,41 @@
+import pytest
+import torch
+
+from effml_lib.kvcache import MODEL_SHAPES, StaticKVCache, kv_cache_bytes
+from effml_lib.model import ModelConfig
+
+
+def test_llama2_7b_is_512_kib_per_token():
+    s = MODEL_SHAPES["llama-2-7b"]
+    per_token = kv_cache_bytes(1, 1, s["n_layers"], s["n_kv_heads"], s["dim"] // s["n_heads"], 2)
+    assert per_token == 512 * 1024
+
+
+def test_bytes_equal_a_real_cache_allocation():
+    cache = StaticKVCache(n_layers=3, batch_size=2, max_seq_len=7, n_kv_heads=2, head_dim=8, dtype=torch.float16)
+    assert cache.nbytes == kv_cache_bytes(2, 7, 3, 2, 8, bytes_per_elem=2)
+    assert cache.nbytes == (cache.k.untyped_storage().nbytes() + cache.v.untyped_storage().nbytes())
+
+
+def test_catalog_shapes_build_valid_configs():
+    for name, shape in MODEL_SHAPES.items():
+        ModelConfig(**shape)  # raises if heads do not divide
+
+
+def test_update_writes_at_positions_and_returns_visible_prefix(gen):
+    cache = StaticKVCache(n_layers=2, batch_size=1, max_seq_len=6, n_kv_heads=1, head_dim=2)
+    k = torch.randn(1, 1, 3, 2, generator=gen)
+    k_all, v_all = cache.update(1, k, -k, torch.tensor([0, 1, 2]), visible=3)
+    assert torch.equal(k_all, k) and torch.equal(v_all, -k)
+    k_all, _ = cache.update(1, k[:, :, :1] * 5, k[:, :, :1], torch.tensor([3]), visible=4)
+    assert torch.equal(k_all[:, :, 3], 5 * k[:, :, 0]) and k_all.shape[2] == 4
+    assert cache.k[0].abs().sum() == 0, "another layer must stay untouched"
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="seq_len"):
+        kv_cache_bytes(1, -1, 1, 1, 1)
+    with pytest.raises(ValueError, match="bytes_per_elem"):
+        kv_cache_bytes(1, 1, 1, 1, 1, bytes_per_elem=0)
+    with pytest.raises(ValueError, match="batch_size"):
+        StaticKVCache(1, 0, 4, 1, 2)

@@ -1,0 +1,107 @@
+import pytest
+import torch
+
+from effml_lib.kvcache import StaticKVCache
+from effml_lib.model import ModelConfig, RMSNorm, Transformer
+
+
+def small_model(**overrides):
+    cfg = dict(vocab_size=97, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64, max_seq_len=48)
+    cfg.update(overrides)
+    torch.manual_seed(0)
+    return Transformer(ModelConfig(**cfg)).eval()
+
+
+def test_rmsnorm_matches_formula(gen):
+    x = torch.randn(3, 5, 16, generator=gen)
+    norm = RMSNorm(16, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(16, generator=gen))
+    expected = x / torch.sqrt((x**2).mean(-1, keepdim=True) + 1e-6) * norm.weight
+    torch.testing.assert_close(norm(x), expected)
+
+
+def test_causality_future_tokens_do_not_change_past_logits(gen):
+    model = small_model()
+    tokens = torch.randint(0, 97, (2, 20), generator=gen)
+    changed = tokens.clone()
+    changed[:, 12:] = torch.randint(0, 97, (2, 8), generator=gen)
+    with torch.no_grad():
+        a, b = model(tokens), model(changed)
+    torch.testing.assert_close(a[:, :12], b[:, :12])
+    assert not torch.allclose(a[:, 12:], b[:, 12:])
+
+
+@pytest.mark.parametrize("n_kv_heads", [4, 2, 1])
+def test_cached_forward_equals_full_forward(n_kv_heads, gen):
+    model = small_model(n_kv_heads=n_kv_heads)
+    tokens = torch.randint(0, 97, (2, 30), generator=gen)
+    cache = StaticKVCache.for_model(model, batch_size=2)
+    with torch.no_grad():
+        full = model(tokens)
+        chunks = [model(tokens[:, :17], cache, 0)]  # prefill
+        for t in range(17, 30):  # then token by token, int positions
+            chunks.append(model(tokens[:, t : t + 1], cache, t))
+        stepped = torch.cat(chunks, dim=1)
+    torch.testing.assert_close(stepped, full, atol=1e-5, rtol=1e-5)
+
+
+def test_tensor_start_pos_over_full_cache_matches(gen):
+    """The compile-friendly path (whole cache under a mask) equals the sliced path."""
+    model = small_model()
+    tokens = torch.randint(0, 97, (1, 12), generator=gen)
+    cache = StaticKVCache.for_model(model, batch_size=1)
+    with torch.no_grad():
+        full = model(tokens)
+        model(tokens[:, :8], cache, 0)
+        rows = [model.forward_unchecked(tokens[:, t : t + 1], cache, torch.tensor([t])) for t in range(8, 12)]
+    torch.testing.assert_close(torch.cat(rows, 1), full[:, 8:], atol=1e-5, rtol=1e-5)
+
+
+def test_tied_embeddings_share_one_tensor_and_count_once():
+    tied, untied = small_model(tie_embeddings=True), small_model(tie_embeddings=False)
+    assert tied.output.weight is tied.tok_embeddings.weight
+    assert untied.num_parameters() - tied.num_parameters() == 97 * 32
+
+
+def test_bfloat16_model_keeps_float32_rope_tables(gen):
+    model = small_model().to(torch.bfloat16)
+    assert model.rope_tables("cpu")[0].dtype == torch.float32
+    logits = model(torch.randint(0, 97, (1, 8), generator=gen))
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits.float()).all()
+
+
+def test_bad_inputs_raise_clear_errors():
+    with pytest.raises(ValueError, match="divisible by n_kv_heads"):
+        ModelConfig(n_heads=6, n_kv_heads=4)
+    model = small_model()
+    with pytest.raises(TypeError, match="integer"):
+        model(torch.zeros(1, 3))
+    with pytest.raises(ValueError, match=r"token ids must be in \[0, 97\)"):
+        model(torch.tensor([[1, 97]]))
+    with pytest.raises(ValueError, match="token ids"):
+        model(torch.tensor([[-1, 2]]))
+    with pytest.raises(ValueError, match="shape"):
+        model(torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match="max_seq_len=48"):
+        model(torch.zeros(1, 49, dtype=torch.long))
+    with pytest.raises(ValueError, match="needs a cache"):
+        model(torch.zeros(1, 2, dtype=torch.long), start_pos=3)
+
+
+def test_wrong_cache_raises():
+    model = small_model()
+    tokens = torch.zeros(2, 3, dtype=torch.long)
+    with pytest.raises(ValueError, match="n_kv_heads"):
+        model(tokens, StaticKVCache(2, 2, 48, 4, 8))  # 4 KV heads, model has 2
+    with pytest.raises(ValueError, match="batch"):
+        model(tokens, StaticKVCache.for_model(model, batch_size=1))
+    with pytest.raises(TypeError, match="dtype"):
+        model(tokens, StaticKVCache.for_model(model, batch_size=2, dtype=torch.float16))
+    with pytest.raises(ValueError, match="overflow"):
+        model(tokens, StaticKVCache.for_model(model, batch_size=2, max_seq_len=4), start_pos=2)
+    with pytest.raises(TypeError, match="StaticKVCache"):
+        model(tokens, cache={"k": None})
+    if torch.device("meta") != tokens.device:
+        with pytest.raises(ValueError, match="one device"):
+            model(tokens, StaticKVCache.for_model(model, batch_size=2, device="meta"))
