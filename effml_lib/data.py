@@ -57,7 +57,7 @@ MAX_FILE_BYTES = 1_000_000
 # A .py file is left out when any directory on its path has one of these names:
 EXCLUDED_DIRS = frozenset({
     "site-packages", "dist-packages",  # third-party packages: differ per machine, not the stdlib
-    "test", "tests", "idle_test",      # test suites (test/, unittest/test, lib2to3/tests, idlelib/idle_test, ...)
+    "test", "tests", "idle_test",      # test suites: test/, unittest/test/, lib2to3/tests/, idle_test/...
     "__pycache__",                     # bytecode caches (no .py there, but never look)
 })
 # ... or when it is generated rather than written, or depends on the machine that built Python:
@@ -287,7 +287,11 @@ def sequential_batches(
     perplexity computed from all batches covers the held-out tokens exactly once. (Each window
     starts with no context, so this slightly overestimates loss vs. a sliding window; it is cheap.)
     """
-    _check_tokens(tokens, seq_len, batch_size)
+    _check_tokens(tokens, seq_len, batch_size)  # here, not in the generator: errors at call time
+    return _sequential(tokens, batch_size, seq_len)
+
+
+def _sequential(tokens, batch_size, seq_len):
     n_targets = tokens.numel() - 1
     n_windows = n_targets // seq_len
     full = tokens[: n_windows * seq_len + 1].long()
