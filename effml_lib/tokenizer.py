@@ -22,7 +22,7 @@ API::
     tok = train_bpe(texts, vocab_size=4096)   # learn merges from an iterable of str
     tok.save(path); Tokenizer.load(path)
 
-Rebuild the shipped file (about a minute on a 2-core CPU)::
+Rebuild the shipped file (~15 s on a 2-core CPU; docs/DATA.md)::
 
     python -m effml_lib.tokenizer train
 """
@@ -313,7 +313,7 @@ def train_bpe(
     """Learn ``vocab_size - 257`` merges from ``texts`` (256 byte ids and ``<|endoftext|>`` are fixed).
 
     1. Count how often each distinct pre-token ("word") occurs. BPE never crosses a word boundary,
-       so the corpus is just ``{word: count}``: for code, ~100k distinct words instead of ~10M bytes.
+       so the corpus is just ``{word: count}``: ~73k distinct words for the stdlib, not ~10M bytes.
     2. Count every adjacent pair of ids, weighted by word count, and remember which words contain
        each pair (``where[pair]``).
     3. Repeat: take the most frequent pair (ties: the smallest ``(a, b)``, so every run and machine

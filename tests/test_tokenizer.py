@@ -45,7 +45,8 @@ def small_corpus() -> list[str]:
     root = data.stdlib_root()
     texts = [(root / name).read_text(encoding="utf-8")[:6000] for name in ("bisect.py", "colorsys.py")]
     texts += [Path(__file__).read_text(encoding="utf-8")[:4000]]
-    texts += ["aaaa aaa aa a abab abab ababab", "ünïcödé 中文 中文中文 😀😀 🐍", "x\r\ny\r\n\r\n\tz"] * 3
+    synthetic = ["aaaa aaa aa a abab abab ababab", "ünïcödé 中文 中文中文 😀😀 🐍", "x\r\ny\r\n\r\n\tz"]
+    texts += synthetic * 3  # overlapping pairs ("aaaa"), multi-byte characters, CRLF
     return texts
 
 
