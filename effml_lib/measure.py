@@ -279,6 +279,7 @@ def peak_memory(fn: Callable, *args, device=None, **kwargs) -> PeakMemory:
     what was allocated when it started (a returned tensor counts; memory freed before the peak
     does not add up). On CUDA it comes from the caching allocator's peak statistic; on CPU from
     the profiler's allocation and free events replayed in order. Other devices raise.
+    ``device`` defaults to that of the tensor arguments, else the default device.
     """
     if not callable(fn):
         raise TypeError(f"fn must be callable; got {type(fn).__name__}")
