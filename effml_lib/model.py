@@ -237,11 +237,11 @@ class Transformer(nn.Module):
                 f"cache has (n_layers, batch, n_kv_heads, head_dim) = {got}, the model and tokens need {expected}"
             )
         weight = self.layers[0].attention.wk.weight
-        if cache.k.dtype != weight.dtype:
-            raise TypeError(f"cache dtype {cache.k.dtype} differs from the model's {weight.dtype}")
-        if cache.k.device != tokens.device or weight.device != tokens.device:
+        if cache.dtype != weight.dtype:
+            raise TypeError(f"cache dtype {cache.dtype} differs from the model's {weight.dtype}")
+        if cache.device != tokens.device or weight.device != tokens.device:
             raise ValueError(
-                f"cache ({cache.k.device}), model ({weight.device}) and tokens ({tokens.device}) must be on one device"
+                f"cache ({cache.device}), model ({weight.device}) and tokens ({tokens.device}) must be on one device"
             )
         if start_pos + t > cache.max_seq_len:
             raise ValueError(

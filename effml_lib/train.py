@@ -40,7 +40,7 @@ PRESETS: dict[str, dict] = {
     "test": dict(vocab_size=4096, dim=64, n_layers=2, n_heads=4, n_kv_heads=4, hidden_dim=128, max_seq_len=256, tie_embeddings=True),
 }
 
-SAMPLE_PROMPT = "import os\n\n\ndef "
+SAMPLE_PROMPT = "import os\n\n\ndef"
 
 
 def lr_at(step: int, max_lr: float, warmup: int, total: int, min_ratio: float = 0.1) -> float:
@@ -87,6 +87,16 @@ def load_split_tokens(split: str, data_dir: str | None) -> torch.Tensor:
     return torch.load(path, weights_only=True).long()
 
 
+def corpus_info(data_dir: str | None) -> dict:
+    """What the run trained on: the Python whose stdlib it is, and the splits' fingerprints."""
+    if data_dir is not None:
+        return json.loads((Path(data_dir) / "meta.json").read_text())
+    info = {"python": sys.version.split()[0]}
+    for split in ("train", "heldout"):
+        info[f"{split}_fingerprint"] = data.corpus_fingerprint(split)
+    return info
+
+
 def train(args) -> dict:
     torch.manual_seed(args.seed)
     device = get_device(args.device)
@@ -113,7 +123,12 @@ def train(args) -> dict:
     log, best = [], {"loss": float("inf"), "step": -1, "state": None}
     start = time.perf_counter()
     progress = tqdm(range(args.steps), desc=f"training {args.preset}", unit="step", mininterval=2.0)
+    deadline = start + 60 * args.time_limit_min if args.time_limit_min else None
     for step in progress:
+        if deadline is not None and time.perf_counter() > deadline:
+            print(f"time limit reached after {step} steps; keeping the best checkpoint so far")
+            args.steps_done = step
+            break
         lr = lr_at(step, args.lr, args.warmup, args.steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -126,7 +141,7 @@ def train(args) -> dict:
         torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
         optimizer.step()
 
-        last = step == args.steps - 1
+        last = step == args.steps - 1 or (deadline is not None and time.perf_counter() > deadline)
         if step % args.log_every == 0 or last:
             row = {"step": step, "tokens": (step + 1) * args.batch_size * args.seq_len, "lr": lr,
                    "train_loss": loss.item(), "heldout_loss": float("nan"),
@@ -153,6 +168,7 @@ def train(args) -> dict:
         "parameters": n_params,
         "command": "python -m effml_lib.train " + shlex.join(args.argv),
         "steps": args.steps,
+        "steps_done": getattr(args, "steps_done", args.steps),
         "best_step": best["step"],
         "train_tokens_seen": args.steps * args.batch_size * args.seq_len,
         "train_seq_len": args.seq_len,
@@ -161,7 +177,7 @@ def train(args) -> dict:
         "heldout_tokens": heldout_tokens.numel(),
         "train_seconds": train_seconds,
         "tokenizer": tokenizer.name,
-        "corpus": {"train_tokens": train_tokens.numel(), "python": sys.version.split()[0]},
+        "corpus": corpus_info(args.data_dir),
         "greedy_sample_prompt": SAMPLE_PROMPT,
         "greedy_sample": sample,
         "env": env_info(device),
@@ -201,10 +217,14 @@ def prepare(data_dir: str) -> None:
     """Tokenize both splits once and save them, so training can run on another machine."""
     out = Path(data_dir)
     out.mkdir(parents=True, exist_ok=True)
+    meta = {"python": sys.version.split()[0], "tokenizer": load_tokenizer().name}
     for split in ("train", "heldout"):
         tokens = data.load_tokens(split)
         torch.save(tokens.to(torch.int16), out / f"{split}.pt")
+        meta[f"{split}_fingerprint"] = data.corpus_fingerprint(split)
+        meta[f"{split}_tokens"] = tokens.numel()
         print(f"{split}: {tokens.numel()} tokens -> {out / f'{split}.pt'}")
+    (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
 
 
 def parse_args(argv=None):
@@ -221,6 +241,7 @@ def parse_args(argv=None):
     p.add_argument("--eval-every", type=int, default=250)
     p.add_argument("--eval-batches", type=int, default=20, help="held-out batches per periodic eval")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--time-limit-min", type=float, default=None, help="stop early (keeping the best checkpoint)")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: the best available)")
     p.add_argument("--compile", action="store_true", help="torch.compile the forward pass")
     p.add_argument("--data-dir", default=None, help="train.pt/heldout.pt from --prepare-only (default: build here)")

@@ -76,3 +76,4 @@ def test_bad_arguments():
         sample_next(torch.zeros(1, 3), -1.0)
     with pytest.raises(ValueError, match="top_p"):
         sample_next(torch.zeros(1, 3), 1.0, top_p=1.5)
+

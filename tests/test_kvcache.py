@@ -14,7 +14,7 @@ def test_llama2_7b_is_512_kib_per_token():
 def test_bytes_equal_a_real_cache_allocation():
     cache = StaticKVCache(n_layers=3, batch_size=2, max_seq_len=7, n_kv_heads=2, head_dim=8, dtype=torch.float16)
     assert cache.nbytes == kv_cache_bytes(2, 7, 3, 2, 8, bytes_per_elem=2)
-    assert cache.nbytes == (cache.k.untyped_storage().nbytes() + cache.v.untyped_storage().nbytes())
+    assert cache.nbytes == sum(t.untyped_storage().nbytes() for i in range(3) for t in cache.layer(i))
 
 
 def test_catalog_shapes_build_valid_configs():
@@ -29,7 +29,7 @@ def test_update_writes_at_positions_and_returns_visible_prefix(gen):
     assert torch.equal(k_all, k) and torch.equal(v_all, -k)
     k_all, _ = cache.update(1, k[:, :, :1] * 5, k[:, :, :1], torch.tensor([3]), visible=4)
     assert torch.equal(k_all[:, :, 3], 5 * k[:, :, 0]) and k_all.shape[2] == 4
-    assert cache.k[0].abs().sum() == 0, "another layer must stay untouched"
+    assert cache.layer(0)[0].abs().sum() == 0, "another layer must stay untouched"
 
 
 def test_bad_arguments():
