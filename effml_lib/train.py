@@ -11,6 +11,7 @@ copies of such runs; ``docs/MODELS.md`` lists the exact commands.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import csv
 import json
@@ -54,6 +55,7 @@ def lr_at(step: int, max_lr: float, warmup: int, total: int, min_ratio: float = 
 @torch.no_grad()
 def evaluate(model, tokens, seq_len: int, batch_size: int, device, max_batches: int | None = None, autocast=None) -> float:
     """Mean next-token cross-entropy (nats) over held-out windows (all of them unless max_batches)."""
+    autocast = autocast or contextlib.nullcontext
     model.eval()
     total_loss, total_count = 0.0, 0
     for i, (x, y) in enumerate(data.sequential_batches(tokens, batch_size, seq_len)):
@@ -194,20 +196,22 @@ def train(args) -> dict:
 
 
 def plot_log(log: list[dict], path, title: str) -> None:
+    """Train (one batch per point) and held-out loss against tokens seen, saved as a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import pandas as pd
 
+    from .plots import loss_curves, set_style
+
+    rows = [{"tokens_M": r["tokens"] / 1e6, "loss": r["train_loss"], "run": "train (one batch)"} for r in log]
+    rows += [{"tokens_M": r["tokens"] / 1e6, "loss": r["heldout_loss"], "run": "held-out"}
+             for r in log if not math.isnan(r["heldout_loss"])]
+    set_style()
     fig, ax = plt.subplots(figsize=(6, 4))
-    tokens = [r["tokens"] / 1e6 for r in log]
-    ax.plot(tokens, [r["train_loss"] for r in log], label="train (one batch)", alpha=0.7)
-    held = [(r["tokens"] / 1e6, r["heldout_loss"]) for r in log if not math.isnan(r["heldout_loss"])]
-    ax.plot(*zip(*held), marker="o", label="held-out")
-    ax.set_xlabel("training tokens (millions)")
-    ax.set_ylabel("cross-entropy (nats per token)")
-    ax.set_title(f"{title}: training loss")
-    ax.legend()
+    loss_curves(pd.DataFrame(rows), x="tokens_M", y="loss", hue="run", ax=ax,
+                xlabel="training tokens (millions)", title=f"{title}: training loss")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -117,3 +117,21 @@ def test_missing_tensor_is_named(tmp_path):
 def test_missing_directory(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_hf(tmp_path / "nope")
+
+
+def test_bfloat16_model_is_as_close_to_float32_as_transformers_bfloat16(tmp_path, gen):
+    """In bf16 the two implementations round differently; ours must not be the less accurate one."""
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(hidden_size=256, num_hidden_layers=6, num_attention_heads=4,
+                                      intermediate_size=704, vocab_size=500, max_position_embeddings=256)
+    hf = transformers.LlamaForCausalLM(config).eval()
+    hf.save_pretrained(tmp_path)
+    tokens = torch.randint(0, 500, (2, 96), generator=gen)
+    with torch.no_grad():
+        reference = hf(tokens).logits.double()
+        hf_bf16 = hf.to(torch.bfloat16)(tokens).logits.double()
+        ours_bf16 = load_hf(tmp_path, dtype=torch.bfloat16)(tokens).double()
+    def rel(a):
+        return ((a - reference).norm() / reference.norm()).item()
+    assert rel(ours_bf16) < 0.05, f"bf16 logits {rel(ours_bf16):.3%} away from float32"
+    assert rel(ours_bf16) <= 1.1 * rel(hf_bf16), f"ours {rel(ours_bf16):.3%} vs transformers {rel(hf_bf16):.3%}"
