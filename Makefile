@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 lab: venv  ## open JupyterLab on the course (LAB_ARGS=--no-browser for a server)
-	$(BIN)/jupyter lab --notebook-dir=. $(LAB_ARGS) README.md
+	$(BIN)/jupyter lab --notebook-dir=. $(LAB_ARGS) notebooks/00_start_here.ipynb
 
 test: venv  ## the whole test suite (CPU; GPU tests skip without CUDA)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

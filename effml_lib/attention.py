@@ -19,8 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-ATTENTION_IMPLS = ("auto", "torch", "sdpa")
+from .rope import apply_rope
 
+ATTENTION_IMPLS = ("auto", "torch", "sdpa")
 
 
 def _sdpa_supports_gqa() -> bool:
@@ -179,20 +180,18 @@ class Attention(nn.Module):
         self.wv = nn.Linear(dim, n_kv_heads * head_dim, bias=qkv_bias)
         self.wo = nn.Linear(n_heads * head_dim, dim, bias=out_bias)
 
-    def forward(self, x, rope_cos, rope_sin, positions, layer_cache=None, mask=None):
-        """x (B, T, dim); positions (T,) absolute positions of x's tokens.
+    def forward(self, x, rope_cos, rope_sin, layer_cache=None, mask=None):
+        """x (B, T, dim); rope_cos/rope_sin (T, D/2): the rotation of each of x's positions.
 
         ``layer_cache`` is a callable ``(k, v) -> (k_all, v_all)`` that stores this step's keys/values
-        and returns everything visible so far (see ``kvcache.StaticKVCache.layer``).
+        and returns everything visible so far (see ``kvcache.StaticKVCache.update``).
         """
-        from .rope import apply_rope
-
         b, t, _ = x.shape
         q = self.wq(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = self.wk(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
         v = self.wv(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
-        q = apply_rope(q, rope_cos, rope_sin, positions)
-        k = apply_rope(k, rope_cos, rope_sin, positions)
+        q = apply_rope(q, rope_cos, rope_sin)
+        k = apply_rope(k, rope_cos, rope_sin)
         if layer_cache is not None:
             k, v = layer_cache(k, v)  # (B, Hkv, Tk, D)
         impl = self.impl

@@ -118,8 +118,8 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.feed_forward = FeedForward(cfg.dim, cfg.hidden_dim, bias=cfg.mlp_bias)
 
-    def forward(self, x, rope_cos, rope_sin, positions, layer_cache=None, mask=None):
-        h = x + self.attention(self.attention_norm(x), rope_cos, rope_sin, positions, layer_cache, mask)
+    def forward(self, x, rope_cos, rope_sin, layer_cache=None, mask=None):
+        h = x + self.attention(self.attention_norm(x), rope_cos, rope_sin, layer_cache, mask)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -191,12 +191,13 @@ class Transformer(nn.Module):
             positions = torch.arange(start_pos, start_pos + t, device=device)  # (T,)
             visible = start_pos + t
 
+        rope_cos, rope_sin = cos[positions], sin[positions]  # (T, D/2): gathered once, used by every layer
         x = self.tok_embeddings(tokens)  # (B, T, dim)
         for i, layer in enumerate(self.layers):
             layer_cache = None
             if cache is not None:
                 layer_cache = lambda k, v, i=i: cache.update(i, k, v, positions, visible)  # noqa: E731
-            x = layer(x, cos, sin, positions, layer_cache, mask)
+            x = layer(x, rope_cos, rope_sin, layer_cache, mask)
         return self.output(self.norm(x))  # (B, T, vocab_size)
 
     def _check_tokens(self, tokens):

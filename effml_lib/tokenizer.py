@@ -185,15 +185,7 @@ class Tokenizer:
             new_id = 256 + best_rank
             # Replace every occurrence, left to right (so "aaa" with merge (a, a) -> [aa, a]),
             # exactly as training applied it.
-            merged, i, n = [], 0, len(ids)
-            while i < n:
-                if i < n - 1 and ids[i] == a and ids[i + 1] == b:
-                    merged.append(new_id)
-                    i += 2
-                else:
-                    merged.append(ids[i])
-                    i += 1
-            ids = merged
+            ids = _merge_word(ids, a, b, new_id)
         return ids
 
     def _encode_ordinary(self, text: str, out: list[int]) -> None:
