@@ -7,6 +7,8 @@ TORCH_SPEC ?= torch>=2.4
 LAB_ARGS   ?=
 PYTEST_ARGS ?=
 BIN        := $(VENV)/bin
+# Jupyter refuses to run as root unless told; containers often are root.
+ROOT_FLAG  := $(if $(filter 0,$(shell id -u)),--allow-root,)
 STAMP      := $(VENV)/.effml-installed
 
 .PHONY: lab test venv bench execute clean-venv
@@ -21,7 +23,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 lab: venv  ## open JupyterLab on the course (LAB_ARGS=--no-browser for a server)
-	$(BIN)/jupyter lab --notebook-dir=. $(LAB_ARGS) notebooks/00_start_here.ipynb
+	$(BIN)/jupyter lab --notebook-dir=. $(ROOT_FLAG) $(LAB_ARGS) notebooks/00_start_here.ipynb
 
 test: venv  ## the whole test suite (CPU; GPU tests skip without CUDA)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
