@@ -4,9 +4,10 @@ timings are reported, not asserted: each cell has a generous timeout)."""
 import time
 from pathlib import Path
 
-import nbformat
 import pytest
-from nbclient import NotebookClient
+
+nbformat = pytest.importorskip("nbformat", reason="the notebook runner is in the dev extra: pip install -e '.[dev]'")
+NotebookClient = pytest.importorskip("nbclient", reason="the notebook runner is in the dev extra").NotebookClient
 
 NOTEBOOKS = sorted((Path(__file__).parents[1] / "notebooks").glob("*.ipynb"))
 
