@@ -34,8 +34,14 @@ sys.path.insert(0, str(ROOT))
 from effml_lib import checkpoints  # noqa: E402
 from effml_lib.decoding import generate  # noqa: E402
 from effml_lib.kvcache import MODEL_SHAPES, StaticKVCache, kv_cache_bytes  # noqa: E402
+from effml_lib.device import describe  # noqa: E402
 from effml_lib.measure import copy_bandwidth, env_info, save_result  # noqa: E402
 from effml_lib.model import ModelConfig, Transformer  # noqa: E402
+
+
+def device_slug(device) -> str:
+    """'NVIDIA H100 80GB HBM3' -> 'nvidia-h100-80gb-hbm3': the results folder of a device."""
+    return re.sub(r"[^a-z0-9]+", "-", describe(device).lower()).strip("-")
 
 
 def sync(device):
@@ -172,7 +178,8 @@ def run_course_model(args, device) -> dict:
     decoders = [("ours-eager", False)] + ([("ours-compiled", True)] if args.compile else [])
     for name, compile in decoders:
         r = decode_rate(lambda n: generate(model, prompt, n, cache=cache, compile=compile), args.new_tokens, device, args.reps)
-        b = bytes_per_token(config, 4, args.prompt_len + args.new_tokens / 2)
+        cached_len = cache.max_seq_len if compile else None  # the compiled step reads the whole cache
+        b = bytes_per_token(config, 4, args.prompt_len + args.new_tokens / 2, cached_len)
         r.update(bytes_per_token=b["total"], implied_bytes_per_s=r["tokens_per_s"] * b["total"],
                  fraction_of_copy_bandwidth=r["tokens_per_s"] * b["total"] / bandwidth)
         results[name] = r
@@ -191,7 +198,8 @@ def plot(result: dict, path: Path, device_name: str) -> None:
 
     names = list(result["decoders"])
     rates = [result["decoders"][n]["tokens_per_s"] for n in names]
-    bound = result["copy_bandwidth_bytes_per_s"] / result["decoders"][names[0]]["bytes_per_token"]
+    fastest = max(names, key=lambda n: result["decoders"][n]["tokens_per_s"])
+    bound = result["copy_bandwidth_bytes_per_s"] / result["decoders"][fastest]["bytes_per_token"]
     fig, ax = plt.subplots(figsize=(6.5, 3.6))
     sns.barplot(x=rates, y=names, ax=ax, orient="h", color="tab:blue")
     ax.axvline(bound, color="tab:red", linestyle="--", label=f"bandwidth bound ({bound:.0f} tok/s)")
@@ -227,8 +235,7 @@ def main(argv=None):
         result = run_course_model(args, device)
         stem = f"decode-{args.model}"
     device_name = env.get("device_name") or device.type
-    slug = re.sub(r"[^a-z0-9]+", "-", device_name.lower()).strip("-")
-    out = Path(args.out) if args.out else ROOT / "bench" / "results" / slug
+    out = Path(args.out) if args.out else ROOT / "bench" / "results" / device_slug(device)
     save_result(out / f"{stem}.json", result, device=device)
     plot(result, out / f"{stem}.png", device_name)
     print(f"wrote {out / f'{stem}.json'}")

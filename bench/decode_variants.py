@@ -20,7 +20,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from decode import bytes_per_token, decode_rate  # noqa: E402
+from decode import bytes_per_token, decode_rate, device_slug  # noqa: E402
 
 from effml_lib import decoding  # noqa: E402
 from effml_lib.kvcache import MODEL_SHAPES, StaticKVCache  # noqa: E402
@@ -43,13 +43,13 @@ def random_model(config, device, dtype):
 
 
 def set_variant(name):
+    """Install the compiled decode step for a variant: the library's options, with or without tuning."""
     import torch._inductor.config as inductor
 
     torch._dynamo.reset()
-    decoding._compiled_decode_step = None
-    decoding.compiled_decode_step()  # sets the library's defaults; compilation itself happens at first call
-    inductor.coordinate_descent_tuning = name == "cdt"
     inductor.triton.unique_kernel_names = True
+    options = {"triton.cudagraphs": True, "coordinate_descent_tuning": name == "cdt"}
+    decoding._compiled_decode_step = torch.compile(decoding.decode_step, fullgraph=True, options=options)
 
 
 def main():
@@ -57,7 +57,7 @@ def main():
     p.add_argument("--variants", default="base,cdt")
     p.add_argument("--new-tokens", type=int, default=256)
     p.add_argument("--prompt-len", type=int, default=32)
-    p.add_argument("--out", default="bench/results/variants")
+    p.add_argument("--out", default=None, help="default: bench/results/<device>")
     args = p.parse_args()
     device = torch.device("cuda")
     config = ModelConfig(**MODEL_SHAPES["llama-2-7b"], max_seq_len=args.prompt_len + args.new_tokens, norm_eps=1e-5)
@@ -83,7 +83,8 @@ def main():
         torch.cuda.synchronize()
     table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=60)
     print(table)
-    save_result(Path(args.out) / "decode_variants.json",
+    out = Path(args.out) if args.out else ROOT / "bench" / "results" / device_slug(device)
+    save_result(out / "decode_variants.json",
                 {"bandwidth": bandwidth, "bytes_per_token": b, "variants": results, "profile_top": table}, device=device)
 
 

@@ -59,6 +59,11 @@ def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
 
 
 def _check_qkv(q, k, v, mask):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(
             f"q, k, v must be 4-D (B, H, T, D); got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
@@ -72,15 +77,24 @@ def _check_qkv(q, k, v, mask):
         raise ValueError(f"query heads ({h}) must be a multiple of key/value heads ({h_kv})")
     if q.dtype != k.dtype or q.dtype != v.dtype:
         raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if mask is not None and mask.dtype != torch.bool:
-        raise TypeError(f"mask must be a bool tensor (True = may attend), got {mask.dtype}")
+    if q.device != k.device or q.device != v.device:
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if mask is not None:
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+            raise TypeError(f"mask must be a bool tensor (True = may attend), got {getattr(mask, 'dtype', type(mask).__name__)}")
+        target = (b, h, q.shape[2], k.shape[2])
+        try:
+            torch.broadcast_shapes(mask.shape, target)
+        except RuntimeError:
+            raise ValueError(f"mask of shape {tuple(mask.shape)} does not broadcast to (B, H, Tq, Tk) = {target}") from None
 
 
 def attention_reference(q, k, v, causal: bool = True, mask: torch.Tensor | None = None) -> torch.Tensor:
     """The readable reference: softmax(q k^T / sqrt(D) + mask) v, in float32, GQA by head groups.
 
     Grouping: the G = H // Hkv query heads that share one KV head are folded into the query-length
-    axis, so one ordinary batched matmul serves the whole group and K/V are read, never copied.
+    axis, so one ordinary batched matmul serves the whole group and K/V are never repeated per query
+    head. (bf16/fp16 inputs are upcast to float32 once, at Hkv heads, for an accurate softmax.)
     ``mask`` is a boolean tensor broadcastable to (B, H, Tq, Tk), True where attention is allowed.
     """
     b, h, tq, d = q.shape
@@ -111,7 +125,9 @@ def _attention_sdpa(q, k, v, causal, mask):
     """PyTorch's fused SDPA, used only with semantics identical to the reference."""
     tq, tk = q.shape[2], k.shape[2]
     n_rep = q.shape[1] // k.shape[1]
-    if causal and tq != tk:
+    # SDPA's is_causal is start-aligned and cannot be combined with a mask: build the
+    # end-aligned causal mask ourselves unless it is the one case is_causal gets right.
+    if causal and (tq != tk or mask is not None):
         causal_part = causal_mask(tq, tk, q.device)
         mask = causal_part if mask is None else (mask & causal_part)
         causal = False
@@ -121,7 +137,7 @@ def _attention_sdpa(q, k, v, causal, mask):
             kwargs["enable_gqa"] = True
         else:
             k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None, **kwargs)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, **kwargs)
 
 
 def attention(q, k, v, causal: bool = True, mask: torch.Tensor | None = None, impl: str = "auto") -> torch.Tensor:
@@ -184,7 +200,9 @@ class Attention(nn.Module):
         """x (B, T, dim); rope_cos/rope_sin (T, D/2): the rotation of each of x's positions.
 
         ``layer_cache`` is a callable ``(k, v) -> (k_all, v_all)`` that stores this step's keys/values
-        and returns everything visible so far (see ``kvcache.StaticKVCache.update``).
+        and returns everything visible so far (see ``kvcache.StaticKVCache.update``). ``mask`` is the
+        model's static-cache mask: it carries causality and leaves every query at least key 0, which
+        is what lets ``impl="auto"`` hand it to SDPA (whose rows with no key would be NaN).
         """
         b, t, _ = x.shape
         q = self.wq(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)

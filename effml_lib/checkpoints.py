@@ -25,11 +25,16 @@ PRETRAINED = ("effml-tiny", "effml-tiny-draft")
 
 def config_from_hf(hf: dict, max_seq_len: int | None = None) -> ModelConfig:
     """Translate a Hugging Face ``config.json`` dict into a ``ModelConfig``."""
+    max_seq_len_given = max_seq_len is not None
     arch = hf.get("model_type")
     if arch not in SUPPORTED_ARCHITECTURES:
         raise ValueError(
             f"unsupported checkpoint architecture model_type={arch!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
         )
+    required = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+    missing = [key for key in required if key not in hf]
+    if missing:
+        raise ValueError(f"config.json lacks {missing} for a {arch} checkpoint")
     if hf.get("hidden_act", "silu") != "silu":
         raise ValueError(f"unsupported hidden_act {hf['hidden_act']!r}: the SwiGLU feed-forward uses 'silu'")
     # transformers >= 5 nests RoPE settings under rope_parameters; older files keep them at top level
@@ -44,6 +49,19 @@ def config_from_hf(hf: dict, max_seq_len: int | None = None) -> ModelConfig:
     else:
         scaling = None
     n_heads = hf["num_attention_heads"]
+    if max_seq_len is None:
+        max_seq_len = hf.get("max_position_embeddings", 2048)
+    # Mistral (sliding_window) and Qwen2 (use_sliding_window) can restrict attention to the last W
+    # keys. We implement full attention only, which is identical for sequences of at most W tokens,
+    # so a model with an active window is capped there instead of silently diverging past it.
+    window = hf.get("sliding_window") if (arch == "mistral" or hf.get("use_sliding_window")) else None
+    if window is not None and max_seq_len > window:
+        if max_seq_len_given:
+            raise ValueError(
+                f"max_seq_len={max_seq_len} exceeds the checkpoint's sliding_window={window}; sliding-window "
+                f"attention is not implemented, so pass max_seq_len <= {window}"
+            )
+        max_seq_len = window
     return ModelConfig(
         vocab_size=hf["vocab_size"],
         dim=hf["hidden_size"],
@@ -52,7 +70,7 @@ def config_from_hf(hf: dict, max_seq_len: int | None = None) -> ModelConfig:
         n_kv_heads=hf.get("num_key_value_heads") or n_heads,
         head_dim=hf.get("head_dim") or hf["hidden_size"] // n_heads,
         hidden_dim=hf["intermediate_size"],
-        max_seq_len=max_seq_len or hf.get("max_position_embeddings", 2048),
+        max_seq_len=max_seq_len,
         norm_eps=hf.get("rms_norm_eps", 1e-6),
         rope_theta=float(theta),
         rope_scaling=scaling,
@@ -88,10 +106,17 @@ def hf_to_effml_names(n_layers: int) -> dict[str, str]:
     return names
 
 
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+
+
 def _safetensors_files(path: Path) -> list[Path]:
     index = path / "model.safetensors.index.json"
     if index.exists():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        shards = sorted(set(_read_json(index)["weight_map"].values()))
         missing = [s for s in shards if not (path / s).exists()]
         if missing:
             raise FileNotFoundError(f"weight file(s) listed in {index.name} are missing from {path}: {missing}")
@@ -110,7 +135,9 @@ def _resolve(path_or_name) -> Path:
         return path
     if path.exists():
         raise ValueError(f"path must be a checkpoint directory (config.json + safetensors), got the file {path}")
-    if os.path.isabs(str(path_or_name)) or str(path_or_name).startswith("."):
+    # A hub name is "org/model": one slash, not absolute, not relative. Anything else is a path.
+    name = str(path_or_name)
+    if os.path.isabs(name) or name.startswith(".") or name.count("/") != 1:
         raise FileNotFoundError(f"checkpoint directory {path} does not exist")
     # Looks like a hub name ("org/model"): only for users who are online; tests never go here.
     try:
@@ -132,7 +159,7 @@ def load_hf(path, dtype: torch.dtype | None = None, device=None, max_seq_len: in
     config_file = path / "config.json"
     if not config_file.exists():
         raise FileNotFoundError(f"missing config.json in {path}")
-    hf = json.loads(config_file.read_text())
+    hf = _read_json(config_file)
     config = config_from_hf(hf, max_seq_len)
     names = hf_to_effml_names(config.n_layers)
 
@@ -155,6 +182,12 @@ def load_hf(path, dtype: torch.dtype | None = None, device=None, max_seq_len: in
     missing = sorted(expected - set(state))
     if missing:
         raise ValueError(f"checkpoint {path} lacks tensors for {missing[:6]}{' ...' if len(missing) > 6 else ''}")
+    unexpected = sorted(set(state) - expected)
+    if unexpected:  # e.g. biases that config.json does not announce: loading would silently drop them
+        raise ValueError(
+            f"checkpoint {path} has tensors its config.json does not describe: {unexpected[:6]}"
+            f"{' ...' if len(unexpected) > 6 else ''}"
+        )
     if dtype is None:
         dtype = state["tok_embeddings.weight"].dtype
     state = {k: v.to(dtype=dtype, device=device) for k, v in state.items()}
@@ -179,11 +212,17 @@ def save(model: Transformer, path, dtype: torch.dtype = torch.float16, metadata:
 def load(path, dtype: torch.dtype = torch.float32, device=None) -> Transformer:
     """Load a checkpoint written by ``save``."""
     path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint directory {path} does not exist")
     config_file, weights = path / "config.json", path / "model.safetensors"
-    for f in (config_file, weights):
-        if not f.exists():
-            raise FileNotFoundError(f"missing weight file {f}")
-    config = ModelConfig.from_dict(json.loads(config_file.read_text())["effml_config"])
+    if not config_file.exists():
+        raise FileNotFoundError(f"missing config.json in {path}")
+    if not weights.exists():
+        raise FileNotFoundError(f"missing weight file {weights}")
+    saved = _read_json(config_file)
+    if "effml_config" not in saved:
+        raise ValueError(f"{config_file} was not written by checkpoints.save; for Hugging Face checkpoints use load_hf")
+    config = ModelConfig.from_dict(saved["effml_config"])
     model = Transformer(config)
     state = load_file(str(weights))
     missing, unexpected = model.load_state_dict(state, strict=False)
@@ -195,6 +234,8 @@ def load(path, dtype: torch.dtype = torch.float32, device=None) -> Transformer:
 
 def pretrained(name: str = "effml-tiny", dtype: torch.dtype = torch.float32, device=None) -> Transformer:
     """The course's own models, trained by ``python -m effml_lib.train`` and shipped in the package."""
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating torch.dtype such as torch.float16, got {dtype!r}")
     if name not in PRETRAINED:
         raise ValueError(f"unknown pretrained model {name!r}; available: {', '.join(PRETRAINED)}")
     return load(CHECKPOINTS_DIR / name, dtype=dtype, device=device)
@@ -204,5 +245,4 @@ def pretrained_info(name: str = "effml-tiny") -> dict:
     """The metadata saved with a shipped model (training command, held-out perplexity, sample...)."""
     if name not in PRETRAINED:
         raise ValueError(f"unknown pretrained model {name!r}; available: {', '.join(PRETRAINED)}")
-    info = json.loads((CHECKPOINTS_DIR / name / "config.json").read_text())
-    return info
+    return _read_json(CHECKPOINTS_DIR / name / "config.json")

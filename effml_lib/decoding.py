@@ -17,6 +17,15 @@ import torch
 from .kvcache import StaticKVCache
 
 
+def _check_sampling(temperature, top_k, top_p) -> None:
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or temperature < 0:
+        raise ValueError(f"temperature must be a number >= 0, got {temperature!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k <= 0):
+        raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
+    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
+        raise ValueError(f"top_p must be a number in (0, 1] or None, got {top_p!r}")
+
+
 def sample_next(
     logits: torch.Tensor,
     temperature: float = 0.0,
@@ -25,20 +34,17 @@ def sample_next(
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """logits (B, V) -> next token ids (B,). temperature 0 is greedy (argmax)."""
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    _check_sampling(temperature, top_k, top_p)
+    if logits.dim() != 2:
+        raise ValueError(f"logits must have shape (B, V), got {tuple(logits.shape)}")
     if temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits.float() / temperature
     if top_k is not None:
-        if not isinstance(top_k, int) or top_k <= 0:
-            raise ValueError(f"top_k must be a positive int, got {top_k!r}")
         kth_best = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]  # (B, 1)
         logits = logits.masked_fill(logits < kth_best, float("-inf"))
     probs = torch.softmax(logits, dim=-1)  # (B, V)
     if top_p is not None:
-        if not 0 < top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
         sorted_probs, order = probs.sort(dim=-1, descending=True)
         mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs  # probability of strictly better tokens
         sorted_probs = sorted_probs.masked_fill(mass_before >= top_p, 0.0)  # the top token always stays
@@ -50,9 +56,14 @@ def sample_next(
 
 def _as_prompt(prompt, device) -> torch.Tensor:
     if isinstance(prompt, (list, tuple)):
-        prompt = torch.tensor(prompt, dtype=torch.long)
+        try:
+            prompt = torch.tensor(prompt)  # no dtype: a list of floats must fail below, not be truncated
+        except (TypeError, ValueError) as e:
+            raise TypeError(f"prompt must be a list of int token ids (or a list of equal-length lists): {e}") from None
     if not isinstance(prompt, torch.Tensor):
         raise TypeError(f"prompt must be a list of token ids or a (B, T) tensor, got {type(prompt).__name__}")
+    if prompt.is_floating_point() or prompt.is_complex() or prompt.dtype == torch.bool:
+        raise TypeError(f"prompt must hold integer token ids, got dtype {prompt.dtype}")
     if prompt.dim() == 1:
         prompt = prompt.unsqueeze(0)
     if prompt.dim() != 2 or prompt.shape[1] == 0:
@@ -70,15 +81,16 @@ _compiled_decode_step = None
 
 def compiled_decode_step():
     """``decode_step`` under torch.compile, created once per process so every generate() call (same
-    model and cache shapes) reuses the compiled kernels and the recorded CUDA graph."""
+    model and cache shapes) reuses the compiled kernels and the recorded CUDA graph.
+
+    The options are those of mode="reduce-overhead" (CUDA graphs) plus coordinate-descent tuning of
+    the matrix-vector kernels inductor generates for batch-1 decode: measured 129 -> 146 tok/s for a
+    Llama-2-7B shape on an H100 (bench/NOTES.md). Passed per call, they change no global setting.
+    """
     global _compiled_decode_step
     if _compiled_decode_step is None:
-        import torch._inductor.config as inductor_config
-
-        # Tune the block sizes of the matrix-vector kernels inductor generates for batch-1 decode:
-        # measured 129 -> 146 tok/s for a Llama-2-7B shape on an H100 (bench/decode_variants.py).
-        inductor_config.coordinate_descent_tuning = True
-        _compiled_decode_step = torch.compile(decode_step, mode="reduce-overhead", fullgraph=True)
+        options = {"triton.cudagraphs": True, "coordinate_descent_tuning": True}
+        _compiled_decode_step = torch.compile(decode_step, fullgraph=True, options=options)
     return _compiled_decode_step
 
 
@@ -100,10 +112,17 @@ def generate(
 
     Sequences that emit ``eos_id`` are padded with it afterwards; generation stops early when all did.
     ``use_cache=False`` recomputes the whole sequence every step (what module 03 measures against).
-    ``seed`` makes sampling reproducible on any device.
+    ``seed`` makes sampling reproducible on any device. With ``compile=True``, pass the same ``cache``
+    to every call: a new cache has new addresses, which costs a new CUDA-graph recording.
     """
     if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be a non-negative int, got {max_new_tokens!r}")
+    _check_sampling(temperature, top_k, top_p)
+    vocab_size = model.config.vocab_size
+    if eos_id is not None and (isinstance(eos_id, bool) or not isinstance(eos_id, int) or not 0 <= eos_id < vocab_size):
+        raise ValueError(f"eos_id must be a token id in [0, {vocab_size}) or None, got {eos_id!r}")
+    if not use_cache and (compile or cache is not None):
+        raise ValueError("compile=True and cache= need use_cache=True")
     device = model.tok_embeddings.weight.device
     tokens = _as_prompt(prompt, device)
     batch, prompt_len = tokens.shape

@@ -26,7 +26,8 @@ def kv_cache_bytes(batch_size, seq_len, n_layers, n_kv_heads, head_dim, bytes_pe
 
 # Published shapes of real models, as in each model's config.json on the Hugging Face hub
 # (hidden_size, num_hidden_layers, num_attention_heads, num_key_value_heads, intermediate_size,
-# vocab_size, rope_theta). Keys are ModelConfig field names so a shape builds a model directly.
+# vocab_size, rope_theta). Keys are ModelConfig field names, so ModelConfig(**shape) builds a model of
+# that shape (add max_seq_len and norm_eps as needed). Module 03 extends this catalog.
 MODEL_SHAPES: dict[str, dict] = {
     # meta-llama/Llama-2-7b-hf config.json
     "llama-2-7b": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, hidden_dim=11008, vocab_size=32000, rope_theta=10000.0),
@@ -62,6 +63,8 @@ class StaticKVCache(nn.Module):
         ).items():
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
         self.n_layers = n_layers
         layer_shape = (batch_size, n_kv_heads, max_seq_len, head_dim)
         for i in range(n_layers):
@@ -85,6 +88,8 @@ class StaticKVCache(nn.Module):
 
     def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(K, V) buffers of layer ``i``, each (B, Hkv, max_seq_len, D)."""
+        if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < self.n_layers:
+            raise ValueError(f"layer must be an int in [0, {self.n_layers}), got {i!r}")
         return getattr(self, f"k{i}"), getattr(self, f"v{i}")
 
     @property
@@ -115,12 +120,22 @@ class StaticKVCache(nn.Module):
     def update(self, layer: int, k_new, v_new, positions: torch.Tensor, visible: int | None):
         """Store k/v_new (B, Hkv, T, D) at ``positions`` (T,) of ``layer``.
 
+        Positions must lie in [0, max_seq_len): they are not checked here (that would need a device
+        sync every step); ``Transformer.forward`` checks them before any write.
+
         Returns the keys and values attention should see: the first ``visible`` positions, or the
         whole buffer when ``visible`` is None (the caller then masks the unwritten tail).
         """
         if k_new.shape != v_new.shape:
             raise ValueError(f"k and v must have the same shape, got {tuple(k_new.shape)} and {tuple(v_new.shape)}")
         k_layer, v_layer = self.layer(layer)  # (B, Hkv, S, D)
+        b, h_kv, _, d = k_layer.shape
+        if k_new.dim() != 4 or (k_new.shape[0], k_new.shape[1], k_new.shape[3]) != (b, h_kv, d):
+            raise ValueError(f"k/v must have shape ({b}, {h_kv}, T, {d}) for this cache, got {tuple(k_new.shape)}")
+        if k_new.dtype != k_layer.dtype:
+            raise TypeError(f"k/v dtype {k_new.dtype} differs from the cache's {k_layer.dtype}")
+        if positions.dim() != 1 or positions.shape[0] != k_new.shape[2]:
+            raise ValueError(f"positions must have shape ({k_new.shape[2]},), got {tuple(positions.shape)}")
         k_layer.index_copy_(2, positions, k_new)
         v_layer.index_copy_(2, positions, v_new)
         if visible is None:

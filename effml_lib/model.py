@@ -51,6 +51,10 @@ class ModelConfig:
                 raise ValueError(f"ModelConfig.{name} must be a positive int, got {value!r}")
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
+        for name in ("n_kv_heads", "head_dim", "hidden_dim"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+                raise ValueError(f"ModelConfig.{name} must be a positive int or None, got {value!r}")
         if not isinstance(self.n_kv_heads, int) or self.n_kv_heads <= 0:
             raise ValueError(f"ModelConfig.n_kv_heads must be a positive int, got {self.n_kv_heads!r}")
         if self.n_heads % self.n_kv_heads:
@@ -216,6 +220,8 @@ class Transformer(nn.Module):
     def _check_positions(self, tokens, cache, start_pos):
         b, t = tokens.shape
         if isinstance(start_pos, torch.Tensor):
+            if start_pos.numel() != 1 or start_pos.is_floating_point():
+                raise ValueError(f"a tensor start_pos must hold one integer, got {start_pos!r}")
             start_pos = int(start_pos.reshape(-1)[0])
         if not isinstance(start_pos, int) or start_pos < 0:
             raise ValueError(f"start_pos must be a non-negative int, got {start_pos!r}")

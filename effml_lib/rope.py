@@ -45,6 +45,8 @@ def rope_frequencies(
 
     position_scale = 1.0
     if scaling is not None:
+        if not isinstance(scaling, dict):
+            raise TypeError(f"scaling must be a dict like {{'type': 'linear', 'factor': 4}}, got {scaling!r}")
         kind, factor = scaling.get("type"), scaling.get("factor")
         if kind not in SCALING_TYPES:
             raise ValueError(f"scaling['type'] must be one of {SCALING_TYPES}, got {kind!r}")
@@ -53,6 +55,8 @@ def rope_frequencies(
         if kind == "linear":
             position_scale = 1.0 / factor
         else:
+            if head_dim <= 2:
+                raise ValueError(f"NTK scaling needs head_dim > 2, got {head_dim}")
             theta = theta * factor ** (head_dim / (head_dim - 2))
 
     # Same arithmetic as the Hugging Face reference (int exponents, then float32) so logits match.
@@ -79,6 +83,7 @@ def _gather_angles(cos, sin, positions, seq_len, device):
         raise TypeError("positions must be an integer tensor of shape (T,) or (B, T)")
     if positions.shape[-1] != seq_len or positions.dim() not in (1, 2):
         raise ValueError(f"positions must have shape (T,) or (B, T) with T={seq_len}, got {tuple(positions.shape)}")
+    # Values are not range-checked (a device sync per call); they must lie in [0, max_positions).
     positions = positions.to(device)
     if positions.dim() == 1:
         return cos[positions], sin[positions]  # (T, D/2)
@@ -101,6 +106,8 @@ def apply_rope(
     """
     if impl not in ("auto", "torch"):
         raise ValueError(f"impl must be 'auto' or 'torch' (the Triton path arrives with module 02), got {impl!r}")
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise TypeError(f"x must be a floating-point tensor, got {getattr(x, 'dtype', type(x).__name__)}")
     if x.dim() != 4:
         raise ValueError(f"x must have shape (B, H, T, D), got {tuple(x.shape)}")
     head_dim = x.shape[-1]
@@ -109,6 +116,8 @@ def apply_rope(
             f"cos and sin must both be (max_positions, {head_dim // 2}) for head_dim={head_dim}, "
             f"got {tuple(cos.shape)} and {tuple(sin.shape)}"
         )
+    if positions is not None and positions.dim() == 2 and positions.shape[0] not in (1, x.shape[0]):
+        raise ValueError(f"positions of shape {tuple(positions.shape)} do not match batch size {x.shape[0]}")
     cos, sin = _gather_angles(cos.to(x.device), sin.to(x.device), positions, x.shape[2], x.device)
 
     xf = x.float()

@@ -67,6 +67,18 @@ def test_decode_step_equals_last_row_of_prefill(gen):
     assert_close(last, full[:, :, -1:], torch.float32, what="decode step vs prefill")
 
 
+@pytest.mark.parametrize("impl", ["torch", "sdpa", "auto"])
+@pytest.mark.parametrize("tq,tk", [(4, 4), (2, 6)])
+def test_causal_combined_with_an_explicit_mask(impl, tq, tk, gen):
+    q = torch.randn(1, 4, tq, 8, generator=gen)
+    k = torch.randn(1, 2, tk, 8, generator=gen)
+    v = torch.randn(1, 2, tk, 8, generator=gen)
+    mask = torch.rand(1, 4, tq, tk, generator=gen) > 0.3
+    mask[..., 0] = True
+    got = attention(q, k, v, causal=True, mask=mask, impl=impl)
+    assert_close(got, naive_attention(q, k, v, True, mask), torch.float32, what=f"causal + mask, impl={impl}")
+
+
 @pytest.mark.parametrize("impl", ["torch", "sdpa"])
 def test_explicit_mask_and_fully_masked_rows(impl, gen):
     q = torch.randn(2, 4, 3, 8, generator=gen)
@@ -126,3 +138,9 @@ def test_bad_inputs_raise_clear_errors():
         attention(q[0], q[0], q[0])
     with pytest.raises(ValueError, match="divisible by n_kv_heads"):
         Attention(64, n_heads=6, n_kv_heads=4)
+    with pytest.raises(TypeError, match="floating-point"):
+        attention(q.long(), q.long(), q.long())
+    with pytest.raises(TypeError, match="q must be a torch.Tensor"):
+        attention([1.0], q, q)
+    with pytest.raises(ValueError, match="does not broadcast"):
+        attention(q, q, q, mask=torch.ones(3, 3, dtype=torch.bool))

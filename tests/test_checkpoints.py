@@ -135,3 +135,65 @@ def test_bfloat16_model_is_as_close_to_float32_as_transformers_bfloat16(tmp_path
         return ((a - reference).norm() / reference.norm()).item()
     assert rel(ours_bf16) < 0.05, f"bf16 logits {rel(ours_bf16):.3%} away from float32"
     assert rel(ours_bf16) <= 1.1 * rel(hf_bf16), f"ours {rel(ours_bf16):.3%} vs transformers {rel(hf_bf16):.3%}"
+
+
+def test_tensor_the_config_does_not_describe_is_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    save_random_hf_model("llama-mha", tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    state["model.layers.0.self_attn.q_proj.bias"] = torch.full((64,), 5.0)  # config says attention_bias=False
+    save_file(state, tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match="layers.0.attention.wq.bias"):
+        load_hf(tmp_path)
+
+
+@pytest.mark.parametrize("kind,extra", [("mistral-gqa", {"sliding_window": 16}),
+                                        ("qwen2-mqa", {"use_sliding_window": True, "sliding_window": 16})])
+def test_sliding_window_caps_the_context_where_logits_stay_exact(kind, extra, tmp_path, gen):
+    config_cls, model_cls, base = CASES[kind]
+    torch.manual_seed(0)
+    config = getattr(transformers, config_cls)(**SIZES, **{**base, **extra})
+    if kind.startswith("qwen2"):
+        config.layer_types = ["sliding_attention"] * config.num_hidden_layers  # transformers >= 4.53 reads this
+    hf = getattr(transformers, model_cls)(config).eval()
+    hf.save_pretrained(tmp_path)
+    ours = load_hf(tmp_path)
+    assert ours.config.max_seq_len == 16
+    tokens = torch.randint(0, SIZES["vocab_size"], (1, 16), generator=gen)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(tokens), hf(tokens).logits, atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match="max_seq_len=16"):
+        ours(torch.zeros(1, 17, dtype=torch.long))
+    with pytest.raises(ValueError, match="sliding_window=16"):
+        load_hf(tmp_path, max_seq_len=64)
+
+
+def test_config_problems_are_named(tmp_path):
+    save_random_hf_model("llama-mha", tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["intermediate_size"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="intermediate_size"):
+        load_hf(tmp_path)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="config.json is not valid JSON"):
+        load_hf(tmp_path)
+
+
+def test_mistyped_relative_path_is_not_sent_to_the_hub(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_hf("checkpoints/llama/small")
+
+
+def test_effml_load_errors(tmp_path):
+    from effml_lib.checkpoints import load, pretrained
+
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load(tmp_path / "nope")
+    save_random_hf_model("llama-mha", tmp_path)
+    with pytest.raises(ValueError, match="load_hf"):
+        load(tmp_path)
+    with pytest.raises(TypeError, match="dtype"):
+        pretrained(dtype="float16")

@@ -77,3 +77,33 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="top_p"):
         sample_next(torch.zeros(1, 3), 1.0, top_p=1.5)
 
+
+
+def test_finished_rows_are_padded_while_others_continue():
+    model = small_model()
+    prompt = torch.randint(0, 97, (2, 4), generator=torch.Generator().manual_seed(0))
+    greedy = generate(model, prompt, 10)
+    eos = int(greedy[0, 5])  # row 0's second generated token
+    assert eos not in greedy[1, 4:].tolist(), "pick a prompt where row 1 never emits the token"
+    out = generate(model, prompt, 10, eos_id=eos)
+    assert out.shape == greedy.shape, "row 1 is unfinished, so generation runs to the end"
+    assert (out[0, 5:] == eos).all(), "row 0 is padded with eos after emitting it"
+    assert torch.equal(out[1], greedy[1]), "row 1 continues as without eos"
+
+
+def test_sampling_argument_errors():
+    model = small_model()
+    with pytest.raises(TypeError, match="integer token ids"):
+        generate(model, [1.7, 2.9], 2)
+    with pytest.raises(TypeError, match="list of int token ids"):
+        generate(model, [[1, 2], [3]], 2)
+    with pytest.raises(ValueError, match="eos_id"):
+        generate(model, [1, 2], 2, eos_id=999)
+    with pytest.raises(ValueError, match="temperature"):
+        generate(model, [1, 2], 2, temperature="0.5")
+    with pytest.raises(ValueError, match="top_k"):
+        generate(model, [1, 2], 2, top_k=0)
+    with pytest.raises(ValueError, match="use_cache"):
+        generate(model, [1, 2], 2, use_cache=False, compile=True)
+    with pytest.raises(ValueError, match=r"\(B, V\)"):
+        sample_next(torch.zeros(5), 1.0)

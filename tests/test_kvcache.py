@@ -39,3 +39,13 @@ def test_bad_arguments():
         kv_cache_bytes(1, 1, 1, 1, 1, bytes_per_elem=0)
     with pytest.raises(ValueError, match="batch_size"):
         StaticKVCache(1, 0, 4, 1, 2)
+    with pytest.raises(TypeError, match="dtype"):
+        StaticKVCache(1, 1, 4, 1, 2, dtype="float16")
+    cache = StaticKVCache(2, 1, 4, 1, 2)
+    k = torch.zeros(1, 1, 1, 2)
+    with pytest.raises(ValueError, match=r"layer must be an int in \[0, 2\)"):
+        cache.update(5, k, k, torch.tensor([0]), visible=1)
+    with pytest.raises(ValueError, match="shape"):
+        cache.update(0, torch.zeros(1, 3, 1, 2), torch.zeros(1, 3, 1, 2), torch.tensor([0]), visible=1)
+    with pytest.raises(TypeError, match="dtype"):
+        cache.update(0, k.half(), k.half(), torch.tensor([0]), visible=1)

@@ -74,6 +74,9 @@ def test_bfloat16_model_keeps_float32_rope_tables(gen):
 def test_bad_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match="divisible by n_kv_heads"):
         ModelConfig(n_heads=6, n_kv_heads=4)
+    for field, bad in (("head_dim", 0), ("head_dim", 64.0), ("n_kv_heads", True), ("hidden_dim", -1)):
+        with pytest.raises(ValueError, match=field):
+            ModelConfig(**{field: bad})
     model = small_model()
     with pytest.raises(TypeError, match="integer"):
         model(torch.zeros(1, 3))

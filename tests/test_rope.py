@@ -82,3 +82,11 @@ def test_bad_inputs():
         apply_rope(torch.randn(1, 1, 2, 8), cos, sin, positions=torch.tensor([0.0, 1.0]))
     with pytest.raises(ValueError, match="scaling"):
         rope_frequencies(8, 4, scaling={"type": "yarn", "factor": 2})
+    with pytest.raises(TypeError, match="scaling must be a dict"):
+        rope_frequencies(8, 4, scaling="linear")
+    with pytest.raises(ValueError, match="head_dim > 2"):
+        rope_frequencies(2, 4, scaling={"type": "ntk", "factor": 2})
+    with pytest.raises(TypeError, match="floating-point"):
+        apply_rope(torch.ones(1, 1, 2, 8, dtype=torch.long), cos, sin)
+    with pytest.raises(ValueError, match="batch size"):
+        apply_rope(torch.randn(2, 1, 2, 8), cos, sin, positions=torch.zeros(3, 2, dtype=torch.long))
