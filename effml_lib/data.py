@@ -5,7 +5,7 @@ Why this corpus:
 - **license-clean**: we commit no third-party text, only the *recipe* (which files, which split);
 - **deterministic**: the same Python version gives the same bytes, and every result can name what
   it was measured on with :func:`corpus_fingerprint`;
-- **big enough** for a 10-20M-parameter model to learn real structure (~29 MB, ~8.7M tokens).
+- **big enough** for a 10-20M-parameter model to learn real structure (~29 MB, ~9.0M tokens with the test suites).
 
 Other Python versions give a slightly different corpus (modules added, removed, edited); a module
 lands in the same split on every version because the split hashes its path, not its position.
@@ -196,7 +196,7 @@ def load_tokens(
 ) -> torch.Tensor:
     """All documents of ``split`` tokenized and concatenated, each followed by EOT: 1-D int64 tensor.
 
-    The result is cached at ``<cache_dir>/stdlib-<split>-<corpus fingerprint>-<tokenizer>.pt``
+    The result is cached at ``<cache_dir>/stdlib-<split>-<corpus fingerprint>-<tokenizer>-<digest>.pt``
     (``cache_dir`` defaults to ``$EFFML_CACHE`` or ``~/.cache/effml``); the names change whenever the
     files or the merges change, so a stale cache is never read. On disk ids are int16 (vocab < 32768),
     in memory int64, the dtype ``nn.Embedding`` and ``cross_entropy`` targets expect.

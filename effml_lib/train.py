@@ -172,7 +172,7 @@ def train(args) -> dict:
         "steps": args.steps,
         "steps_done": getattr(args, "steps_done", args.steps),
         "best_step": best["step"],
-        "train_tokens_seen": args.steps * args.batch_size * args.seq_len,
+        "train_tokens_seen": getattr(args, "steps_done", args.steps) * args.batch_size * args.seq_len,
         "train_seq_len": args.seq_len,
         "heldout_loss": heldout_loss,
         "heldout_perplexity": math.exp(heldout_loss),
