@@ -130,7 +130,7 @@ plt.show()"""),
 md("""The bars are tokens per second of three decoders running the same weights; the dashed line is the
 bandwidth limit. Eager PyTorch (ours or Hugging Face's) launches hundreds of small GPU kernels per token
 from Python and leaves the GPU idle between them; compiling the decode step and replaying it as one CUDA
-graph gets to about 80% of it. The rest of the course is about moving that limit: fewer bytes per
+graph gets to three quarters of it or more. The rest of the course is about moving that limit: fewer bytes per
 token (GQA, quantization), more tokens per read (batching, speculative decoding), less memory per sequence
 (PagedAttention)."""),
 ]
