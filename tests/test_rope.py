@@ -55,9 +55,14 @@ def test_scaling_variants():
     cos, _ = rope_frequencies(8, 32, scaling={"type": "linear", "factor": 4})
     cos_ref, _ = rope_frequencies(8, 32)
     torch.testing.assert_close(cos[8], cos_ref[2])  # position 8 interpolated to 2
-    cos_ntk, _ = rope_frequencies(8, 32, theta=10000.0, scaling={"type": "ntk", "factor": 2})
-    cos_big, _ = rope_frequencies(8, 32, theta=10000.0 * 2 ** (8 / 6))
-    torch.testing.assert_close(cos_ntk, cos_big)
+    # NTK-aware scaling: the fastest rotation is untouched, the slowest one turns exactly `factor` times slower
+    cos_ntk, sin_ntk = rope_frequencies(8, 32, theta=10000.0, scaling={"type": "ntk", "factor": 4})
+    cos_ref, sin_ref = rope_frequencies(8, 32, theta=10000.0)
+    angle_ntk = torch.atan2(sin_ntk[1], cos_ntk[1])  # radians per position, one per pair
+    angle_ref = torch.atan2(sin_ref[1], cos_ref[1])
+    torch.testing.assert_close(angle_ntk[0], angle_ref[0])
+    torch.testing.assert_close(angle_ntk[-1], angle_ref[-1] / 4)
+    assert (angle_ntk[1:-1] < angle_ref[1:-1]).all()
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
