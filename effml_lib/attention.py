@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .grading import guard
 from .rope import apply_rope
 
 ATTENTION_IMPLS = ("auto", "torch", "sdpa")
@@ -97,6 +98,7 @@ def attention_reference(q, k, v, causal: bool = True, mask: torch.Tensor | None 
     head. (bf16/fp16 inputs are upcast to float32 once, at Hkv heads, for an accurate softmax.)
     ``mask`` is a boolean tensor broadcastable to (B, H, Tq, Tk), True where attention is allowed.
     """
+    guard("attention.attention")  # unavailable while a lab grades the student's own attention
     b, h, tq, d = q.shape
     h_kv, tk = k.shape[1], k.shape[2]
     groups = h // h_kv
@@ -147,6 +149,7 @@ def attention(q, k, v, causal: bool = True, mask: torch.Tensor | None = None, im
     exactly the reference's function (no fully masked rows are possible, GQA supported natively),
     otherwise the reference.
     """
+    guard("attention.attention")
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"impl must be one of {ATTENTION_IMPLS}, got {impl!r}")
     _check_qkv(q, k, v, mask)

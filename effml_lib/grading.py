@@ -7,9 +7,10 @@ A graded cell of a lab calls, inside its hidden-test region::
 
 which runs the pytest suite ``grading/hidden/lab01/test_attention.py`` in the student's kernel. The
 suite reaches the student's definitions through the ``student`` fixture (``student.causal_attention``).
-While it runs, the library's own implementation of the graded function is unavailable: the library
-functions that a lab asks students to write call :func:`guard` first, which raises
-:class:`GradingError` for the names being graded, however the student imported them.
+While the student's functions run, the library's own implementation of the graded function is
+unavailable: the library functions that a lab asks students to write call :func:`guard` first, which
+raises :class:`GradingError` for the names being graded, however the student imported them. The
+hidden tests themselves may still call the library, to compute expected values.
 
 Only each test's name and its failure message are printed, never the test code, so feedback can be
 shown to students without revealing the hidden tests. Any failure raises ``AssertionError``, which
@@ -19,15 +20,24 @@ nbgrader scores as zero points for that cell: one graded cell per lab part, so p
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import types
 from pathlib import Path
+
+import torch
 
 # Qualified names ("attention.attention") whose library implementation is unavailable right now.
 _unavailable: set[str] = set()
 
 # For each lab part: the library functions a submission must not call while that part is graded.
-BLOCKED_DURING: dict[tuple[str, str], tuple[str, ...]] = {}
+_LAB01_ALL = ("attention.attention", "model.RMSNorm", "model.FeedForward", "model.Block")
+BLOCKED_DURING: dict[tuple[str, str], tuple[str, ...]] = {
+    ("lab01", "attention"): ("attention.attention",),
+    ("lab01", "rmsnorm"): ("model.RMSNorm",),
+    ("lab01", "swiglu"): ("model.FeedForward",),
+    ("lab01", "block"): _LAB01_ALL,  # the block must be built from the student's own parts
+}
 
 
 class GradingError(RuntimeError):
@@ -35,7 +45,13 @@ class GradingError(RuntimeError):
 
 
 def guard(name: str) -> None:
-    """Called first thing by every library function that a lab asks students to implement."""
+    """Called first thing by every library function that a lab asks students to implement.
+
+    Inside torch.compile it is skipped at trace time (grading never compiles), so it costs compiled
+    code nothing and causes no graph break.
+    """
+    if torch.compiler.is_compiling():
+        return
     if name in _unavailable:
         raise GradingError(
             f"effml_lib.{name} is unavailable while this part is graded: the lab asks for your own "
@@ -65,11 +81,26 @@ def hidden_tests_dir() -> Path:
     return path
 
 
+def _while_blocked(fn, blocked: tuple[str, ...]):
+    """``fn`` made to run with the graded library functions unavailable (only during its own calls,
+    so the hidden tests can still use the library to compute their expected values)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with library_unavailable(*blocked):
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
 class _Collector:
     """A pytest plugin: hands the student's namespace to tests and records outcomes without code."""
 
-    def __init__(self, namespace: dict):
-        self.namespace = namespace
+    def __init__(self, namespace: dict, blocked: tuple[str, ...]):
+        self.namespace = {
+            name: _while_blocked(value, blocked) if isinstance(value, types.FunctionType) else value
+            for name, value in namespace.items()
+        }
         self.results: list[tuple[str, str, str]] = []  # (test name, outcome, message)
 
     def pytest_configure(self, config):
@@ -107,10 +138,10 @@ def run_hidden_tests(lab: str, part: str, namespace: dict, blocked: tuple[str, .
     if not suite.is_file():
         raise FileNotFoundError(f"no hidden tests for {lab} part {part!r} at {suite}")
     blocked = BLOCKED_DURING.get((lab, part), ()) if blocked is None else blocked
-    collector = _Collector(namespace)
+    collector = _Collector(namespace, blocked)
     args = [str(suite), "-q", "-p", "no:cacheprovider", "--no-header", "-o", "addopts=", "--tb=no", "--import-mode=importlib", "--assert=plain",
             "-rN", "--disable-warnings", "-o", "console_output_style=classic"]
-    with library_unavailable(*blocked), open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
+    with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
         exit_code = pytest.main(args, plugins=[collector])
     passed = sum(outcome == "passed" for _, outcome, _ in collector.results)
     failed = [(name, msg) for name, outcome, msg in collector.results if outcome == "failed"]

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import Attention
+from .grading import guard
 from .kvcache import StaticKVCache
 from .rope import rope_frequencies
 
@@ -91,6 +92,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
+        guard("model.RMSNorm")  # unavailable while a lab grades the student's own
         xf = x.float()
         normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * normed.to(x.dtype)
@@ -106,6 +108,7 @@ class FeedForward(nn.Module):
         self.w3 = nn.Linear(dim, hidden_dim, bias=bias)
 
     def forward(self, x):
+        guard("model.FeedForward")
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
@@ -123,6 +126,7 @@ class Block(nn.Module):
         self.feed_forward = FeedForward(cfg.dim, cfg.hidden_dim, bias=cfg.mlp_bias)
 
     def forward(self, x, rope_cos, rope_sin, layer_cache=None, mask=None):
+        guard("model.Block")
         h = x + self.attention(self.attention_norm(x), rope_cos, rope_sin, layer_cache, mask)
         return h + self.feed_forward(self.ffn_norm(h))
 
