@@ -11,7 +11,7 @@ BIN        := $(VENV)/bin
 ROOT_FLAG  := $(if $(filter 0,$(shell id -u)),--allow-root,)
 STAMP      := $(VENV)/.effml-installed
 
-.PHONY: lab test venv bench execute clean-venv
+.PHONY: lab test venv bench execute labs clean-venv
 
 venv: $(STAMP)
 
@@ -34,6 +34,10 @@ bench: venv  ## benchmarks; results go to bench/results/<device>/
 execute: venv  ## re-run every notebook in place, keeping outputs
 	for nb in notebooks/*.ipynb; do [ -f "$$nb" ] || continue; \
 	  $(BIN)/jupyter nbconvert --to notebook --execute --inplace "$$nb" || exit 1; done
+
+labs: venv  ## regenerate the student release labs/ from the nbgrader sources in solutions/
+	for d in solutions/lab*/; do name=$$(basename $$d); \
+	  (cd grading && PATH="$(abspath $(BIN)):$$PATH" nbgrader generate_assignment $$name --force --log-level=WARN) || exit 1; done
 
 clean-venv:
 	rm -rf $(VENV)
