@@ -34,7 +34,7 @@ def graded(lab_part, points, grade_id):
 # Graded: {points} points. The hidden tests of this part run here when your lab is graded.
 ### BEGIN HIDDEN TESTS
 from effml_lib.grading import run_hidden_tests
-run_hidden_tests("lab01", "{lab_part}", globals())
+passed = run_hidden_tests("lab01", "{lab_part}", globals())  # assigned: a bare number would read as partial credit
 ### END HIDDEN TESTS
 ''', grade_id, grade=True, locked=True, points=points)
 
