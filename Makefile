@@ -11,7 +11,7 @@ BIN        := $(VENV)/bin
 ROOT_FLAG  := $(if $(filter 0,$(shell id -u)),--allow-root,)
 STAMP      := $(VENV)/.effml-installed
 
-.PHONY: lab test venv bench execute labs clean-venv
+.PHONY: lab test venv bench execute labs grade-demo clean-venv
 
 venv: $(STAMP)
 
@@ -38,6 +38,12 @@ execute: venv  ## re-run every notebook in place, keeping outputs
 labs: venv  ## regenerate the student release labs/ from the nbgrader sources in solutions/
 	for d in solutions/lab*/; do name=$$(basename $$d); \
 	  (cd grading && PATH="$(abspath $(BIN)):$$PATH" nbgrader generate_assignment $$name --force --log-level=WARN) || exit 1; done
+
+DEMO_DIR ?= graded/demo
+grade-demo: venv  ## autograde a made-up class of lab 01 (honest and hostile submissions) into graded/demo/
+	mkdir -p $(DEMO_DIR)
+	$(BIN)/python grading/demo_submissions.py $(DEMO_DIR)/submissions.zip
+	$(BIN)/python grading/autograde.py lab01_transformer_basics $(DEMO_DIR)/submissions.zip --out $(DEMO_DIR)
 
 clean-venv:
 	rm -rf $(VENV)

@@ -1,0 +1,153 @@
+"""The grading chain end to end, offline: a class's LMS zip -> autograde -> feedback -> grades CSV.
+
+The class (grading/demo_submissions.py) holds the solution, the blank release, a wrong answer, an
+infinite loop, a kernel crash, edited and deleted test cells, stray files, a call to the library's
+own implementation, noisy warnings and two ungradable submissions; each must get its exact score.
+"""
+
+import csv
+import importlib.util
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("nbgrader", reason="the lab tooling is in the dev extra")
+nbformat = pytest.importorskip("nbformat")
+
+ROOT = Path(__file__).resolve().parents[1]
+LAB = "lab01_transformer_basics"
+
+
+def load(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "grading" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(ROOT / "grading"))  # autograde imports resilient_execute from there
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(ROOT / "grading"))
+    return module
+
+
+demo = load("demo_submissions")
+autograde = load("autograde")
+
+
+@pytest.fixture(scope="module")
+def graded(tmp_path_factory):
+    """Grade the demo class once; every test below reads the results."""
+    tmp = tmp_path_factory.mktemp("class")
+    archive = demo.write_zip(tmp / "submissions.zip")
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "grading" / "autograde.py"), LAB, str(archive), "--out", str(tmp / "graded"),
+         "--jobs", "2", "--cell-timeout", "30"],
+        capture_output=True, text=True, timeout=1500,
+    )
+    assert run.returncode == 0, f"the driver failed:\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}"
+    with open(tmp / "graded" / "grades.csv", newline="") as f:
+        rows = {row["student"]: row for row in csv.DictReader(f)}
+    return tmp / "graded", rows, run.stdout
+
+
+@pytest.mark.parametrize("student", list(demo.EXPECTED))
+def test_each_submission_gets_its_exact_score(graded, student):
+    _, rows, _ = graded
+    sid = demo.expected_student_id(student)
+    assert sid in rows, f"{student} ({sid}) has no row in grades.csv; rows: {sorted(rows)}"
+    row, expected = rows[sid], demo.EXPECTED[student]
+    scores = {col.split(" ")[0]: float(value) for col, value in row.items() if col.startswith("p") and "_tests" in col}
+    assert scores == {gid: float(points) for gid, points in expected.items()}, (
+        f"{student}: got {scores}, expected {expected}; notes: {row['notes']}")
+    assert float(row["score"]) == sum(expected.values())
+    assert float(row["max_score"]) == 12
+
+
+def test_every_student_is_recorded_once_with_feedback(graded):
+    out, rows, _ = graded
+    assert sorted(rows) == sorted(demo.expected_student_id(s) for s in demo.EXPECTED)
+    for sid in rows:
+        page = (out / "feedback" / sid / f"{LAB}.html").read_text()
+        assert f"{float(rows[sid]['score']):g} / 12 points" in page, f"{sid}: the feedback does not state the score"
+
+
+def test_feedback_does_not_reveal_hidden_tests(graded):
+    out, rows, _ = graded
+    hidden_names = [p.read_text() for p in (ROOT / "grading" / "hidden" / "lab01").glob("test_*.py")]
+    distinctive = [line.strip() for text in hidden_names for line in text.splitlines()
+                   if line.strip().startswith(("def test_", "expected = ", "reference("))]
+    assert distinctive, "found nothing to look for in the hidden tests"
+    for sid in rows:
+        page = (out / "feedback" / sid / f"{LAB}.html").read_text()
+        assert "BEGIN HIDDEN TESTS" not in page and "run_hidden_tests" not in page, f"{sid}: hidden region shown"
+        leaked = [line for line in distinctive if line in page]
+        assert not leaked, f"{sid}: feedback quotes hidden test code: {leaked[:3]}"
+
+
+def test_feedback_explains_what_went_wrong(graded):
+    out, rows, _ = graded
+    explanations = {
+        "infinite_loop": "timed out",
+        "kernel_crash": "crashed the kernel",
+        "edited_tests": "restored",
+        "not_a_notebook": "not a readable notebook",
+        "only_a_pdf": "no notebook",
+        "library_call": "unavailable while this part is graded",
+        "wrong_rmsnorm": "LayerNorm",
+    }
+    for student, phrase in explanations.items():
+        sid = demo.expected_student_id(student)
+        page = (out / "feedback" / sid / f"{LAB}.html").read_text()
+        assert phrase in page, f"{student}: the feedback should say {phrase!r}"
+    assert "timed out" in rows[demo.expected_student_id("infinite_loop")]["notes"]
+    assert rows[demo.expected_student_id("not_a_notebook")]["status"] == "not graded"
+
+
+def test_the_graded_notebooks_are_kept_for_the_instructor(graded):
+    out, rows, _ = graded
+    for student in ("solution", "kernel_crash", "edited_tests"):
+        nb = nbformat.read(out / "autograded" / demo.expected_student_id(student) / f"{LAB}.ipynb", as_version=4)
+        ids = [c.metadata.get("nbgrader", {}).get("grade_id") for c in nb.cells]
+        assert all(f"p{i}_tests" in ids for i in range(1, 6)), f"{student}: graded cells missing: {ids}"
+
+
+# --- collecting and restoring, without running anything ----------------------------------------
+
+def test_collect_reads_folders_zips_and_refuses_paths_outside(tmp_path):
+    nb = b'{"cells": [], "metadata": {}, "nbformat": 4, "nbformat_minor": 5}'
+    layout = {  # nbgrader collect's layout, a student folder, a flat Canvas file, a checkpoint to skip
+        f"ann/{LAB}/{LAB}.ipynb": nb, "bob/anything.ipynb": nb, "bob/notes.txt": b"x",
+        f"cy_42_7_{LAB}.ipynb": nb, f"ann/{LAB}/.ipynb_checkpoints/{LAB}-checkpoint.ipynb": nb,
+    }
+    folder = tmp_path / "folder"
+    for rel, data in layout.items():
+        (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+        (folder / rel).write_bytes(data)
+    found = {s.student: s for s in autograde.collect(folder, LAB)}
+    assert sorted(found) == ["ann", "bob", "cy"]
+    assert all(s.notebook == nb for s in found.values())
+    assert "ignored" in " ".join(found["bob"].notes)
+
+    archive = tmp_path / "hostile.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        z.writestr("../../escape/evil.ipynb", nb)
+        z.writestr("/abs/dan/x.ipynb", nb)
+        z.writestr("Eve Smith_77_assignsubmission_file_/lab.ipynb", nb)
+    found = {s.student: s for s in autograde.collect(archive, LAB)}
+    assert "Eve_Smith_77" in found and all(".." not in s and "/" not in s for s in found)
+    assert not (tmp_path.parent / "escape").exists(), "collect must not write the zip's paths to disk"
+
+
+def test_restore_cells_puts_back_deleted_cells_in_place():
+    release = nbformat.read(ROOT / "labs" / LAB / f"{LAB}.ipynb", as_version=4)
+    ids = [c.metadata.nbgrader.grade_id for c in release.cells]
+    student = nbformat.from_dict(release)
+    student.cells = [c for c in student.cells if c.metadata.nbgrader.grade_id not in ("p1_visible", "p3_tests")]
+    forged = nbformat.v4.new_code_cell("pass", metadata={"nbgrader": {"grade": True, "grade_id": "bonus", "points": 99}})
+    student.cells.append(forged)
+    restored = autograde.restore_cells(student, release)
+    assert restored == ["p1_visible", "p3_tests"]
+    assert [c.metadata.get("nbgrader", {}).get("grade_id") for c in student.cells] == [*ids, None], (
+        "restored cells must return to their place, and a forged graded cell must lose its nbgrader metadata")
