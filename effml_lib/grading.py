@@ -9,8 +9,9 @@ which runs the pytest suite ``grading/hidden/lab01/test_attention.py`` in the st
 suite reaches the student's definitions through the ``student`` fixture (``student.causal_attention``).
 While the student's functions run, the library's own implementation of the graded function is
 unavailable: the library functions that a lab asks students to write call :func:`guard` first, which
-raises :class:`GradingError` for the names being graded, however the student imported them. The
-hidden tests themselves may still call the library, to compute expected values.
+raises :class:`GradingError` for the names being graded, however the student imported them. Parts that
+grade attention also ban PyTorch's own fused attention (:data:`TORCH_SDPA`, see :func:`sdpa_unavailable`).
+The hidden tests themselves may still call the library, to compute expected values.
 
 Only each test's name and its failure message are printed, never the test code, so feedback can be
 shown to students without revealing the hidden tests. Any failure raises ``AssertionError``, which
@@ -26,22 +27,33 @@ import types
 from pathlib import Path
 
 import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 # Qualified names ("attention.attention") whose library implementation is unavailable right now.
 _unavailable: set[str] = set()
 
-# For each lab part: the library functions a submission must not call while that part is graded.
+# In BLOCKED_DURING, this name bans PyTorch's fused attention (F.scaled_dot_product_attention), not a
+# library function.
+TORCH_SDPA = "torch.sdpa"
+
+# For each lab part: what a submission must not call while that part is graded.
 _LAB01_ALL = ("attention.attention", "model.RMSNorm", "model.FeedForward", "model.Block")
 BLOCKED_DURING: dict[tuple[str, str], tuple[str, ...]] = {
-    ("lab01", "attention"): ("attention.attention",),
+    ("lab01", "attention"): ("attention.attention", TORCH_SDPA),
     ("lab01", "rmsnorm"): ("model.RMSNorm",),
     ("lab01", "swiglu"): ("model.FeedForward",),
-    ("lab01", "block"): _LAB01_ALL,  # the block must be built from the student's own parts
+    ("lab01", "block"): _LAB01_ALL + (TORCH_SDPA,),  # the block must be built from the student's own parts
+    ("lab01", "performance"): ("attention.attention", TORCH_SDPA),  # the attention timed must be the student's
 }
+
+SDPA_MESSAGE = ("F.scaled_dot_product_attention is unavailable while this part is graded: "
+                "write the softmax(qkᵀ/√d)v yourself")
 
 
 class GradingError(RuntimeError):
-    """Raised when a submission calls the library's own implementation of what is being graded."""
+    """Raised when a submission calls the library's own implementation of what is being graded, or
+    PyTorch's fused attention where that is banned."""
 
 
 def guard(name: str) -> None:
@@ -70,6 +82,56 @@ def library_unavailable(*names: str):
         _unavailable.difference_update(added)
 
 
+# PyTorch's attention, by operator name. Its public entry point (and the math fallback, which breaks
+# into ordinary matmuls below the dispatcher) is caught where Python calls it: a TorchFunctionMode sees
+# every torch call made from Python, however imported, torch.ops.aten.* included. The fused kernels it
+# dispatches to are caught by a TorchDispatchMode, which also sees calls made from C++ (inside
+# nn.MultiheadAttention, TorchScript). On CPU, torch 2.13 runs _scaled_dot_product_flash_attention_for_cpu.
+_SDPA_OPS = frozenset({
+    "scaled_dot_product_attention",
+    "_scaled_dot_product_attention_math",
+    "_scaled_dot_product_attention_math_for_mps",
+    "_scaled_dot_product_flash_attention",
+    "_scaled_dot_product_flash_attention_for_cpu",
+    "_scaled_dot_product_efficient_attention",
+    "_scaled_dot_product_cudnn_attention",
+    "_scaled_dot_product_fused_attention_overrideable",
+    "_flash_attention_forward",
+    "_efficient_attention_forward",
+})
+
+
+def _op_name(func) -> str:
+    """``aten._foo.default`` -> ``_foo``; a Python-visible torch function's own name otherwise."""
+    name = getattr(func, "__name__", None)
+    return name.split(".")[0] if isinstance(name, str) else ""
+
+
+class _NoSDPACalls(TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if _op_name(func) in _SDPA_OPS:
+            raise GradingError(SDPA_MESSAGE)
+        return func(*args, **(kwargs or {}))
+
+
+class _NoSDPAKernels(TorchDispatchMode):
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if _op_name(func) in _SDPA_OPS:
+            raise GradingError(SDPA_MESSAGE)
+        return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def sdpa_unavailable():
+    """Within the block, any call of PyTorch's scaled-dot-product attention raises :class:`GradingError`.
+
+    Every torch op then passes through Python twice (both modes), which is fine for correctness checks
+    but would distort a timing: performance parts time without it (see :func:`without_sdpa_ban`).
+    """
+    with _NoSDPACalls(), _NoSDPAKernels():
+        yield
+
+
 def hidden_tests_dir() -> Path:
     """``$EFFML_HIDDEN_TESTS`` if set, else ``grading/hidden`` of the checkout effml_lib runs from."""
     env = os.environ.get("EFFML_HIDDEN_TESTS")
@@ -82,23 +144,45 @@ def hidden_tests_dir() -> Path:
 
 
 def _while_blocked(fn, blocked: tuple[str, ...]):
-    """``fn`` made to run with the graded library functions unavailable (only during its own calls,
-    so the hidden tests can still use the library to compute their expected values)."""
+    """``fn`` made to run with what ``blocked`` names unavailable (only during its own calls, so the
+    hidden tests can still use the library to compute their expected values)."""
+    names = tuple(n for n in blocked if n != TORCH_SDPA)
+    ban_sdpa = TORCH_SDPA in blocked
 
-    @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        with library_unavailable(*blocked):
+        with library_unavailable(*names), sdpa_unavailable() if ban_sdpa else contextlib.nullcontext():
             return fn(*args, **kwargs)
 
+    def for_timing(*args, **kwargs):  # the library stays blocked: that costs a set lookup, not a mode
+        with library_unavailable(*names):
+            return fn(*args, **kwargs)
+
+    for w in (wrapper, for_timing):
+        try:
+            functools.update_wrapper(w, fn)
+        except Exception:  # an exotic callable whose attributes cannot be read: the wrapper works anyway
+            pass
+    wrapper._effml_for_timing = for_timing
     return wrapper
+
+
+def without_sdpa_ban(fn):
+    """A student's function as a performance part times it: still without the library's implementation,
+    but without :func:`sdpa_unavailable`, whose modes would route every torch op through Python and slow
+    the student unfairly. Check the function's output under the ban (call ``fn`` itself) before timing
+    this. Anything not given to the tests by :func:`run_hidden_tests` is returned unchanged.
+    """
+    return getattr(fn, "_effml_for_timing", fn)
 
 
 class _Collector:
     """A pytest plugin: hands the student's namespace to tests and records outcomes without code."""
 
     def __init__(self, namespace: dict, blocked: tuple[str, ...]):
+        # Every callable but a class is wrapped: a functools.partial or an object with __call__
+        # must not slip past the blocks.
         self.namespace = {
-            name: _while_blocked(value, blocked) if isinstance(value, types.FunctionType) else value
+            name: _while_blocked(value, blocked) if callable(value) and not isinstance(value, type) else value
             for name, value in namespace.items()
         }
         self.results: list[tuple[str, str, str]] = []  # (test name, outcome, message)

@@ -24,6 +24,7 @@ LAB = "lab01_transformer_basics"
 def load(name):
     spec = importlib.util.spec_from_file_location(name, ROOT / "grading" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up here while the class is built
     sys.path.insert(0, str(ROOT / "grading"))  # autograde imports resilient_execute from there
     try:
         spec.loader.exec_module(module)

@@ -43,11 +43,11 @@ md(r"""
 # Lab 01 · Transformer basics
 
 You will write the four pieces of a Llama-style decoder block and check that, with the course model's
-weights, your block reproduces `effml-tiny` exactly. Notebook `01_transformer_basics` explains each
-piece; read it first.
+weights, your block reproduces `effml-tiny` exactly; part 5 then times your attention. Notebook
+`01_transformer_basics` explains each piece; read it first.
 
 How this lab is graded: each part has **visible tests** (run them as often as you like; a failure says
-what is wrong) and a **graded cell** whose hidden tests decide that part's points (10 in all). While
+what is wrong) and a **graded cell** whose hidden tests decide that part's points (12 in all). While
 your code is graded, the library's own versions of what you implement are unavailable, so call your
 own functions, not `effml_lib`'s. Do not edit or delete the read-only cells.
 """, "intro")
@@ -73,6 +73,9 @@ with `Tq <= Tk`, and returns `softmax(q kᵀ / √D + mask) v`, shape `(B, H, Tq
 The mask is causal and aligned to the **end** of the keys: query `i` sits at position `Tk - Tq + i`
 and sees keys `0 … Tk - Tq + i`. With `Tq = 1` (a decode step) the query sees every key. Compute the
 softmax in float32 so bf16/fp16 inputs stay accurate.
+
+Write the softmax yourself: while parts 1, 4 and 5 are graded, PyTorch's fused attention
+(`F.scaled_dot_product_attention`, however you import it) is unavailable, and calling it fails the part.
 """, "p1_intro")
 
 code(r"""
@@ -199,6 +202,51 @@ print(f"part 4: visible tests passed (max logit difference {diff:.1e})")
 """, "p4_visible", locked=True)
 
 graded("block", 3, "p4_tests")
+
+md(r"""
+## Part 5 · Speed (2 points)
+
+Nothing new to write: this part times your `causal_attention` from part 1. A correct attention can
+still be slow. The natural first version loops over queries (`for i in range(Tq)`), and each pass
+launches a handful of small ops: every op costs microseconds of Python and dispatch overhead however
+little it computes, so the loop pays that overhead `Tq` times, and its matrix–vector products leave the
+fast matrix–matrix kernels unused. Computing all queries at once (one `q @ kᵀ`, one mask, one softmax,
+one `@ v`) pays it once.
+
+**The rule:** on the grading machine (its CPU, one thread), with `q`, `k`, `v` of shape `(1, 4, T, 64)` in
+float32, your attention must be correct and take **at most 4×** the time of the library's readable
+reference, `effml_lib.attention.attention_reference`, at `T = 128`. The graded cell shows its
+measurement as a plot. The cell below makes the same comparison on your machine.
+""", "p5_intro")
+
+code(r"""
+# Your causal_attention against the reference on this machine (not graded)
+import pandas as pd
+
+from effml_lib.attention import attention_reference
+from effml_lib.measure import benchmark
+from effml_lib.plots import latency_vs_size
+
+rows = []
+for t in (32, 64, 128):
+    q, k, v = (torch.randn(1, 4, t, 64) for _ in range(3))  # (B, H, T, D)
+    for name, fn in (("your causal_attention", causal_attention), ("reference", attention_reference)):
+        rows.append({"seq_len": t, "implementation": name, **benchmark(fn, q, k, v, reps=10).to_dict()})
+timings = pd.DataFrame(rows)
+latency_vs_size(timings, "seq_len", hue="implementation", xlabel="sequence length T (tokens)",
+                title="Causal attention, (1, 4, T, 64), float32")
+at_128 = timings[timings.seq_len == 128].set_index("implementation").median_ms
+print(f"at T = 128 yours takes {at_128['your causal_attention'] / at_128['reference']:.1f}× the reference's time "
+      f"(graded: at most 4×)")
+""", "p5_visible", locked=True)
+
+md(r"""
+The plot shows the median latency of each implementation at each length, on log–log axes: a vectorized
+attention's line lies near or below the reference's, while a loop over queries lies far above it, most
+of all at short lengths, where its per-op overhead is nearly all of its time.
+""", "p5_plot_note")
+
+graded("performance", 2, "p5_tests")
 
 nb = new_notebook(cells=cells)
 nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
