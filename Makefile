@@ -36,8 +36,9 @@ execute: venv  ## re-run every notebook in place, keeping outputs
 	  $(BIN)/jupyter nbconvert --to notebook --execute --inplace "$$nb" || exit 1; done
 
 labs: venv  ## regenerate the student release labs/ from the nbgrader sources in solutions/
-	for d in solutions/lab*/; do name=$$(basename $$d); \
-	  (cd grading && PATH="$(abspath $(BIN)):$$PATH" nbgrader generate_assignment $$name --force --log-level=WARN) || exit 1; done
+	db=$$(mktemp -d); for d in solutions/lab*/; do name=$$(basename $$d); \
+	  (cd grading && PATH="$(abspath $(BIN)):$$PATH" nbgrader generate_assignment $$name --force --log-level=WARN \
+	    --CourseDirectory.db_url=sqlite:///$$db/gradebook.db) || exit 1; done; rm -rf $$db
 
 DEMO_DIR ?= graded/demo
 grade-demo: venv  ## autograde a made-up class of lab 01 (honest and hostile submissions) into graded/demo/

@@ -174,6 +174,7 @@ NBGRADER_CONFIG = """\
 import sys
 sys.path.insert(0, {grading!r})
 from resilient_execute import ResilientExecute
+from hide_test_code import ShortenTestTracebacks
 from nbgrader.preprocessors import (IgnorePattern, LimitOutput, SaveAutoGrades, AssignLatePenalties,
                                     CheckCellMetadata, GetGrades, ClearHiddenTests)
 from nbconvert.preprocessors import CSSHTMLHeaderPreprocessor
@@ -186,8 +187,9 @@ c.CourseDirectory.db_url = "sqlite:///" + {root!r} + "/gradebook.db"
 c.Autograde.autograde_preprocessors = [ResilientExecute, IgnorePattern, ClearMetadataPreprocessor,
                                        LimitOutput, SaveAutoGrades, AssignLatePenalties, CheckCellMetadata]
 c.Autograde.create_student = True
-# Feedback shows each graded cell's results, not the code between its hidden-test markers.
-c.GenerateFeedback.preprocessors = [GetGrades, CSSHTMLHeaderPreprocessor, ClearHiddenTests]
+# Feedback shows each graded cell's results, not the code between its hidden-test markers, not even
+# as quoted in a traceback.
+c.GenerateFeedback.preprocessors = [GetGrades, CSSHTMLHeaderPreprocessor, ClearHiddenTests, ShortenTestTracebacks]
 c.ResilientExecute.timeout = {cell_timeout}
 c.ResilientExecute.startup_timeout = 120
 c.ResilientExecute.kernel_name = "python3"

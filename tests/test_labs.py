@@ -37,7 +37,7 @@ def test_committed_release_is_regenerated_from_the_source(source, tmp_path):
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
     subprocess.run(
         [str(bin_dir / "nbgrader"), "generate_assignment", name, "--force", "--log-level=WARN",
-         f"--CourseDirectory.release_directory={tmp_path}"],
+         f"--CourseDirectory.release_directory={tmp_path}", f"--CourseDirectory.db_url=sqlite:///{tmp_path}/gradebook.db"],
         cwd=ROOT / "grading", env=env, check=True, capture_output=True,
     )
     fresh, committed = tmp_path / name, ROOT / "labs" / name
@@ -54,3 +54,32 @@ def test_release_hides_solutions_and_hidden_tests(source):
     text = release.read_text()
     assert "BEGIN SOLUTION" not in text and "BEGIN HIDDEN TESTS" not in text and "run_hidden_tests" not in text
     assert "raise NotImplementedError()" in text
+
+
+def test_a_student_fails_a_visible_test_with_a_clear_message_then_passes(tmp_path):
+    """The student's loop in JupyterLab, through a real kernel: open the release, answer part 2
+    wrongly, read the visible test's message, fix the answer, pass; the graded cell runs quietly."""
+    name = "lab01_transformer_basics"
+    nb = nbformat.read(ROOT / "labs" / name / f"{name}.ipynb", as_version=4)
+    by_id = {c.metadata.nbgrader.grade_id: c for c in nb.cells}
+    wrong = "def rms_norm(x, weight, eps=1e-5):\n    return weight * x / x.abs().mean(-1, keepdim=True)"
+    right = ("def rms_norm(x, weight, eps=1e-5):\n    xf = x.float()\n"
+             "    return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)")
+    client = NotebookClient(nb, timeout=120, kernel_name="python3", allow_errors=True,
+                            resources={"metadata": {"path": str(tmp_path)}})
+    with client.setup_kernel():
+        run = lambda cell: client.execute_cell(cell, nb.cells.index(cell))  # noqa: E731
+        run(by_id["imports"])
+        by_id["p2_solution"].source = wrong
+        run(by_id["p2_solution"])
+        run(by_id["p2_visible"])
+        errors = [o for o in by_id["p2_visible"].outputs if o.output_type == "error"]
+        assert errors and errors[0].ename == "AssertionError", by_id["p2_visible"].outputs
+        assert "rms of [3, 4] is sqrt(12.5)" in errors[0].evalue, f"unclear message: {errors[0].evalue}"
+        by_id["p2_solution"].source = right
+        run(by_id["p2_solution"])
+        run(by_id["p2_visible"])
+        text = "".join(o.get("text", "") for o in by_id["p2_visible"].outputs)
+        assert "part 2: visible tests passed" in text, by_id["p2_visible"].outputs
+        run(by_id["p2_tests"])
+        assert not [o for o in by_id["p2_tests"].outputs if o.output_type == "error"], "the released graded cell must run quietly"
