@@ -92,6 +92,10 @@ def _entries_from_zip(archive: zipfile.ZipFile):
         yield rel, info.file_size, (lambda info=info: archive.read(info))
 
 
+# What nbgrader's exchange writes beside each submission: not the student's, not worth a note.
+EXCHANGE_FILES = {"timestamp.txt", "submission_secret.txt"}
+
+
 def collect(submissions: Path, lab: str) -> list[Submission]:
     """Find each student's notebook. Nothing is extracted to disk by the names in the input."""
     found: dict[str, list[tuple[tuple[str, ...], int, object]]] = {}
@@ -110,8 +114,9 @@ def collect(submissions: Path, lab: str) -> list[Submission]:
     for student, files in sorted(found.items()):
         notebooks = [f for f in files if f[0][-1].lower().endswith(".ipynb")]
         sub = Submission(student, None, "/".join(files[0][0]))
-        if len(files) > len(notebooks):
-            sub.notes.append(f"{len(files) - len(notebooks)} file(s) other than notebooks were ignored")
+        others = [f for f in files if f not in notebooks and f[0][-1] not in EXCHANGE_FILES]
+        if others:
+            sub.notes.append(f"{len(others)} file(s) other than notebooks were ignored")
         if not notebooks:
             sub.notes.append("no notebook (.ipynb) was submitted")
             result.append(sub)

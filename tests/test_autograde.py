@@ -119,7 +119,8 @@ def test_the_graded_notebooks_are_kept_for_the_instructor(graded):
 def test_collect_reads_folders_zips_and_refuses_paths_outside(tmp_path):
     nb = b'{"cells": [], "metadata": {}, "nbformat": 4, "nbformat_minor": 5}'
     layout = {  # nbgrader collect's layout, a student folder, a flat Canvas file, a checkpoint to skip
-        f"ann/{LAB}/{LAB}.ipynb": nb, "bob/anything.ipynb": nb, "bob/notes.txt": b"x",
+        f"ann/{LAB}/{LAB}.ipynb": nb, f"ann/{LAB}/timestamp.txt": b"2026-11-23", "bob/anything.ipynb": nb,
+        "bob/notes.txt": b"x",
         f"cy_42_7_{LAB}.ipynb": nb, f"ann/{LAB}/.ipynb_checkpoints/{LAB}-checkpoint.ipynb": nb,
     }
     folder = tmp_path / "folder"
@@ -130,6 +131,7 @@ def test_collect_reads_folders_zips_and_refuses_paths_outside(tmp_path):
     assert sorted(found) == ["ann", "bob", "cy"]
     assert all(s.notebook == nb for s in found.values())
     assert "ignored" in " ".join(found["bob"].notes)
+    assert not found["ann"].notes, "the exchange's own timestamp.txt is not the student's stray file"
 
     archive = tmp_path / "hostile.zip"
     with zipfile.ZipFile(archive, "w") as z:
