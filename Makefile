@@ -44,7 +44,7 @@ DEMO_DIR ?= graded/demo
 grade-demo: venv  ## autograde a made-up class of lab 01 (honest and hostile submissions) into graded/demo/
 	mkdir -p $(DEMO_DIR)
 	$(BIN)/python grading/demo_submissions.py $(DEMO_DIR)/submissions.zip
-	$(BIN)/python grading/autograde.py lab01_transformer_basics $(DEMO_DIR)/submissions.zip --out $(DEMO_DIR)
+	$(BIN)/python grading/autograde.py lab01_transformer_basics $(DEMO_DIR)/submissions.zip --out $(DEMO_DIR) --cell-timeout 60
 
 clean-venv:
 	rm -rf $(VENV)
