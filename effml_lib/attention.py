@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .grading import guard
-from .rope import apply_rope
+from .rope import apply_rope_qk
 
 ATTENTION_IMPLS = ("auto", "torch", "sdpa")
 
@@ -211,8 +211,7 @@ class Attention(nn.Module):
         q = self.wq(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = self.wk(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
         v = self.wv(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
-        q = apply_rope(q, rope_cos, rope_sin)
-        k = apply_rope(k, rope_cos, rope_sin)
+        q, k = apply_rope_qk(q, k, rope_cos, rope_sin)  # one Triton kernel on a GPU
         if layer_cache is not None:
             k, v = layer_cache(k, v)  # (B, Hkv, Tk, D)
         impl = self.impl

@@ -10,7 +10,11 @@ Two ways of pairing the ``head_dim`` channels exist in the wild:
   paired with channel ``i + head_dim/2``;
 * interleaved (the RoFormer paper, Meta's original Llama code): channel ``2i`` with ``2i + 1``.
 
-Both compute the same function up to a fixed permutation of the channels; module 02 shows this.
+Both compute the same function up to a fixed permutation of the channels: ``permute_qk_weight``
+reorders a q/k projection from one pairing to the other, as checkpoint converters do.
+
+``apply_rope`` rotates one tensor; ``apply_rope_qk`` rotates a step's queries and keys together,
+which on a GPU is one Triton kernel (``kernels/rope.py``) reading each tensor once.
 """
 
 from __future__ import annotations
@@ -18,6 +22,9 @@ from __future__ import annotations
 import math
 
 import torch
+
+from .device import resolve_impl
+from .grading import guard
 
 SCALING_TYPES = ("linear", "ntk")
 
@@ -36,6 +43,7 @@ def rope_frequencies(
       * ``{"type": "ntk", "factor": s}``: NTK-aware scaling, the base ``theta`` is raised to
         ``theta * s ** (head_dim / (head_dim - 2))`` so low frequencies stretch and high ones barely move.
     """
+    guard("rope.rope_frequencies")  # unavailable while a lab grades the student's own
     if not isinstance(head_dim, int) or head_dim <= 0 or head_dim % 2:
         raise ValueError(f"head_dim must be a positive even int, got {head_dim!r}")
     if not isinstance(max_positions, int) or max_positions <= 0:
@@ -73,53 +81,57 @@ def wavelengths(head_dim: int, theta: float = 10000.0) -> torch.Tensor:
     return 2 * math.pi * theta**exponents
 
 
-def _gather_angles(cos, sin, positions, seq_len, device):
-    """Select the rows of cos/sin for each position. Returns (T, D/2) or (B, 1, T, D/2)."""
-    if positions is None:
-        if seq_len > cos.shape[0]:
-            raise ValueError(f"sequence length {seq_len} exceeds the {cos.shape[0]} precomputed positions")
-        return cos[:seq_len], sin[:seq_len]
-    if not isinstance(positions, torch.Tensor) or positions.is_floating_point() or positions.is_complex():
-        raise TypeError("positions must be an integer tensor of shape (T,) or (B, T)")
-    if positions.shape[-1] != seq_len or positions.dim() not in (1, 2):
-        raise ValueError(f"positions must have shape (T,) or (B, T) with T={seq_len}, got {tuple(positions.shape)}")
-    # Values are not range-checked (a device sync per call); they must lie in [0, max_positions).
-    positions = positions.to(device)
-    if positions.dim() == 1:
-        return cos[positions], sin[positions]  # (T, D/2)
-    return cos[positions].unsqueeze(1), sin[positions].unsqueeze(1)  # (B, 1, T, D/2)
+PAIRINGS = ("half_split", "interleaved")
 
 
-def apply_rope(
-    x: torch.Tensor,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
-    positions: torch.Tensor | None = None,
-    interleaved: bool = False,
-    impl: str = "auto",
-) -> torch.Tensor:
-    """Rotate ``x`` of shape ``(B, H, T, D)`` by its positions' angles.
-
-    ``positions`` defaults to ``0..T-1``; a ``(T,)`` or ``(B, T)`` integer tensor gives arbitrary,
-    even non-contiguous positions (a decode step passes the cache length). The rotation is computed in
-    float32 and cast back to ``x.dtype``.
-    """
-    if impl not in ("auto", "torch"):
-        raise ValueError(f"impl must be 'auto' or 'torch' (the Triton path arrives with module 02), got {impl!r}")
+def _check_x(name: str, x) -> None:
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-        raise TypeError(f"x must be a floating-point tensor, got {getattr(x, 'dtype', type(x).__name__)}")
+        raise TypeError(f"{name} must be a floating-point tensor, got {getattr(x, 'dtype', type(x).__name__)}")
     if x.dim() != 4:
-        raise ValueError(f"x must have shape (B, H, T, D), got {tuple(x.shape)}")
-    head_dim = x.shape[-1]
+        raise ValueError(f"{name} must have shape (B, H, T, D), got {tuple(x.shape)}")
+
+
+def _check_tables(cos, sin, head_dim: int) -> None:
+    for name, table in (("cos", cos), ("sin", sin)):
+        if not isinstance(table, torch.Tensor) or not table.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor from rope_frequencies, got {type(table).__name__}")
     if cos.shape != sin.shape or cos.dim() != 2 or cos.shape[1] * 2 != head_dim:
         raise ValueError(
             f"cos and sin must both be (max_positions, {head_dim // 2}) for head_dim={head_dim}, "
             f"got {tuple(cos.shape)} and {tuple(sin.shape)}"
         )
-    if positions is not None and positions.dim() == 2 and positions.shape[0] not in (1, x.shape[0]):
-        raise ValueError(f"positions of shape {tuple(positions.shape)} do not match batch size {x.shape[0]}")
-    cos, sin = _gather_angles(cos.to(x.device), sin.to(x.device), positions, x.shape[2], x.device)
 
+
+def _check_positions(positions, batch_size: int, seq_len: int, max_positions: int) -> None:
+    if positions is None:
+        if seq_len > max_positions:
+            raise ValueError(f"sequence length {seq_len} exceeds the {max_positions} precomputed positions")
+        return
+    if not isinstance(positions, torch.Tensor) or positions.is_floating_point() or positions.is_complex() \
+            or positions.dtype == torch.bool:
+        raise TypeError(f"positions must be an integer tensor of shape (T,) or (B, T), got "
+                        f"{getattr(positions, 'dtype', type(positions).__name__)}")
+    if positions.dim() not in (1, 2) or positions.shape[-1] != seq_len:
+        raise ValueError(f"positions must have shape (T,) or (B, T) with T={seq_len}, got {tuple(positions.shape)}")
+    if positions.dim() == 2 and positions.shape[0] not in (1, batch_size):
+        raise ValueError(f"positions of shape {tuple(positions.shape)} do not match batch size {batch_size}")
+    # One device sync when positions live on a GPU; the model's own forward passes positions=None.
+    if positions.numel() and (int(positions.min()) < 0 or int(positions.max()) >= max_positions):
+        raise ValueError(f"positions must lie in [0, {max_positions}) (the precomputed table), "
+                         f"got values from {int(positions.min())} to {int(positions.max())}")
+
+
+def _gather_angles(cos, sin, positions, seq_len):
+    """The cos/sin rows of each token: (T, D/2), or (B, 1, T, D/2) for per-sequence positions."""
+    if positions is None:
+        return cos[:seq_len], sin[:seq_len]
+    if positions.dim() == 1:
+        return cos[positions], sin[positions]  # (T, D/2)
+    return cos[positions].unsqueeze(1), sin[positions].unsqueeze(1)  # (B, 1, T, D/2)
+
+
+def rotate_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool = False) -> torch.Tensor:
+    """The readable rotation: x ``(B, H, T, D)`` by angles whose cos/sin broadcast to ``(..., T, D/2)``."""
     xf = x.float()
     if interleaved:
         x1, x2 = xf[..., 0::2], xf[..., 1::2]  # pairs (2i, 2i+1)
@@ -133,3 +145,85 @@ def apply_rope(
     else:
         out = torch.cat((out1, out2), dim=-1)
     return out.to(x.dtype)
+
+
+def apply_rope_qk(
+    q: torch.Tensor,
+    k: torch.Tensor | None,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    positions: torch.Tensor | None = None,
+    interleaved: bool = False,
+    impl: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Rotate a step's queries ``(B, H, T, D)`` and keys ``(B, Hkv, T, D)`` by their positions' angles.
+
+    ``positions`` defaults to ``0..T-1`` (row t of cos/sin); a ``(T,)`` or ``(B, T)`` integer tensor
+    gives arbitrary, even non-contiguous positions (a decode step passes the cache length), each in
+    ``[0, max_positions)``. The rotation is computed in float32 and cast back to the input's dtype.
+    ``k`` may be None. ``impl``: ``"torch"`` (the reference), ``"triton"`` (one kernel for q and k),
+    or ``"auto"``: Triton on CUDA, except under torch.compile, whose own fusion of the reference
+    does the same job.
+    """
+    guard("rope.apply_rope")
+    _check_x("q", q)
+    if k is not None:
+        _check_x("k", k)
+        if k.shape[0] != q.shape[0] or k.shape[2:] != q.shape[2:]:
+            raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree on B, T and D")
+        if k.device != q.device:
+            raise ValueError(f"q and k must be on one device, got {q.device} and {k.device}")
+    _check_tables(cos, sin, q.shape[-1])
+    _check_positions(positions, q.shape[0], q.shape[2], cos.shape[0])
+
+    impl = resolve_impl(impl, q.device) if not (impl == "auto" and torch.compiler.is_compiling()) else "torch"
+    cos, sin = cos.to(q.device, torch.float32), sin.to(q.device, torch.float32)
+    if positions is not None:
+        positions = positions.to(q.device)
+    if impl == "triton":
+        from .kernels.rope import rope_qk_triton  # imports Triton, so only when asked for
+
+        return rope_qk_triton(q, k, cos, sin, positions, interleaved)
+    cos, sin = _gather_angles(cos, sin, positions, q.shape[2])
+    q_rot = rotate_reference(q, cos, sin, interleaved)
+    k_rot = rotate_reference(k, cos, sin, interleaved) if k is not None else None
+    return q_rot, k_rot
+
+
+def apply_rope(
+    x: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    positions: torch.Tensor | None = None,
+    interleaved: bool = False,
+    impl: str = "auto",
+) -> torch.Tensor:
+    """Rotate ``x`` of shape ``(B, H, T, D)`` by its positions' angles (see ``apply_rope_qk``)."""
+    return apply_rope_qk(x, None, cos, sin, positions, interleaved, impl)[0]
+
+
+def permute_qk_weight(weight: torch.Tensor, n_heads: int, to: str = "half_split") -> torch.Tensor:
+    """Reorder a q or k projection's output rows from one RoPE pairing to the other.
+
+    ``weight`` is ``(n_heads * head_dim, in_features)`` (or a bias, ``(n_heads * head_dim,)``).
+    Within each head, ``to="half_split"`` moves the interleaved pairs ``(2i, 2i+1)`` to
+    ``(i, i + D/2)``; ``to="interleaved"`` undoes it. Rotating the permuted projection with the
+    other pairing gives the same channels, permuted alike in q and k, so every q·k score is unchanged.
+    """
+    if to not in PAIRINGS:
+        raise ValueError(f"to must be one of {PAIRINGS}, got {to!r}")
+    if not isinstance(weight, torch.Tensor) or weight.dim() not in (1, 2):
+        raise ValueError(f"weight must be a 1-D bias or 2-D (out, in) tensor, got {getattr(weight, 'shape', weight)!r}")
+    if not isinstance(n_heads, int) or isinstance(n_heads, bool) or n_heads <= 0:
+        raise ValueError(f"n_heads must be a positive int, got {n_heads!r}")
+    rows = weight.shape[0]
+    if rows % n_heads or (rows // n_heads) % 2:
+        raise ValueError(f"weight's {rows} rows must be n_heads ({n_heads}) x an even head_dim")
+    head_dim = rows // n_heads
+    pair = torch.arange(head_dim // 2, device=weight.device)
+    if to == "half_split":
+        order = torch.cat((2 * pair, 2 * pair + 1))  # new channel j takes old channel order[j]
+    else:
+        order = torch.stack((pair, pair + head_dim // 2), dim=-1).flatten()
+    per_head = weight.reshape(n_heads, head_dim, *weight.shape[1:])
+    return per_head[:, order].reshape(weight.shape)

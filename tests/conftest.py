@@ -1,7 +1,14 @@
 """Shared test helpers: seeded inputs and per-dtype tolerances."""
 
+import os
+
 import pytest
 import torch
+
+# Without a GPU, Triton kernels run under Triton's interpreter (on CPU tensors). Triton reads this
+# when a kernel is defined, so it is set before any test imports effml_lib.kernels.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # (atol, rtol) by dtype, for comparing a fast path with a float32/float64 reference
 TOLERANCES = {

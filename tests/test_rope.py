@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from effml_lib.rope import apply_rope, rope_frequencies
+from effml_lib.rope import apply_rope, apply_rope_qk, permute_qk_weight, rope_frequencies
 
 
 def complex_rope(x, positions, theta=10000.0, interleaved=False):
@@ -95,3 +95,59 @@ def test_bad_inputs():
         apply_rope(torch.ones(1, 1, 2, 8, dtype=torch.long), cos, sin)
     with pytest.raises(ValueError, match="batch size"):
         apply_rope(torch.randn(2, 1, 2, 8), cos, sin, positions=torch.zeros(3, 2, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"positions must lie in \[0, 4\)"):
+        apply_rope(torch.randn(1, 1, 2, 8), cos, sin, positions=torch.tensor([3, 4]))
+    with pytest.raises(ValueError, match="positions must lie"):
+        apply_rope(torch.randn(1, 1, 1, 8), cos, sin, positions=torch.tensor([-1]))
+    with pytest.raises(ValueError, match="must agree on B, T and D"):
+        apply_rope_qk(torch.randn(1, 2, 2, 8), torch.randn(1, 1, 3, 8), cos, sin)
+    with pytest.raises(ValueError, match="impl"):
+        apply_rope(torch.randn(1, 1, 2, 8), cos, sin, impl="cuda")
+    with pytest.raises(ValueError, match="n_heads"):
+        permute_qk_weight(torch.randn(12, 4), n_heads=5)
+    with pytest.raises(ValueError, match="to must be"):
+        permute_qk_weight(torch.randn(12, 4), n_heads=2, to="llama")
+
+
+def test_qk_together_equals_one_at_a_time(gen):
+    q, k = torch.randn(2, 4, 5, 16, generator=gen), torch.randn(2, 2, 5, 16, generator=gen)
+    cos, sin = rope_frequencies(16, 32)
+    positions = torch.tensor([[0, 3, 9, 10, 31], [1, 2, 3, 4, 5]])
+    q_rot, k_rot = apply_rope_qk(q, k, cos, sin, positions)
+    assert torch.equal(q_rot, apply_rope(q, cos, sin, positions))
+    assert torch.equal(k_rot, apply_rope(k, cos, sin, positions))
+
+
+def hf_style_permute(w, n_heads):
+    """The well-known converter recipe, as an independent reference: split each head's rows into
+    (D/2, 2) pairs and transpose to (2, D/2), so pair members land D/2 apart."""
+    rows, cols = w.shape
+    return w.view(n_heads, rows // n_heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+@pytest.mark.parametrize("n_heads,n_kv_heads", [(4, 4), (4, 2), (4, 1)])
+def test_permuted_projections_give_equal_attention_scores(n_heads, n_kv_heads, gen):
+    dim, head_dim, t = 24, 8, 7
+    wq = torch.randn(n_heads * head_dim, dim, generator=gen, dtype=torch.float64)
+    wk = torch.randn(n_kv_heads * head_dim, dim, generator=gen, dtype=torch.float64)
+    x = torch.randn(1, t, dim, generator=gen, dtype=torch.float64)
+    cos, sin = rope_frequencies(head_dim, 64)
+    positions = torch.tensor([0, 1, 5, 6, 20, 21, 63])
+
+    def scores(wq, wk, interleaved):
+        q = (x @ wq.T).view(1, t, n_heads, head_dim).transpose(1, 2)
+        k = (x @ wk.T).view(1, t, n_kv_heads, head_dim).transpose(1, 2)
+        q, k = apply_rope_qk(q, k, cos, sin, positions, interleaved=interleaved)
+        k = k.repeat_interleave(n_heads // n_kv_heads, dim=1)
+        return q @ k.transpose(-2, -1)  # (1, H, T, T)
+
+    meta = scores(wq, wk, interleaved=True)  # a checkpoint written for the paper's pairing
+    wq_hf, wk_hf = permute_qk_weight(wq, n_heads), permute_qk_weight(wk, n_kv_heads)
+    torch.testing.assert_close(wq_hf, hf_style_permute(wq, n_heads), atol=0, rtol=0)
+    torch.testing.assert_close(scores(wq_hf, wk_hf, interleaved=False), meta, atol=1e-10, rtol=1e-10)
+    # ...and the permutation is not a no-op: the wrong pairing changes the scores
+    assert not torch.allclose(scores(wq, wk, interleaved=False), meta, atol=1e-3)
+    # back again, and biases (1-D) too
+    assert torch.equal(permute_qk_weight(wq_hf, n_heads, to="interleaved"), wq)
+    bias = torch.arange(n_heads * head_dim, dtype=torch.float64)
+    assert torch.equal(permute_qk_weight(bias[:, None], n_heads).squeeze(1), permute_qk_weight(bias, n_heads))
