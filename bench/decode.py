@@ -21,7 +21,6 @@ Results: bench/results/<device>/decode.json and decode.png.
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 import time
 from pathlib import Path
@@ -34,14 +33,8 @@ sys.path.insert(0, str(ROOT))
 from effml_lib import checkpoints  # noqa: E402
 from effml_lib.decoding import generate  # noqa: E402
 from effml_lib.kvcache import MODEL_SHAPES, StaticKVCache, kv_cache_bytes  # noqa: E402
-from effml_lib.device import describe  # noqa: E402
-from effml_lib.measure import copy_bandwidth, env_info, save_result  # noqa: E402
+from effml_lib.measure import copy_bandwidth, device_slug, env_info, save_result  # noqa: E402
 from effml_lib.model import ModelConfig, Transformer  # noqa: E402
-
-
-def device_slug(device) -> str:
-    """'NVIDIA H100 80GB HBM3' -> 'nvidia-h100-80gb-hbm3': the results folder of a device."""
-    return re.sub(r"[^a-z0-9]+", "-", describe(device).lower()).strip("-")
 
 
 def sync(device):

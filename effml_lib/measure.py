@@ -17,6 +17,7 @@ import json
 import math
 import os
 import platform
+import re
 import sys
 import time
 import warnings
@@ -363,6 +364,12 @@ def _jsonable(obj):
     if isinstance(obj, (torch.device, torch.dtype, Path)):
         return str(obj)
     raise TypeError(f"cannot write {type(obj).__name__} to JSON")
+
+
+def device_slug(device=None) -> str:
+    """A folder name for a device's results: 'NVIDIA H100 80GB HBM3' -> 'nvidia-h100-80gb-hbm3'."""
+    dev = get_device() if device is None else _as_device(device)
+    return re.sub(r"[^a-z0-9]+", "-", describe(dev).lower()).strip("-")
 
 
 def save_result(path, results: dict | list, device=None) -> Path:

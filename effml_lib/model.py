@@ -164,6 +164,21 @@ class Transformer(nn.Module):
         """Distinct parameters (a tied LM head counts once)."""
         return sum(p.numel() for p in self.parameters())
 
+    def set_rope(self, theta: float | None = None, scaling: dict | None = None, max_seq_len: int | None = None) -> "Transformer":
+        """Change how positions are rotated, keeping the weights: a new base ``theta``, a context
+        ``scaling`` (see ``rope.rope_frequencies``; None removes it) or a longer ``max_seq_len``.
+        Module 02 uses it to stretch a model past the context it was trained on. Returns the model."""
+        config = dataclasses.replace(
+            self.config,
+            rope_theta=self.config.rope_theta if theta is None else theta,
+            rope_scaling=scaling,
+            max_seq_len=self.config.max_seq_len if max_seq_len is None else max_seq_len,
+        )  # validated by ModelConfig
+        device = self._rope[0].device
+        self._rope = rope_frequencies(config.head_dim, config.max_seq_len, config.rope_theta, config.rope_scaling, device=device)
+        self.config = config
+        return self
+
     def rope_tables(self, device) -> tuple[torch.Tensor, torch.Tensor]:
         if self._rope[0].device != torch.device(device):
             self._rope = (self._rope[0].to(device), self._rope[1].to(device))

@@ -115,8 +115,9 @@ def _check_positions(positions, batch_size: int, seq_len: int, max_positions: in
         raise ValueError(f"positions must have shape (T,) or (B, T) with T={seq_len}, got {tuple(positions.shape)}")
     if positions.dim() == 2 and positions.shape[0] not in (1, batch_size):
         raise ValueError(f"positions of shape {tuple(positions.shape)} do not match batch size {batch_size}")
-    # One device sync when positions live on a GPU; the model's own forward passes positions=None.
-    if positions.numel() and (int(positions.min()) < 0 or int(positions.max()) >= max_positions):
+    # One device sync when positions live on a GPU (skipped under torch.compile, where it would
+    # break the graph); the model's own forward passes positions=None.
+    if positions.numel() and not torch.compiler.is_compiling() and (int(positions.min()) < 0 or int(positions.max()) >= max_positions):
         raise ValueError(f"positions must lie in [0, {max_positions}) (the precomputed table), "
                          f"got values from {int(positions.min())} to {int(positions.max())}")
 

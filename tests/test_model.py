@@ -108,3 +108,24 @@ def test_wrong_cache_raises():
     if torch.device("meta") != tokens.device:
         with pytest.raises(ValueError, match="one device"):
             model(tokens, StaticKVCache.for_model(model, batch_size=2, device="meta"))
+
+
+def test_set_rope_changes_positions_not_weights(gen):
+    from effml_lib.rope import rope_frequencies
+
+    model = small_model()
+    tokens = torch.randint(0, 97, (1, 12), generator=gen)
+    with torch.no_grad():
+        before = model(tokens)
+        model.set_rope(scaling={"type": "linear", "factor": 2}, max_seq_len=2 * model.config.max_seq_len)
+        stretched = model(tokens)
+    assert model.config.rope_scaling == {"type": "linear", "factor": 2}
+    cos, _ = rope_frequencies(model.config.head_dim, model.config.max_seq_len, model.config.rope_theta,
+                              {"type": "linear", "factor": 2})
+    torch.testing.assert_close(model.rope_tables("cpu")[0], cos)
+    assert not torch.allclose(before, stretched, atol=1e-4), "position interpolation must change the logits"
+    with torch.no_grad():
+        model.set_rope(scaling=None)
+        torch.testing.assert_close(model(tokens), before)  # undone: same weights, same logits
+    with pytest.raises(ValueError, match="factor"):
+        model.set_rope(scaling={"type": "ntk", "factor": 0.5})
