@@ -9,7 +9,7 @@ import platform
 import pytest
 import torch
 
-from conftest import assert_close
+from conftest import TOLERANCES, assert_close
 from effml_lib.rope import apply_rope, apply_rope_qk, rope_frequencies
 from test_rope import complex_rope
 
@@ -126,5 +126,9 @@ def test_gpu_large_shapes(interleaved, dtype, gen):
     (q_got, k_got), (q_ref, k_ref) = rotate_both(q, k, cos, sin, positions, interleaved)
     assert_close(q_got, q_ref, what="q, large GPU shape")
     assert_close(k_got, k_ref, what="k, large GPU shape")
-    assert_close(q_got.cpu(), complex_rope(q.cpu().float(), positions.cpu(), theta=500000.0,
-                                           interleaved=interleaved), dtype, what="q vs complex math")
+    expected = complex_rope(q.cpu().float(), positions.cpu()[:, None, :], theta=500000.0, interleaved=interleaved)
+    # The float32 angle table itself is off by up to position x 2^-24 radians (~5e-4 at 8192), as in
+    # every float32 RoPE; that, not the kernel, bounds agreement with exact math here.
+    angle_error = 8192 * 2.0**-24 * 4
+    atol, rtol = (max(t, angle_error) for t in TOLERANCES[dtype])
+    torch.testing.assert_close(q_got.cpu().double(), expected, atol=atol, rtol=rtol)
