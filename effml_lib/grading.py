@@ -22,7 +22,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import io
 import os
+import statistics
+import time
 import types
 from pathlib import Path
 
@@ -236,3 +239,67 @@ def run_hidden_tests(lab: str, part: str, namespace: dict, blocked: tuple[str, .
         raise AssertionError(f"{lab} / {part}: {len(failed)} hidden test(s) failed" if failed
                              else f"{lab} / {part}: the hidden tests did not run (pytest exit code {int(exit_code)})")
     return passed
+
+
+# ----------------------------------------------------------------------------- performance parts
+
+def _seconds(fn, args, n: int, device: str) -> float:
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(n):
+        fn(*args)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def time_interleaved(fns: dict, args: tuple, device: str = "cpu", warmup: int = 3, reps: int = 15,
+                     sample_s: float = 0.02, max_sample_s: float = 0.5, budget_s: float = 1.0) -> dict:
+    """Median seconds per call of each of ``fns`` (name -> fn) on ``args``, for a lab's performance part.
+
+    After warm-up the functions take turns, one sample each per round, so whatever else loads the
+    machine hits them alike. One sample is n back-to-back calls, n chosen so the faster function's
+    sample lasts about ``sample_s``: long against the OS's time slices, so a process sharing the cores
+    takes the same share of both functions' samples. Stops after ``budget_s`` (and at least 3 rounds).
+    """
+    one_call = {name: min(_seconds(fn, args, 1, device) for _ in range(warmup)) for name, fn in fns.items()}
+    n = max(1, min(round(sample_s / max(min(one_call.values()), 1e-9)),
+                   int(max_sample_s / max(max(one_call.values()), 1e-9))))
+    samples = {name: [] for name in fns}
+    start = time.perf_counter()
+    for round_ in range(reps):
+        if round_ >= 3 and time.perf_counter() - start > budget_s:
+            break
+        for name, fn in fns.items():
+            samples[name].append(_seconds(fn, args, n, device) / n)
+    return {name: statistics.median(s) for name, s in samples.items()}
+
+
+def show_latency_plot(rows: list[dict], x: str, limit: tuple[list, list, str], title: str, xlabel: str) -> None:
+    """Display a performance part's latency plot in the graded cell's output; outside a Jupyter kernel
+    do nothing. ``rows``: dicts with ``x``, ``implementation`` and ``median_ms``; ``limit``: (xs, ms,
+    label) of the pass line, drawn dashed. Grading writes no file: the PNG is made in memory."""
+    try:
+        from IPython import get_ipython
+        from IPython.display import Image, display
+    except ImportError:
+        return
+    shell = get_ipython()
+    if shell is None or not hasattr(shell, "kernel"):  # plain pytest, or a terminal IPython
+        return
+    import pandas as pd
+    from matplotlib.figure import Figure
+
+    from .plots import latency_vs_size
+
+    fig = Figure(figsize=(6.5, 4.2))  # not pyplot's: nothing else will draw it again at the cell's end
+    ax = latency_vs_size(pd.DataFrame(rows), x, "median_ms", hue="implementation", ax=fig.subplots(),
+                         xlabel=xlabel, ylabel="latency (ms)", title=title)
+    xs, ms, label = limit
+    ax.plot(xs, ms, color="0.4", ls="--", label=label)
+    ax.legend()
+    fig.tight_layout()
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=100)
+    display(Image(data=png.getvalue()))

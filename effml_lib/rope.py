@@ -133,6 +133,7 @@ def _gather_angles(cos, sin, positions, seq_len):
 
 def rotate_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool = False) -> torch.Tensor:
     """The readable rotation: x ``(B, H, T, D)`` by angles whose cos/sin broadcast to ``(..., T, D/2)``."""
+    guard("rope.apply_rope")
     xf = x.float()
     if interleaved:
         x1, x2 = xf[..., 0::2], xf[..., 1::2]  # pairs (2i, 2i+1)
@@ -211,6 +212,7 @@ def permute_qk_weight(weight: torch.Tensor, n_heads: int, to: str = "half_split"
     ``(i, i + D/2)``; ``to="interleaved"`` undoes it. Rotating the permuted projection with the
     other pairing gives the same channels, permuted alike in q and k, so every q·k score is unchanged.
     """
+    guard("rope.permute_qk_weight")
     if to not in PAIRINGS:
         raise ValueError(f"to must be one of {PAIRINGS}, got {to!r}")
     if not isinstance(weight, torch.Tensor) or weight.dim() not in (1, 2):

@@ -3,40 +3,10 @@
     .venv/bin/python grading/build/lab01_transformer_basics.py && make labs
 """
 
-from pathlib import Path
+from labcells import LabNotebook
 
-import nbformat
-from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
-
-NAME = "lab01_transformer_basics"
-OUT = Path(__file__).resolve().parents[2] / "solutions" / NAME / f"{NAME}.ipynb"
-cells = []
-
-
-def nbgrader(grade_id, *, solution=False, grade=False, locked=False, points=None):
-    meta = {"grade": grade, "grade_id": grade_id, "locked": locked, "schema_version": 3,
-            "solution": solution, "task": False}
-    if points is not None:
-        meta["points"] = points
-    return {"nbgrader": meta}
-
-
-def md(text, grade_id):
-    cells.append(new_markdown_cell(text.strip("\n"), metadata=nbgrader(grade_id, locked=True)))
-
-
-def code(text, grade_id, **kw):
-    cells.append(new_code_cell(text.strip("\n"), metadata=nbgrader(grade_id, **kw)))
-
-
-def graded(lab_part, points, grade_id):
-    code(f'''
-# Graded: {points} points. The hidden tests of this part run here when your lab is graded.
-### BEGIN HIDDEN TESTS
-from effml_lib.grading import run_hidden_tests
-passed = run_hidden_tests("lab01", "{lab_part}", globals())  # assigned: a bare number would read as partial credit
-### END HIDDEN TESTS
-''', grade_id, grade=True, locked=True, points=points)
+lab = LabNotebook("lab01", "lab01_transformer_basics")
+md, code, graded = lab.md, lab.code, lab.graded
 
 
 md(r"""
@@ -248,8 +218,4 @@ of all at short lengths, where its per-op overhead is nearly all of its time.
 
 graded("performance", 2, "p5_tests")
 
-nb = new_notebook(cells=cells)
-nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-OUT.parent.mkdir(parents=True, exist_ok=True)
-nbformat.write(nb, OUT)
-print(f"wrote {OUT}")
+lab.write()
