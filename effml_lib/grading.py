@@ -48,6 +48,11 @@ BLOCKED_DURING: dict[tuple[str, str], tuple[str, ...]] = {
     ("lab01", "swiglu"): ("model.FeedForward",),
     ("lab01", "block"): _LAB01_ALL + (TORCH_SDPA,),  # the block must be built from the student's own parts
     ("lab01", "performance"): ("attention.attention", TORCH_SDPA),  # the attention timed must be the student's
+    ("lab02", "frequencies"): ("rope.rope_frequencies",),
+    ("lab02", "apply_rope"): ("rope.apply_rope",),
+    ("lab02", "conversion"): ("rope.permute_qk_weight",),
+    ("lab02", "distance"): ("rope.apply_rope",),
+    ("lab02", "performance"): ("rope.apply_rope",),
 }
 
 SDPA_MESSAGE = ("F.scaled_dot_product_attention is unavailable while this part is graded: "

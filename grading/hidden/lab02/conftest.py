@@ -1,0 +1,45 @@
+"""Shared pieces of lab 02's hidden tests. Every assertion carries a message: with --assert=plain
+(how effml_lib.grading runs these files) the message is all a student sees."""
+
+import pytest
+import torch
+
+
+def _close(actual, expected, atol, rtol):
+    """True when the shapes match and every element is within atol + rtol * |expected|."""
+    if not isinstance(actual, torch.Tensor) or actual.shape != expected.shape:
+        return False
+    return bool(torch.isclose(actual.double(), expected.double(), atol=atol, rtol=rtol).all())
+
+
+@pytest.fixture
+def gen():
+    return torch.Generator().manual_seed(2026)
+
+
+@pytest.fixture
+def close():
+    """``close(actual, expected, atol, rtol)``: a fixture, so test files need no import path."""
+    return _close
+
+
+def exact_rotation(x, positions, theta=10000.0, interleaved=False):
+    """RoPE by its definition, in float64: pairs as complex numbers times e^{i * position * theta^(-2i/D)}.
+    ``positions``: (T,) or (B, T) integers; x: (B, H, T, D)."""
+    d = x.shape[-1]
+    inv_freq = theta ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)  # (D/2,)
+    angles = positions.double()[..., None] * inv_freq  # (T, D/2) or (B, T, D/2)
+    if positions.dim() == 2:
+        angles = angles[:, None]  # (B, 1, T, D/2)
+    xd = x.double()
+    first, second = (xd[..., 0::2], xd[..., 1::2]) if interleaved else xd.chunk(2, dim=-1)
+    z = torch.complex(first, second) * torch.polar(torch.ones_like(angles), angles)
+    if interleaved:
+        return torch.stack((z.real, z.imag), dim=-1).flatten(-2)
+    return torch.cat((z.real, z.imag), dim=-1)
+
+
+@pytest.fixture
+def exact():
+    """``exact(x, positions, theta=..., interleaved=...)``: the float64 rotation the tests compare with."""
+    return exact_rotation
