@@ -1,10 +1,11 @@
-"""A class of made-up submissions to lab 01, honest and hostile, zipped as Moodle and Canvas export them.
+"""A class of made-up submissions to a lab, honest and hostile, zipped as Moodle and Canvas export them.
 
-    python grading/demo_submissions.py OUT.zip
+    python grading/demo_submissions.py OUT.zip [LAB]      # LAB defaults to lab01_transformer_basics
 
-`make grade-demo` grades this zip, and tests/test_autograde.py checks the exact scores each gets.
-Every submission starts from the released notebook, as a student's would, with its solution
-cells filled in. EXPECTED is what each must score, part by part (p1…p5 are worth 3, 2, 2, 3, 2).
+`make grade-demo` grades lab 01's zip, and tests/test_autograde.py checks the exact scores each
+student of every lab's class gets. Every submission starts from the released notebook, as a
+student's would, with its solution cells filled in. ``CLASSES[lab]["expected"]`` is what each must
+score, part by part; the cases are the same for every lab, only the code that breaks differs.
 """
 
 import json
@@ -16,46 +17,100 @@ from pathlib import Path
 import nbformat
 
 ROOT = Path(__file__).resolve().parents[1]
-LAB = "lab01_transformer_basics"
+LAB = "lab01_transformer_basics"  # the demo's default
 
-# Student -> points per graded cell. The reasons are the point of each case.
-EXPECTED = {
-    "solution": {"p1_tests": 3, "p2_tests": 2, "p3_tests": 2, "p4_tests": 3, "p5_tests": 2},
-    "blank": {"p1_tests": 0, "p2_tests": 0, "p3_tests": 0, "p4_tests": 0, "p5_tests": 0},
-    # LayerNorm instead of RMSNorm: part 2 fails, and so does the block built on it.
-    "wrong_rmsnorm": {"p1_tests": 3, "p2_tests": 0, "p3_tests": 2, "p4_tests": 0, "p5_tests": 2},
-    # The block never returns: only part 4 is lost, after the per-cell timeout.
-    "infinite_loop": {"p1_tests": 3, "p2_tests": 2, "p3_tests": 2, "p4_tests": 0, "p5_tests": 2},
-    # swiglu kills the kernel: parts 3 and 4 (which calls swiglu) are lost; the rest still counts.
-    "kernel_crash": {"p1_tests": 3, "p2_tests": 2, "p3_tests": 0, "p4_tests": 0, "p5_tests": 2},
-    # Graded cells edited, deleted and forged; visible tests deleted: all restored, graded as the lab.
-    "edited_tests": {"p1_tests": 3, "p2_tests": 2, "p3_tests": 2, "p4_tests": 3, "p5_tests": 2},
-    # A torch.py and an effml_lib/ beside the notebook must not be imported.
-    "stray_files": {"p1_tests": 3, "p2_tests": 2, "p3_tests": 2, "p4_tests": 3, "p5_tests": 2},
-    # Attention that calls the library's: every part that runs it (1, 4 and 5) scores zero.
-    "library_call": {"p1_tests": 0, "p2_tests": 2, "p3_tests": 2, "p4_tests": 0, "p5_tests": 0},
-    # Warnings and stderr output cost nothing.
-    "noisy_warnings": {"p1_tests": 3, "p2_tests": 2, "p3_tests": 2, "p4_tests": 3, "p5_tests": 2},
-    # Nothing gradable: still a row in the CSV, with zero and a reason.
-    "not_a_notebook": {"p1_tests": 0, "p2_tests": 0, "p3_tests": 0, "p4_tests": 0, "p5_tests": 0},
-    "only_a_pdf": {"p1_tests": 0, "p2_tests": 0, "p3_tests": 0, "p4_tests": 0, "p5_tests": 0},
+FULL_LAB01 = {"p1_tests": 3, "p2_tests": 2, "p3_tests": 2, "p4_tests": 3, "p5_tests": 2}
+FULL_LAB02 = {"p1_tests": 3, "p2_tests": 3, "p3_tests": 2, "p4_tests": 2, "p5_tests": 2}
+ZERO = dict.fromkeys(FULL_LAB01, 0)
+
+# For each lab: student -> points per graded cell (the reasons are the point of each case), and the
+# answers that make each hostile case. "edited" names the cells the edited_tests student tampers with.
+CLASSES = {
+    "lab01_transformer_basics": {
+        "expected": {
+            "solution": FULL_LAB01,
+            "blank": ZERO,
+            # LayerNorm instead of RMSNorm: part 2 fails, and so does the block built on it.
+            "wrong_rmsnorm": {**FULL_LAB01, "p2_tests": 0, "p4_tests": 0},
+            # The block never returns: only part 4 is lost, after the per-cell timeout.
+            "infinite_loop": {**FULL_LAB01, "p4_tests": 0},
+            # swiglu kills the kernel: parts 3 and 4 (which calls swiglu) are lost; the rest still counts.
+            "kernel_crash": {**FULL_LAB01, "p3_tests": 0, "p4_tests": 0},
+            # Graded cells edited, deleted and forged; visible tests deleted: all restored, graded as the lab.
+            "edited_tests": FULL_LAB01,
+            # A torch.py and an effml_lib/ beside the notebook must not be imported.
+            "stray_files": FULL_LAB01,
+            # Attention that calls the library's: every part that runs it (1, 4 and 5) scores zero.
+            "library_call": {**FULL_LAB01, "p1_tests": 0, "p4_tests": 0, "p5_tests": 0},
+            # Warnings and stderr output cost nothing.
+            "noisy_warnings": FULL_LAB01,
+            # Nothing gradable: still a row in the CSV, with zero and a reason.
+            "not_a_notebook": ZERO,
+            "only_a_pdf": ZERO,
+        },
+        "wrong": {"p2_solution": (
+            "def rms_norm(x, weight, eps=1e-5):\n"
+            "    xf = x.float() - x.float().mean(-1, keepdim=True)  # LayerNorm's centring: not RMSNorm\n"
+            "    return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)")},
+        "infinite_loop": {"p4_solution": "def decoder_block(x, block, rope_cos, rope_sin):\n    while True:\n        pass"},
+        "kernel_crash": {"p3_solution": "import os\n\ndef swiglu(x, w1, w2, w3):\n    os._exit(1)"},
+        "library_call": {"p1_solution": ("from effml_lib.attention import attention\n\n"
+                                         "def causal_attention(q, k, v):\n    return attention(q, k, v, causal=True)")},
+        "noisy": ("p1_solution", "def causal_attention(q, k, v):\n"),
+        "edited": {"forged": "p1_tests", "visible": "p1_visible", "renamed": "p4_tests", "deleted": ("p2_tests", "p3_visible")},
+    },
+    "lab02_rope": {
+        "expected": {
+            "solution": FULL_LAB02,
+            "blank": ZERO,
+            # The interleaved pairing ignored (always half-split): only part 2 checks it.
+            "wrong_pairing": {**FULL_LAB02, "p2_tests": 0},
+            # The conversion never returns: only part 3 is lost.
+            "infinite_loop": {**FULL_LAB02, "p3_tests": 0},
+            # score_by_distance kills the kernel: part 4 is lost, the rest still counts.
+            "kernel_crash": {**FULL_LAB02, "p4_tests": 0},
+            "edited_tests": FULL_LAB02,
+            "stray_files": FULL_LAB02,
+            # apply_rope that calls the library's: every part that runs it (2, 4 and 5) scores zero.
+            "library_call": {**FULL_LAB02, "p2_tests": 0, "p4_tests": 0, "p5_tests": 0},
+            "noisy_warnings": FULL_LAB02,
+            "not_a_notebook": ZERO,
+            "only_a_pdf": ZERO,
+        },
+        "wrong": {"p2_solution": (
+            "def apply_rope(x, cos, sin, positions=None, interleaved=False):\n"
+            "    positions = torch.arange(x.shape[2]) if positions is None else positions\n"
+            "    c, s = cos[positions], sin[positions]\n"
+            "    if positions.dim() == 2:\n        c, s = c[:, None], s[:, None]\n"
+            "    x1, x2 = x.float().chunk(2, dim=-1)  # always half-split: interleaved is ignored\n"
+            "    return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).to(x.dtype)")},
+        "infinite_loop": {"p3_solution": "def interleaved_to_half_split(weight, n_heads):\n    while True:\n        pass"},
+        "kernel_crash": {"p4_solution": "import os\n\ndef score_by_distance(q, k, cos, sin):\n    os._exit(1)"},
+        "library_call": {"p2_solution": (
+            "from effml_lib.rope import apply_rope as library_apply_rope\n\n"
+            "def apply_rope(x, cos, sin, positions=None, interleaved=False):\n"
+            "    return library_apply_rope(x, cos, sin, positions, interleaved)")},
+        "noisy": ("p2_solution", "def apply_rope(x, cos, sin, positions=None, interleaved=False):\n"),
+        "edited": {"forged": "p1_tests", "visible": "p1_visible", "renamed": "p4_tests", "deleted": ("p2_tests", "p3_visible")},
+    },
 }
+EXPECTED = CLASSES[LAB]["expected"]
 
 
-def solution_code() -> dict[str, str]:
+def solution_code(lab: str = LAB) -> dict[str, str]:
     """grade_id -> the solution cell's code, from the nbgrader source, markers removed."""
-    source = nbformat.read(ROOT / "solutions" / LAB / f"{LAB}.ipynb", as_version=4)
+    source = nbformat.read(ROOT / "solutions" / lab / f"{lab}.ipynb", as_version=4)
     return {c.metadata.nbgrader.grade_id: re.sub(r"\n? *### (BEGIN|END) SOLUTION", "", c.source)
             for c in source.cells if c.metadata.get("nbgrader", {}).get("solution")}
 
 
-def release():
-    return nbformat.read(ROOT / "labs" / LAB / f"{LAB}.ipynb", as_version=4)
+def release(lab: str = LAB):
+    return nbformat.read(ROOT / "labs" / lab / f"{lab}.ipynb", as_version=4)
 
 
-def filled(changes: dict[str, str] | None = None):
+def filled(changes: dict[str, str] | None = None, lab: str = LAB):
     """The release with every solution cell answered; ``changes`` replaces some answers."""
-    nb, answers = release(), {**solution_code(), **(changes or {})}
+    nb, answers = release(lab), {**solution_code(lab), **(changes or {})}
     for cell in nb.cells:
         gid = cell.metadata.get("nbgrader", {}).get("grade_id")
         if gid in answers and cell.metadata.nbgrader.get("solution"):
@@ -67,13 +122,14 @@ def cell(nb, grade_id):
     return next(c for c in nb.cells if c.metadata.get("nbgrader", {}).get("grade_id") == grade_id)
 
 
-def edited_tests():
-    nb = filled()
-    cell(nb, "p1_tests").source = "passed = 3  # full marks, surely"
-    cell(nb, "p1_visible").source = 'print("part 1: visible tests passed")'
-    renamed = cell(nb, "p4_tests").metadata.nbgrader
-    renamed["grade_id"], renamed["points"] = "p4_renamed", 50
-    nb.cells = [c for c in nb.cells if c.metadata.get("nbgrader", {}).get("grade_id") not in ("p2_tests", "p3_visible")]
+def edited_tests(lab: str = LAB):
+    edited = CLASSES[lab]["edited"]
+    nb = filled(lab=lab)
+    cell(nb, edited["forged"]).source = "passed = 3  # full marks, surely"
+    cell(nb, edited["visible"]).source = 'print("visible tests passed")'
+    renamed = cell(nb, edited["renamed"]).metadata.nbgrader
+    renamed["grade_id"], renamed["points"] = "renamed", 50
+    nb.cells = [c for c in nb.cells if c.metadata.get("nbgrader", {}).get("grade_id") not in edited["deleted"]]
     forged = nbformat.v4.new_code_cell("print('bonus')")
     forged.metadata["nbgrader"] = {"grade": True, "grade_id": "bonus", "locked": False, "points": 100,
                                    "schema_version": 3, "solution": False, "task": False}
@@ -81,47 +137,41 @@ def edited_tests():
     return nb
 
 
-def submissions() -> dict[str, dict[str, bytes]]:
+def submissions(lab: str = LAB) -> dict[str, dict[str, bytes]]:
     """Student -> {file name: bytes}."""
-    sol = solution_code()
+    spec, sol = CLASSES[lab], solution_code(lab)
     as_bytes = lambda nb: nbformat.writes(nb).encode()  # noqa: E731
-    nb_name = f"{LAB}.ipynb"
+    nb_name = f"{lab}.ipynb"
+    noisy_cell, noisy_def = spec["noisy"]
+    wrong = next(s for s in spec["expected"] if s.startswith("wrong_"))
     return {
-        "solution": {nb_name: as_bytes(filled())},
-        "blank": {nb_name: as_bytes(release())},
-        "wrong_rmsnorm": {nb_name: as_bytes(filled({"p2_solution": (
-            "def rms_norm(x, weight, eps=1e-5):\n"
-            "    xf = x.float() - x.float().mean(-1, keepdim=True)  # LayerNorm's centring: not RMSNorm\n"
-            "    return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)")}))},
-        "infinite_loop": {nb_name: as_bytes(filled({"p4_solution": (
-            "def decoder_block(x, block, rope_cos, rope_sin):\n    while True:\n        pass")}))},
-        "kernel_crash": {nb_name: as_bytes(filled({"p3_solution": (
-            "import os\n\ndef swiglu(x, w1, w2, w3):\n    os._exit(1)")}))},
-        "edited_tests": {nb_name: as_bytes(edited_tests())},
+        "solution": {nb_name: as_bytes(filled(lab=lab))},
+        "blank": {nb_name: as_bytes(release(lab))},
+        wrong: {nb_name: as_bytes(filled(spec["wrong"], lab))},
+        "infinite_loop": {nb_name: as_bytes(filled(spec["infinite_loop"], lab))},
+        "kernel_crash": {nb_name: as_bytes(filled(spec["kernel_crash"], lab))},
+        "edited_tests": {nb_name: as_bytes(edited_tests(lab))},
         "stray_files": {
-            nb_name: as_bytes(filled()),
+            nb_name: as_bytes(filled(lab=lab)),
             "torch.py": b'raise SystemExit("a stray torch.py beside the notebook was imported")\n',
             "effml_lib/__init__.py": b'raise SystemExit("a stray effml_lib beside the notebook was imported")\n',
         },
-        "library_call": {nb_name: as_bytes(filled({"p1_solution": (
-            "from effml_lib.attention import attention\n\n"
-            "def causal_attention(q, k, v):\n    return attention(q, k, v, causal=True)")}))},
+        "library_call": {nb_name: as_bytes(filled(spec["library_call"], lab))},
         "noisy_warnings": {nb_name: as_bytes(filled({
-            "p1_solution": "import sys, warnings\n" + sol["p1_solution"].replace(
-                "def causal_attention(q, k, v):\n",
-                "def causal_attention(q, k, v):\n    warnings.warn('attention: this warning costs nothing')\n"
-                "    print('noise on stderr', file=sys.stderr)\n")}))},
+            noisy_cell: "import sys, warnings\n" + sol[noisy_cell].replace(
+                noisy_def, noisy_def + "    warnings.warn('this warning costs nothing')\n"
+                "    print('noise on stderr', file=sys.stderr)\n")}, lab))},
         "not_a_notebook": {nb_name: b"{ this is not json"},
         "only_a_pdf": {"report.pdf": b"%PDF-1.4 not really"},
     }
 
 
-def write_zip(path: Path) -> Path:
+def write_zip(path: Path, lab: str = LAB) -> Path:
     """Moodle's layout (a folder per student), except `blank`, which comes as Canvas names it."""
     with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
-        files_of = submissions()
-        for student in EXPECTED:
-            number = expected_number(student)
+        files_of = submissions(lab)
+        for student in CLASSES[lab]["expected"]:
+            number = expected_number(student, lab)
             for name, data in files_of[student].items():
                 if student == "blank":
                     archive.writestr(f"blank_{number}_{number + 5000}_{name}", data)
@@ -130,16 +180,17 @@ def write_zip(path: Path) -> Path:
     return path
 
 
-def expected_student_id(student: str) -> str:
+def expected_student_id(student: str, lab: str = LAB) -> str:
     """The id the driver gives each zip entry (Moodle keeps the number, Canvas drops it)."""
-    return student if student == "blank" else f"{student}_{expected_number(student)}"
+    return student if student == "blank" else f"{student}_{expected_number(student, lab)}"
 
 
-def expected_number(student: str) -> int:
-    return 1001 + list(EXPECTED).index(student)
+def expected_number(student: str, lab: str = LAB) -> int:
+    return 1001 + list(CLASSES[lab]["expected"]).index(student)
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
+    if len(sys.argv) not in (2, 3) or (len(sys.argv) == 3 and sys.argv[2] not in CLASSES):
         sys.exit(__doc__)
-    print(json.dumps({"wrote": str(write_zip(Path(sys.argv[1]))), "students": len(EXPECTED)}))
+    lab = sys.argv[2] if len(sys.argv) == 3 else LAB
+    print(json.dumps({"wrote": str(write_zip(Path(sys.argv[1]), lab)), "students": len(CLASSES[lab]["expected"])}))

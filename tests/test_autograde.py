@@ -1,7 +1,7 @@
 """The grading chain end to end, offline: a class's LMS zip -> autograde -> feedback -> grades CSV.
 
-The class (grading/demo_submissions.py) holds the solution, the blank release, a wrong answer, an
-infinite loop, a kernel crash, edited and deleted test cells, stray files, a call to the library's
+Each lab's class (grading/demo_submissions.py) holds the solution, the blank release, a wrong answer,
+an infinite loop, a kernel crash, edited and deleted test cells, stray files, a call to the library's
 own implementation, noisy warnings and two ungradable submissions; each must get its exact score.
 """
 
@@ -37,58 +37,79 @@ demo = load("demo_submissions")
 autograde = load("autograde")
 
 
+LABS = list(demo.CLASSES)
+CASES = [(lab, student) for lab in LABS for student in demo.CLASSES[lab]["expected"]]
+# What the wrong answer's feedback must say: the hidden test's message about that mistake.
+WRONG_ANSWER_MESSAGE = {"lab01_transformer_basics": "LayerNorm", "lab02_rope": "interleaved=True"}
+
+
 @pytest.fixture(scope="module")
 def graded(tmp_path_factory):
-    """Grade the demo class once; every test below reads the results."""
-    tmp = tmp_path_factory.mktemp("class")
-    archive = demo.write_zip(tmp / "submissions.zip")
-    run = subprocess.run(
-        [sys.executable, str(ROOT / "grading" / "autograde.py"), LAB, str(archive), "--out", str(tmp / "graded"),
-         "--jobs", "2", "--cell-timeout", "30"],
-        capture_output=True, text=True, timeout=1500,
-    )
-    assert run.returncode == 0, f"the driver failed:\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}"
-    with open(tmp / "graded" / "grades.csv", newline="") as f:
-        rows = {row["student"]: row for row in csv.DictReader(f)}
-    return tmp / "graded", rows, run.stdout
+    """``graded(lab)``: grade that lab's demo class once (on first use); every test reads the results."""
+    results = {}
+
+    def grade(lab):
+        if lab not in results:
+            tmp = tmp_path_factory.mktemp(lab)
+            archive = demo.write_zip(tmp / "submissions.zip", lab)
+            run = subprocess.run(
+                [sys.executable, str(ROOT / "grading" / "autograde.py"), lab, str(archive), "--out", str(tmp / "graded"),
+                 "--jobs", "2", "--cell-timeout", "30"],
+                capture_output=True, text=True, timeout=1500,
+            )
+            assert run.returncode == 0, f"the driver failed:\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}"
+            with open(tmp / "graded" / "grades.csv", newline="") as f:
+                rows = {row["student"]: row for row in csv.DictReader(f)}
+            results[lab] = (tmp / "graded", rows, run.stdout)
+        return results[lab]
+
+    return grade
 
 
-@pytest.mark.parametrize("student", list(demo.EXPECTED))
-def test_each_submission_gets_its_exact_score(graded, student):
-    _, rows, _ = graded
-    sid = demo.expected_student_id(student)
-    assert sid in rows, f"{student} ({sid}) has no row in grades.csv; rows: {sorted(rows)}"
-    row, expected = rows[sid], demo.EXPECTED[student]
+def sid(student, lab):
+    return demo.expected_student_id(student, lab)
+
+
+@pytest.mark.parametrize("lab,student", CASES)
+def test_each_submission_gets_its_exact_score(graded, lab, student):
+    _, rows, _ = graded(lab)
+    assert sid(student, lab) in rows, f"{student} ({sid(student, lab)}) has no row in grades.csv; rows: {sorted(rows)}"
+    row, expected = rows[sid(student, lab)], demo.CLASSES[lab]["expected"][student]
     scores = {col.split(" ")[0]: float(value) for col, value in row.items() if col.startswith("p") and "_tests" in col}
     assert scores == {gid: float(points) for gid, points in expected.items()}, (
-        f"{student}: got {scores}, expected {expected}; notes: {row['notes']}")
+        f"{lab} {student}: got {scores}, expected {expected}; notes: {row['notes']}")
     assert float(row["score"]) == sum(expected.values())
     assert float(row["max_score"]) == 12
 
 
-def test_every_student_is_recorded_once_with_feedback(graded):
-    out, rows, _ = graded
-    assert sorted(rows) == sorted(demo.expected_student_id(s) for s in demo.EXPECTED)
-    for sid in rows:
-        page = (out / "feedback" / sid / f"{LAB}.html").read_text()
-        assert f"{float(rows[sid]['score']):g} / 12 points" in page, f"{sid}: the feedback does not state the score"
+@pytest.mark.parametrize("lab", LABS)
+def test_every_student_is_recorded_once_with_feedback(graded, lab):
+    out, rows, _ = graded(lab)
+    assert sorted(rows) == sorted(sid(s, lab) for s in demo.CLASSES[lab]["expected"])
+    for student_id in rows:
+        page = (out / "feedback" / student_id / f"{lab}.html").read_text()
+        assert f"{float(rows[student_id]['score']):g} / 12 points" in page, f"{student_id}: the feedback does not state the score"
 
 
-def test_feedback_does_not_reveal_hidden_tests(graded):
-    out, rows, _ = graded
-    hidden_names = [p.read_text() for p in (ROOT / "grading" / "hidden" / "lab01").glob("test_*.py")]
-    distinctive = [line.strip() for text in hidden_names for line in text.splitlines()
-                   if line.strip().startswith(("def test_", "expected = ", "reference("))]
+@pytest.mark.parametrize("lab", LABS)
+def test_feedback_does_not_reveal_hidden_tests(graded, lab):
+    out, rows, _ = graded(lab)
+    short = lab.split("_")[0]  # "lab01"
+    hidden_texts = [p.read_text() for p in (ROOT / "grading" / "hidden" / short).glob("test_*.py")]
+    distinctive = [line.strip() for text in hidden_texts for line in text.splitlines()
+                   if line.strip().startswith(("def test_", "expected = ", "reference(", "def reference("))]
     assert distinctive, "found nothing to look for in the hidden tests"
-    for sid in rows:
-        page = (out / "feedback" / sid / f"{LAB}.html").read_text()
-        assert "BEGIN HIDDEN TESTS" not in page and "run_hidden_tests" not in page, f"{sid}: hidden region shown"
+    for student_id in rows:
+        page = (out / "feedback" / student_id / f"{lab}.html").read_text()
+        assert "BEGIN HIDDEN TESTS" not in page and "run_hidden_tests" not in page, f"{student_id}: hidden region shown"
         leaked = [line for line in distinctive if line in page]
-        assert not leaked, f"{sid}: feedback quotes hidden test code: {leaked[:3]}"
+        assert not leaked, f"{student_id}: feedback quotes hidden test code: {leaked[:3]}"
 
 
-def test_feedback_explains_what_went_wrong(graded):
-    out, rows, _ = graded
+@pytest.mark.parametrize("lab", LABS)
+def test_feedback_explains_what_went_wrong(graded, lab):
+    out, rows, _ = graded(lab)
+    wrong = next(s for s in demo.CLASSES[lab]["expected"] if s.startswith("wrong_"))
     explanations = {
         "infinite_loop": "timed out",
         "kernel_crash": "crashed the kernel",
@@ -96,22 +117,22 @@ def test_feedback_explains_what_went_wrong(graded):
         "not_a_notebook": "not a readable notebook",
         "only_a_pdf": "no notebook",
         "library_call": "unavailable while this part is graded",
-        "wrong_rmsnorm": "LayerNorm",
+        wrong: WRONG_ANSWER_MESSAGE[lab],
     }
     for student, phrase in explanations.items():
-        sid = demo.expected_student_id(student)
-        page = (out / "feedback" / sid / f"{LAB}.html").read_text()
-        assert phrase in page, f"{student}: the feedback should say {phrase!r}"
-    assert "timed out" in rows[demo.expected_student_id("infinite_loop")]["notes"]
-    assert rows[demo.expected_student_id("not_a_notebook")]["status"] == "not graded"
+        page = (out / "feedback" / sid(student, lab) / f"{lab}.html").read_text()
+        assert phrase in page, f"{lab} {student}: the feedback should say {phrase!r}"
+    assert "timed out" in rows[sid("infinite_loop", lab)]["notes"]
+    assert rows[sid("not_a_notebook", lab)]["status"] == "not graded"
 
 
-def test_the_graded_notebooks_are_kept_for_the_instructor(graded):
-    out, rows, _ = graded
+@pytest.mark.parametrize("lab", LABS)
+def test_the_graded_notebooks_are_kept_for_the_instructor(graded, lab):
+    out, rows, _ = graded(lab)
     for student in ("solution", "kernel_crash", "edited_tests"):
-        nb = nbformat.read(out / "autograded" / demo.expected_student_id(student) / f"{LAB}.ipynb", as_version=4)
+        nb = nbformat.read(out / "autograded" / sid(student, lab) / f"{lab}.ipynb", as_version=4)
         ids = [c.metadata.get("nbgrader", {}).get("grade_id") for c in nb.cells]
-        assert all(f"p{i}_tests" in ids for i in range(1, 6)), f"{student}: graded cells missing: {ids}"
+        assert all(f"p{i}_tests" in ids for i in range(1, 6)), f"{lab} {student}: graded cells missing: {ids}"
 
 
 # --- collecting and restoring, without running anything ----------------------------------------
