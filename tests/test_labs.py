@@ -2,6 +2,7 @@
 
 import filecmp
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -56,30 +57,55 @@ def test_release_hides_solutions_and_hidden_tests(source):
     assert "raise NotImplementedError()" in text
 
 
-def test_a_student_fails_a_visible_test_with_a_clear_message_then_passes(tmp_path):
-    """The student's loop in JupyterLab, through a real kernel: open the release, answer part 2
+STUDENT_LOOPS = {  # lab -> the part tried, what is answered before it, a wrong answer, its message, the fix
+    "lab01_transformer_basics": dict(
+        part=2, before={},
+        wrong="def rms_norm(x, weight, eps=1e-5):\n    return weight * x / x.abs().mean(-1, keepdim=True)",
+        message="rms of [3, 4] is sqrt(12.5)",
+        right=("def rms_norm(x, weight, eps=1e-5):\n    xf = x.float()\n"
+               "    return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)")),
+    "lab02_rope": dict(
+        part=2, before={"p1_solution": None},  # None: the source's solution
+        wrong=("def apply_rope(x, cos, sin, positions=None, interleaved=False):\n"
+               "    positions = torch.arange(x.shape[2]) if positions is None else positions\n"
+               "    c, s = cos[positions], sin[positions]\n"
+               "    x1, x2 = x.float().chunk(2, dim=-1)\n"
+               "    return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).to(x.dtype)"),
+        message="interleaved: pairs (2i, 2i+1)",
+        right=None),
+}
+
+
+@pytest.mark.parametrize("name", list(STUDENT_LOOPS))
+def test_a_student_fails_a_visible_test_with_a_clear_message_then_passes(name, tmp_path):
+    """The student's loop in JupyterLab, through a real kernel: open the release, answer a part
     wrongly, read the visible test's message, fix the answer, pass; the graded cell runs quietly."""
-    name = "lab01_transformer_basics"
+    loop = STUDENT_LOOPS[name]
+    source = nbformat.read(ROOT / "solutions" / name / f"{name}.ipynb", as_version=4)
+    solutions = {c.metadata.nbgrader.grade_id: re.sub(r"\n? *### (BEGIN|END) SOLUTION", "", c.source)
+                 for c in source.cells if c.metadata.get("nbgrader", {}).get("solution")}
     nb = nbformat.read(ROOT / "labs" / name / f"{name}.ipynb", as_version=4)
     by_id = {c.metadata.nbgrader.grade_id: c for c in nb.cells}
-    wrong = "def rms_norm(x, weight, eps=1e-5):\n    return weight * x / x.abs().mean(-1, keepdim=True)"
-    right = ("def rms_norm(x, weight, eps=1e-5):\n    xf = x.float()\n"
-             "    return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)")
+    part = loop["part"]
+    solution_id, visible_id, tests_id = f"p{part}_solution", f"p{part}_visible", f"p{part}_tests"
     client = NotebookClient(nb, timeout=120, kernel_name="python3", allow_errors=True,
                             resources={"metadata": {"path": str(tmp_path)}})
     with client.setup_kernel():
         run = lambda cell: client.execute_cell(cell, nb.cells.index(cell))  # noqa: E731
         run(by_id["imports"])
-        by_id["p2_solution"].source = wrong
-        run(by_id["p2_solution"])
-        run(by_id["p2_visible"])
-        errors = [o for o in by_id["p2_visible"].outputs if o.output_type == "error"]
-        assert errors and errors[0].ename == "AssertionError", by_id["p2_visible"].outputs
-        assert "rms of [3, 4] is sqrt(12.5)" in errors[0].evalue, f"unclear message: {errors[0].evalue}"
-        by_id["p2_solution"].source = right
-        run(by_id["p2_solution"])
-        run(by_id["p2_visible"])
-        text = "".join(o.get("text", "") for o in by_id["p2_visible"].outputs)
-        assert "part 2: visible tests passed" in text, by_id["p2_visible"].outputs
-        run(by_id["p2_tests"])
-        assert not [o for o in by_id["p2_tests"].outputs if o.output_type == "error"], "the released graded cell must run quietly"
+        for grade_id, code in loop["before"].items():
+            by_id[grade_id].source = code or solutions[grade_id]
+            run(by_id[grade_id])
+        by_id[solution_id].source = loop["wrong"]
+        run(by_id[solution_id])
+        run(by_id[visible_id])
+        errors = [o for o in by_id[visible_id].outputs if o.output_type == "error"]
+        assert errors and errors[0].ename == "AssertionError", by_id[visible_id].outputs
+        assert loop["message"] in errors[0].evalue, f"unclear message: {errors[0].evalue}"
+        by_id[solution_id].source = loop["right"] or solutions[solution_id]
+        run(by_id[solution_id])
+        run(by_id[visible_id])
+        text = "".join(o.get("text", "") for o in by_id[visible_id].outputs)
+        assert f"part {part}: visible tests passed" in text, by_id[visible_id].outputs
+        run(by_id[tests_id])
+        assert not [o for o in by_id[tests_id].outputs if o.output_type == "error"], "the released graded cell must run quietly"
