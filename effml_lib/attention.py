@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .device import resolve_impl
 from .grading import guard
 from .rope import apply_rope_qk
 
@@ -163,6 +164,42 @@ def attention(q, k, v, causal: bool = True, mask: torch.Tensor | None = None, im
     if impl == "sdpa":
         return _attention_sdpa(q, k, v, causal, mask)
     return attention_reference(q, k, v, causal=causal, mask=mask)
+
+
+def decode_attention(q, k, v, context_lens=None, impl: str = "auto") -> torch.Tensor:
+    """A decode step's attention: q ``(B, H, Tq, D)`` (a few new tokens) against a cache k/v
+    ``(B, Hkv, S, D)`` of which sequence b fills the first ``context_lens[b]`` positions (all S if None).
+
+    Causal and end-aligned per sequence: query i of sequence b sits at ``context_lens[b] - Tq + i``
+    (the new tokens are already written to the cache) and sees keys up to it. ``impl``: ``"torch"``
+    (``attention_reference`` with a per-sequence mask), ``"triton"`` (the split-K kernel of
+    ``kernels/decode_attention.py``, head_dim >= 16), ``"auto"`` (Triton on CUDA when it applies).
+    """
+    guard("attention.attention")
+    _check_qkv(q, k, v, None)
+    b, _, tq, d = q.shape
+    s = k.shape[2]
+    if context_lens is None:
+        context_lens = torch.full((b,), s, dtype=torch.int32, device=q.device)
+    if not isinstance(context_lens, torch.Tensor) or context_lens.is_floating_point() or context_lens.shape != (b,):
+        raise TypeError(f"context_lens must be an integer tensor of shape ({b},), got {context_lens!r:.80}")
+    context_lens = context_lens.to(device=q.device, dtype=torch.int32)
+    if not torch.compiler.is_compiling():
+        low, high = int(context_lens.min()), int(context_lens.max())
+        if low < tq or high > s:
+            raise ValueError(f"context_lens must lie in [Tq={tq}, S={s}] (the new tokens are in the cache), "
+                             f"got values from {low} to {high}")
+    impl = resolve_impl(impl, q.device)
+    if impl == "triton" and d < 16:
+        raise ValueError(f"the Triton decode kernel needs head_dim >= 16, got {d}; use impl='torch'")
+    if impl == "triton":
+        from .kernels.decode_attention import decode_attention_triton  # imports Triton, so only when used
+
+        return decode_attention_triton(q, k, v, context_lens)
+    key_pos = torch.arange(s, device=q.device)  # (S,)
+    query_pos = context_lens[:, None] - tq + torch.arange(tq, device=q.device)  # (B, Tq)
+    mask = key_pos[None, None, :] <= query_pos[:, :, None]  # (B, Tq, S)
+    return attention_reference(q, k, v, causal=False, mask=mask[:, None])
 
 
 class Attention(nn.Module):

@@ -1,0 +1,97 @@
+"""Decode attention (a few queries against a partly filled KV cache): the reference against a slow
+per-sequence loop, and the split-K Triton kernel against the reference (under TRITON_INTERPRET=1
+without a GPU, on CUDA on the GPU machine)."""
+
+import math
+import platform
+
+import pytest
+import torch
+
+from conftest import assert_close
+from effml_lib.attention import decode_attention
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def slow_decode_attention(q, k, v, context_lens):
+    """One sequence, one query head at a time, in float64, straight from the definition."""
+    b, h, tq, d = q.shape
+    group = h // k.shape[1]
+    out = torch.zeros(b, h, tq, d, dtype=torch.float64)
+    for bi in range(b):
+        n = int(context_lens[bi])
+        for hi in range(h):
+            keys, values = k[bi, hi // group, :n].double(), v[bi, hi // group, :n].double()  # (n, D)
+            for i in range(tq):
+                position = n - tq + i  # this query's place in the sequence
+                scores = keys[: position + 1] @ q[bi, hi, i].double() / math.sqrt(d)
+                out[bi, hi, i] = torch.softmax(scores, 0) @ values[: position + 1]
+    return out
+
+
+def make(b, h, h_kv, tq, s, d, dtype, gen, device="cpu"):
+    q = torch.randn(b, h, tq, d, generator=gen)
+    k, v = torch.randn(b, h_kv, s, d, generator=gen), torch.randn(b, h_kv, s, d, generator=gen)
+    return (t.to(device, dtype) for t in (q, k, v))
+
+
+@pytest.mark.parametrize("h,h_kv,tq", [(4, 4, 1), (8, 2, 1), (6, 1, 3)], ids=["mha", "gqa", "mqa_3_queries"])
+def test_reference_matches_the_definition(h, h_kv, tq, gen):
+    q, k, v = make(3, h, h_kv, tq, 40, 16, torch.float32, gen)
+    context_lens = torch.tensor([40, 3, 17])
+    got = decode_attention(q, k, v, context_lens, impl="torch")
+    assert_close(got, slow_decode_attention(q, k, v, context_lens), torch.float32, what="decode attention reference")
+
+
+def test_bad_context_lengths(gen):
+    q, k, v = make(2, 4, 2, 2, 10, 16, torch.float32, gen)
+    with pytest.raises(ValueError, match="context_lens must lie"):
+        decode_attention(q, k, v, torch.tensor([10, 1]))  # 1 < Tq: the new tokens must be in the cache
+    with pytest.raises(ValueError, match="context_lens must lie"):
+        decode_attention(q, k, v, torch.tensor([11, 5]))
+    with pytest.raises(TypeError, match="context_lens"):
+        decode_attention(q, k, v, torch.tensor([5.0, 5.0]))
+
+
+kernel = pytest.mark.skipif(
+    (platform.system(), platform.machine()) != ("Linux", "x86_64") and not torch.cuda.is_available(),
+    reason="Triton is a dev dependency on x86-64 Linux only")
+
+
+@kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("h,h_kv,tq,d", [(4, 4, 1, 16), (8, 2, 1, 32), (6, 1, 3, 24), (4, 2, 2, 64)],
+                         ids=["mha", "gqa", "mqa_3_queries_d24", "gqa_2_queries_d64"])
+def test_kernel_matches_reference(dtype, h, h_kv, tq, d, gen):
+    q, k, v = make(3, h, h_kv, tq, 70, d, dtype, gen, DEVICE)
+    context_lens = torch.tensor([70, tq, 33], device=DEVICE)  # full, only the new tokens, part-filled
+    expected = decode_attention(q, k, v, context_lens, impl="torch")
+    from effml_lib.kernels.decode_attention import decode_attention_triton
+
+    for n_splits in (1, 3, None):  # one chunk, several (some empty for the short sequences), automatic
+        got = decode_attention_triton(q, k, v, context_lens.int(), n_splits=n_splits)
+        assert got.dtype == dtype
+        assert_close(got, expected, what=f"kernel with n_splits={n_splits}")
+
+
+@kernel
+def test_kernel_reads_strided_caches_and_public_entry_point(gen):
+    q, k, v = make(2, 4, 2, 1, 50, 32, torch.float32, gen, DEVICE)
+    k_strided = k.transpose(1, 2).contiguous().transpose(1, 2)  # (B, Hkv, S, D) view of (B, S, Hkv, D)
+    got = decode_attention(q, k_strided, v, torch.tensor([50, 9], device=DEVICE), impl="triton")
+    assert_close(got, decode_attention(q, k, v, torch.tensor([50, 9], device=DEVICE), impl="torch"), what="strided k")
+    with pytest.raises(ValueError, match="head_dim >= 16"):
+        decode_attention(*make(1, 2, 2, 1, 8, 8, torch.float32, gen, DEVICE), impl="triton")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("batch,context", [(1, 32768), (16, 4096), (4, 1000)])
+def test_gpu_long_contexts(dtype, batch, context, gen):
+    q, k, v = make(batch, 32, 8, 1, context, 128, dtype, gen, DEVICE)
+    context_lens = torch.randint(1, context + 1, (batch,), generator=gen).to(DEVICE)
+    context_lens[0] = context
+    got = decode_attention(q, k, v, context_lens, impl="triton")
+    expected = decode_attention(q.double(), k.double(), v.double(), context_lens, impl="torch")
+    assert_close(got, expected, dtype, what=f"kernel at B={batch}, context {context}")
