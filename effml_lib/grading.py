@@ -281,10 +281,42 @@ def time_interleaved(fns: dict, args: tuple, device: str = "cpu", warmup: int = 
     return {name: statistics.median(s) for name, s in samples.items()}
 
 
-def show_latency_plot(rows: list[dict], x: str, limit: tuple[list, list, str], title: str, xlabel: str) -> None:
-    """Display a performance part's latency plot in the graded cell's output; outside a Jupyter kernel
-    do nothing. ``rows``: dicts with ``x``, ``implementation`` and ``median_ms``; ``limit``: (xs, ms,
-    label) of the pass line, drawn dashed. Grading writes no file: the PNG is made in memory."""
+@contextlib.contextmanager
+def one_thread():
+    """Time on one thread: a second grading process on the same cores then takes a core of its own
+    instead of stalling ours, and a ratio of two timings stays put."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def judge_speed(medians: list[dict], seq_lens, factor: float, name: str, title: str, advice: str) -> None:
+    """A performance part's verdict: ``medians[i]`` holds the seconds per call of ``"yours"`` and
+    ``"reference"`` at ``seq_lens[i]``. Shows both as a plot in the graded cell (the plot never changes
+    the grade), then asserts that yours takes at most ``factor`` times the reference at the longest
+    length, with a message naming both times and ``advice`` for a too-slow submission."""
+    yours_ms, ref_ms = medians[-1]["yours"] * 1e3, medians[-1]["reference"] * 1e3
+    ratio, longest = yours_ms / ref_ms, seq_lens[-1]
+    rows = [{"seq_len": t, "implementation": label, "median_ms": m[key] * 1e3}
+            for t, m in zip(seq_lens, medians)
+            for key, label in (("yours", f"your {name}"), ("reference", "reference"))]
+    try:
+        _show_latency_plot(rows, (seq_lens, [factor * m["reference"] * 1e3 for m in medians], f"{factor:g}× reference (the limit)"),
+                           f"{title}\npasses if ≤ {factor:g}× the reference at T = {longest} (yours: {ratio:.1f}×)")
+    except Exception:
+        pass
+    assert ratio <= factor, (
+        f"too slow: at T = {longest} your {name} takes {yours_ms:.2f} ms, the reference {ref_ms:.2f} ms, "
+        f"{ratio:.1f}× (allowed {factor:g}×). {advice}")
+
+
+def _show_latency_plot(rows: list[dict], limit: tuple[list, list, str], title: str) -> None:
+    """Display the latency plot in the graded cell's output; outside a Jupyter kernel do nothing.
+    ``limit``: (lengths, ms, label) of the pass line, drawn dashed. The PNG is made in memory: grading
+    writes no file."""
     try:
         from IPython import get_ipython
         from IPython.display import Image, display
@@ -299,8 +331,8 @@ def show_latency_plot(rows: list[dict], x: str, limit: tuple[list, list, str], t
     from .plots import latency_vs_size
 
     fig = Figure(figsize=(6.5, 4.2))  # not pyplot's: nothing else will draw it again at the cell's end
-    ax = latency_vs_size(pd.DataFrame(rows), x, "median_ms", hue="implementation", ax=fig.subplots(),
-                         xlabel=xlabel, ylabel="latency (ms)", title=title)
+    ax = latency_vs_size(pd.DataFrame(rows), "seq_len", "median_ms", hue="implementation", ax=fig.subplots(),
+                         xlabel="sequence length T (tokens)", ylabel="latency (ms)", title=title)
     xs, ms, label = limit
     ax.plot(xs, ms, color="0.4", ls="--", label=label)
     ax.legend()

@@ -27,10 +27,14 @@ def solution():
     return namespace
 
 
-def fails(part, namespace, message):
-    with pytest.raises(AssertionError, match="hidden test"):
+def fails(part, namespace, mistake):
+    """The part's hidden tests must reject a submission with ``mistake``."""
+    try:
         run_hidden_tests("lab02", part, namespace)
-    return True
+    except AssertionError as failure:
+        assert "hidden test" in str(failure), f"{part}: failed for another reason than its tests: {failure}"
+        return
+    pytest.fail(f"lab02 {part}: the hidden tests passed a submission with this mistake: {mistake}")
 
 
 @pytest.mark.parametrize("part", PARTS)
