@@ -4,24 +4,10 @@
     .venv/bin/jupyter nbconvert --to notebook --execute --inplace notebooks/01_transformer_basics.ipynb
 """
 
-from pathlib import Path
+from nbcells import CourseNotebook
 
-import nbformat
-from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
-
-OUT = Path(__file__).resolve().parents[1] / "01_transformer_basics.ipynb"
-cells = []
-
-
-def md(text):
-    cells.append(new_markdown_cell(text.strip("\n")))
-
-
-def code(text, tags=None):
-    cell = new_code_cell(text.strip("\n"))
-    if tags:
-        cell.metadata["tags"] = tags
-    cells.append(cell)
+notebook = CourseNotebook("01_transformer_basics")
+md, code = notebook.md, notebook.code
 
 
 # ----------------------------------------------------------------------------- intro
@@ -866,8 +852,4 @@ While the hidden tests run, the library's own versions of these functions are un
 notebook above is the explanation, not the answer key.
 """)
 
-nb = new_notebook(cells=cells)
-nb.metadata["kernelspec"] = {"display_name": "Python 3", "language": "python", "name": "python3"}
-nb.metadata["language_info"] = {"name": "python"}
-nbformat.write(nb, OUT)
-print(f"wrote {OUT} ({len(cells)} cells)")
+notebook.write()
