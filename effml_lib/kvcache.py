@@ -27,7 +27,8 @@ def kv_cache_bytes(batch_size, seq_len, n_layers, n_kv_heads, head_dim, bytes_pe
 # Published shapes of real models, as in each model's config.json on the Hugging Face hub
 # (hidden_size, num_hidden_layers, num_attention_heads, num_key_value_heads, intermediate_size,
 # vocab_size, rope_theta). Keys are ModelConfig field names, so ModelConfig(**shape) builds a model of
-# that shape (add max_seq_len and norm_eps as needed). Module 03 extends this catalog.
+# that shape (add max_seq_len and norm_eps as needed). For a mixture of experts (Mixtral) the shape is
+# that of one expert's dense model: attention, and so the KV cache, is exactly the model's.
 MODEL_SHAPES: dict[str, dict] = {
     # meta-llama/Llama-2-7b-hf config.json
     "llama-2-7b": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, hidden_dim=11008, vocab_size=32000, rope_theta=10000.0),
@@ -41,9 +42,43 @@ MODEL_SHAPES: dict[str, dict] = {
     "llama-3-70b": dict(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, hidden_dim=28672, vocab_size=128256, rope_theta=500000.0),
     # mistralai/Mistral-7B-v0.1 config.json (also uses a 4096-token sliding window)
     "mistral-7b": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, hidden_dim=14336, vocab_size=32000, rope_theta=10000.0),
+    # mistralai/Mixtral-8x7B-v0.1 config.json (num_local_experts=8, num_experts_per_tok=2: see MODEL_EXPERTS)
+    "mixtral-8x7b": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, hidden_dim=14336, vocab_size=32000, rope_theta=1000000.0),
     # Qwen/Qwen2.5-7B config.json (q/k/v projections carry a bias)
     "qwen2.5-7b": dict(dim=3584, n_layers=28, n_heads=28, n_kv_heads=4, hidden_dim=18944, vocab_size=152064, rope_theta=1000000.0, qkv_bias=True),
 }
+
+# Mixture-of-experts models: each layer's feed-forward is n_experts copies of the dense one, of which a
+# router (a dim x n_experts linear layer) picks experts_per_token per token.
+MODEL_EXPERTS: dict[str, dict] = {
+    "mixtral-8x7b": dict(n_experts=8, experts_per_token=2),  # config.json: num_local_experts, num_experts_per_tok
+}
+
+# Parameter counts: "total" is the exact count the Hugging Face hub reports for each repository's
+# safetensors weights (embeddings and output head untied in all of these); "active" is what one token
+# uses, for the MoE model (Mistral AI's "Mixtral of experts" post, Dec 2023: 46.7B total, 12.9B active).
+# tests/test_kvcache.py rebuilds each from MODEL_SHAPES with the course's Transformer.
+MODEL_PARAMS: dict[str, dict] = {
+    "llama-2-7b": dict(total=6_738_415_616),
+    "llama-2-13b": dict(total=13_015_864_320),
+    "llama-2-70b": dict(total=68_976_648_192),
+    "llama-3-8b": dict(total=8_030_261_248),
+    "llama-3-70b": dict(total=70_553_706_496),
+    "mistral-7b": dict(total=7_241_732_096),
+    "mixtral-8x7b": dict(total=46_702_792_704, active=12_879_925_248),
+    "qwen2.5-7b": dict(total=7_615_616_512),
+}
+for _counts in MODEL_PARAMS.values():
+    _counts.setdefault("active", _counts["total"])  # dense: every weight is used by every token
+
+
+def kv_cache_bytes_per_token(name: str, bytes_per_elem=2) -> int:
+    """KV-cache bytes one token of the catalog model ``name`` costs, over all its layers."""
+    if name not in MODEL_SHAPES:
+        raise ValueError(f"unknown model {name!r}; MODEL_SHAPES has {sorted(MODEL_SHAPES)}")
+    s = MODEL_SHAPES[name]
+    head_dim = s.get("head_dim", s["dim"] // s["n_heads"])
+    return kv_cache_bytes(1, 1, s["n_layers"], s["n_kv_heads"], head_dim, bytes_per_elem)
 
 
 class StaticKVCache(nn.Module):

@@ -1,8 +1,10 @@
 import pytest
 import torch
 
-from effml_lib.kvcache import MODEL_SHAPES, StaticKVCache, kv_cache_bytes
-from effml_lib.model import ModelConfig
+from effml_lib.kvcache import (
+    MODEL_EXPERTS, MODEL_PARAMS, MODEL_SHAPES, StaticKVCache, kv_cache_bytes, kv_cache_bytes_per_token,
+)
+from effml_lib.model import ModelConfig, Transformer
 
 
 def test_llama2_7b_is_512_kib_per_token():
@@ -20,6 +22,44 @@ def test_bytes_equal_a_real_cache_allocation():
 def test_catalog_shapes_build_valid_configs():
     for name, shape in MODEL_SHAPES.items():
         ModelConfig(**shape)  # raises if heads do not divide
+
+
+def test_the_catalog_covers_the_course_models():
+    required = {"llama-2-7b", "llama-2-13b", "llama-2-70b", "llama-3-8b", "llama-3-70b", "mistral-7b",
+                "mixtral-8x7b", "qwen2.5-7b"}
+    assert required <= set(MODEL_SHAPES)
+    assert set(MODEL_PARAMS) == set(MODEL_SHAPES), "every catalog model needs its parameter count"
+
+
+@pytest.mark.parametrize("name", sorted(MODEL_SHAPES))
+def test_published_parameter_counts_match_the_shapes(name):
+    """The hub's exact counts, rebuilt from the shapes by instantiating the course's model (no memory: meta)."""
+    with torch.device("meta"):
+        dense = Transformer(ModelConfig(**MODEL_SHAPES[name])).num_parameters()
+    shape = MODEL_SHAPES[name]
+    ffn = 3 * shape["dim"] * shape["hidden_dim"]  # w1, w2, w3 of one feed-forward
+    experts = MODEL_EXPERTS.get(name)
+    if experts is None:
+        total = active = dense
+    else:  # n_experts feed-forwards and a router per layer; a token uses experts_per_token of them
+        router = shape["dim"] * experts["n_experts"]
+        total = dense + shape["n_layers"] * ((experts["n_experts"] - 1) * ffn + router)
+        active = dense + shape["n_layers"] * ((experts["experts_per_token"] - 1) * ffn + router)
+    assert MODEL_PARAMS[name]["total"] == total, f"{name}: published {MODEL_PARAMS[name]['total']:,}, shapes give {total:,}"
+    assert MODEL_PARAMS[name]["active"] == active, f"{name}: active {MODEL_PARAMS[name]['active']:,} vs {active:,}"
+
+
+def test_lecture_figures():
+    """Llama-2-70B if it used MHA: 2.5 MiB per token, 160 GiB at batch 16 x 4096 (fp16)."""
+    assert kv_cache_bytes_per_token("llama-2-7b") == 512 * 2**10
+    s = MODEL_SHAPES["llama-2-70b"]
+    mha_per_token = kv_cache_bytes(1, 1, s["n_layers"], s["n_heads"], s["dim"] // s["n_heads"], 2)
+    assert mha_per_token == 2.5 * 2**20
+    assert kv_cache_bytes(16, 4096, s["n_layers"], s["n_heads"], s["dim"] // s["n_heads"], 2) == 160 * 2**30
+    assert kv_cache_bytes_per_token("llama-2-70b") * 8 == mha_per_token, "GQA with 8 of 64 heads: 8x smaller"
+    assert kv_cache_bytes_per_token("llama-3-8b", bytes_per_elem=1) == 64 * 2**10  # fp8: 32 layers x 8 x 128 x 2
+    with pytest.raises(ValueError, match="unknown model"):
+        kv_cache_bytes_per_token("gpt-5")
 
 
 def test_update_writes_at_positions_and_returns_visible_prefix(gen):
