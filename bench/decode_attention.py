@@ -158,7 +158,7 @@ def sweep(args, device, gen, bandwidth) -> list[dict]:
 
     shapes = [(1, 4096), (1, 16384), (1, 65536), (4, 16384), (16, 32768), (64, 16384)]
     configs = [dict(block_n=bn, num_warps=w, num_stages=st, programs_per_sm=p)
-               for bn, w, st, p in itertools.product([32, 64, 128], [4, 8], [1, 2, 3, 4], [1, 2, 4, 8, 16])]
+               for bn, w, st, p in itertools.product(args.sweep_block_n, [4, 8], [2, 3, 4], [1, 2, 4, 8])]
     rows = []
     for batch, context in shapes:
         q, caches, lens = make_inputs(batch, context, n_copies_for(batch, context, 2, device), torch.bfloat16, device, gen)
@@ -245,6 +245,7 @@ def main(argv=None):
     parser.add_argument("--max-cache-bytes", type=int, default=24 * 2**30, help="skip larger K/V caches")
     parser.add_argument("--reps", type=int, default=20)
     parser.add_argument("--sweep", action="store_true", help="tune the kernel instead of the comparison table")
+    parser.add_argument("--sweep-block-n", type=int, nargs="+", default=[32, 64, 128])
     parser.add_argument("--quick", action="store_true", help="small shapes, for a smoke test")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)

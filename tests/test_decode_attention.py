@@ -76,6 +76,17 @@ def test_kernel_matches_reference(dtype, h, h_kv, tq, d, gen):
 
 
 @kernel
+def test_kernel_merges_more_chunks_than_one_combine_block(gen):
+    """70 chunks of 16 keys: the combine step merges them 32 at a time (three blocks, the last partial)."""
+    from effml_lib.kernels.decode_attention import decode_attention_triton
+
+    q, k, v = make(2, 4, 2, 1, 70 * 16, 16, torch.float32, gen, DEVICE)
+    context_lens = torch.tensor([70 * 16, 500], device=DEVICE)
+    got = decode_attention_triton(q, k, v, context_lens.int(), n_splits=70, block_n=16)
+    assert_close(got, decode_attention(q, k, v, context_lens, impl="torch"), what="70 chunks")
+
+
+@kernel
 def test_kernel_reads_strided_caches_and_public_entry_point(gen):
     q, k, v = make(2, 4, 2, 1, 50, 32, torch.float32, gen, DEVICE)
     k_strided = k.transpose(1, 2).contiguous().transpose(1, 2)  # (B, Hkv, S, D) view of (B, S, Hkv, D)

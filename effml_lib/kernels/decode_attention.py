@@ -7,7 +7,7 @@ chunks, one program per (sequence, KV head, chunk) — "flash decoding":
 1. ``_partial_kernel``: each program attends its group's G = H / Hkv query heads (x Tq queries) to
    its chunk of keys with an online softmax, and writes the chunk's normalised output and its
    log-sum-exp (LSE) of scores.
-2. ``_combine_kernel``: one program per (sequence, KV head) merges the chunks: with
+2. ``_combine_kernel``: one program per output row merges the chunks: with
    ``w_s = exp(lse_s - max lse)``, ``out = sum_s w_s * out_s / sum_s w_s`` — exactly the softmax over
    all keys, because each chunk's output is its own softmax-weighted average.
 
@@ -91,33 +91,35 @@ def _combine_kernel(
     part_out, part_lse, out,
     po_sb, po_sh, po_ss, po_sm, pl_sb, pl_sh, pl_ss, o_sb, o_sh, o_st, o_sd,
     n_kv_heads, q_len, n_splits,
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    bh = tl.program_id(0)
+    # One program per output row (sequence, query head, query): its chunks are merged BLOCK_S at a
+    # time, so a long context split many ways is still read with wide loads, by many programs.
+    bh, row = tl.program_id(0), tl.program_id(1)
     b, kv_head = (bh // n_kv_heads).to(tl.int64), bh % n_kv_heads
-    rows = tl.arange(0, BLOCK_M)
-    row_ok = rows < GROUP * q_len
     d = tl.arange(0, BLOCK_D)
-    tile_ok = row_ok[:, None] & (d < HEAD_DIM)[None, :]
-    lse_base = part_lse + b * pl_sb + kv_head * pl_sh
-    po_base = part_out + b * po_sb + kv_head * po_sh
+    d_ok = d < HEAD_DIM
+    lse_base = part_lse + b * pl_sb + kv_head * pl_sh + row
+    po_base = part_out + b * po_sb + kv_head * po_sh + row * po_sm
 
-    max_lse = tl.full((BLOCK_M,), float("-inf"), tl.float32)
-    for s in range(n_splits):
-        max_lse = tl.maximum(max_lse, tl.load(lse_base + s * pl_ss + rows, mask=row_ok, other=float("-inf")))
+    max_lse = float("-inf")
+    for s0 in range(0, n_splits, BLOCK_S):
+        s = s0 + tl.arange(0, BLOCK_S)
+        max_lse = tl.maximum(max_lse, tl.max(tl.load(lse_base + s * pl_ss, mask=s < n_splits, other=float("-inf"))))
     max_safe = tl.where(max_lse == float("-inf"), 0.0, max_lse)
-    total = tl.zeros((BLOCK_M,), tl.float32)
-    acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
-    for s in range(n_splits):
-        weight = tl.exp(tl.load(lse_base + s * pl_ss + rows, mask=row_ok, other=float("-inf")) - max_safe)
-        part = tl.load(po_base + s * po_ss + rows[:, None] * po_sm + d[None, :], mask=tile_ok, other=0.0)
-        acc += weight[:, None] * part
-        total += weight
-    result = acc / tl.where(total > 0, total, 1.0)[:, None]  # no visible key at all: zeros, as the reference
+    total = 0.0
+    acc = tl.zeros((BLOCK_D,), tl.float32)
+    for s0 in range(0, n_splits, BLOCK_S):
+        s = s0 + tl.arange(0, BLOCK_S)
+        s_ok = s < n_splits
+        weight = tl.exp(tl.load(lse_base + s * pl_ss, mask=s_ok, other=float("-inf")) - max_safe)  # (S,)
+        part = tl.load(po_base + s[:, None] * po_ss + d[None, :], mask=s_ok[:, None] & d_ok[None, :], other=0.0)
+        acc += tl.sum(weight[:, None] * part, axis=0)
+        total += tl.sum(weight)
+    result = acc / tl.where(total > 0, total, 1.0)  # no visible key at all: zeros, as the reference
 
-    head, query = kv_head * GROUP + rows // q_len, rows % q_len
-    tl.store(out + b * o_sb + head[:, None] * o_sh + query[:, None] * o_st + d[None, :] * o_sd,
-             result.to(out.dtype.element_ty), mask=tile_ok)
+    head, query = kv_head * GROUP + row // q_len, row % q_len
+    tl.store(out + b * o_sb + head * o_sh + query * o_st + d * o_sd, result.to(out.dtype.element_ty), mask=d_ok)
 
 
 @functools.lru_cache(maxsize=None)
@@ -181,10 +183,10 @@ def decode_attention_triton(
         GROUP=group, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, PRECISION=precision,
         DOT_IN_FP32=dot_in_fp32, num_warps=num_warps, num_stages=num_stages,
     )
-    _combine_kernel[(batch * n_kv_heads,)](
+    _combine_kernel[(batch * n_kv_heads, group * q_len)](
         part_out, part_lse, out,
         *part_out.stride()[:4], *part_lse.stride()[:3], *out.stride(),
         n_kv_heads, q_len, splits,
-        GROUP=group, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_D=block_d,
+        GROUP=group, HEAD_DIM=head_dim, BLOCK_S=min(32, triton.next_power_of_2(splits)), BLOCK_D=block_d,
     )
     return out
