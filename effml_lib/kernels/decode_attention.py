@@ -128,13 +128,14 @@ def _sm_count(device_index: int) -> int:
 
 
 def _num_splits(batch_heads: int, max_keys: int, block_n: int, device: torch.device, programs_per_sm: int) -> int:
-    """Enough chunks for ``programs_per_sm`` programs per SM (CUDA) or a handful (interpreter); each
-    chunk at least one tile. Decode is memory-bound, so what matters is enough loads in flight."""
+    """How many chunks to split each sequence's keys into: enough for ``programs_per_sm`` programs per
+    SM (a handful on the interpreter), each chunk at least one tile. Rounded down, never up: one
+    program too many would run alone in a second wave and nearly double the time."""
     if device.type == "cuda":
         target = programs_per_sm * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
     else:
         target = 4
-    return max(1, min(math.ceil(target / batch_heads), math.ceil(max_keys / block_n)))
+    return max(1, min(target // batch_heads, math.ceil(max_keys / block_n)))
 
 
 def decode_attention_triton(
@@ -154,14 +155,14 @@ def decode_attention_triton(
     Inputs are checked by ``attention.decode_attention``: H % Hkv == 0, 16 <= D, context_lens an int32
     ``(B,)`` tensor on q's device with ``Tq <= context_lens[b] <= S``. ``n_splits`` is for tests;
     ``block_n`` (keys per tile), ``num_warps``, ``num_stages`` and ``programs_per_sm`` are for tuning;
-    the defaults won ``python bench/decode_attention.py --sweep`` on an H100 (120 configurations x 6
-    shapes, within 1.5% of each shape's best on geometric mean; results in bench/results/).
+    the defaults come from ``python bench/decode_attention.py --sweep`` on an H100 and an H200 (within
+    5% of each shape's best on geometric mean over six shapes; results in bench/results/).
     """
     batch, n_heads, q_len, head_dim = q.shape
     n_kv_heads, max_keys = k.shape[1], k.shape[2]
     group = n_heads // n_kv_heads
     if block_n is None:
-        block_n = 16 if q.device.type == "cpu" else 64  # the interpreter is slow per element, not per tile
+        block_n = 16 if q.device.type == "cpu" else 128  # the interpreter is slow per element, not per tile
     block_m = max(16, triton.next_power_of_2(group * q_len))
     block_d = triton.next_power_of_2(head_dim)
     splits = n_splits or _num_splits(batch * n_kv_heads, max_keys, block_n, q.device, programs_per_sm)
