@@ -92,7 +92,8 @@ def _check_qkv(q, k, v, mask):
 
 
 def attention_reference(q, k, v, causal: bool = True, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """The readable reference: softmax(q k^T / sqrt(D) + mask) v, in float32, GQA by head groups.
+    """The readable reference: softmax(q k^T / sqrt(D) + mask) v, in float32 (float64 stays float64),
+    GQA by head groups.
 
     Grouping: the G = H // Hkv query heads that share one KV head are folded into the query-length
     axis, so one ordinary batched matmul serves the whole group and K/V are never repeated per query
@@ -103,7 +104,8 @@ def attention_reference(q, k, v, causal: bool = True, mask: torch.Tensor | None 
     b, h, tq, d = q.shape
     h_kv, tk = k.shape[1], k.shape[2]
     groups = h // h_kv
-    qf, kf, vf = q.float(), k.float(), v.float()
+    compute = torch.promote_types(q.dtype, torch.float32)
+    qf, kf, vf = q.to(compute), k.to(compute), v.to(compute)
 
     q_grouped = qf.reshape(b, h_kv, groups * tq, d)  # heads of a group are adjacent: (B, Hkv, G*Tq, D)
     scores = q_grouped @ kf.transpose(-2, -1) / math.sqrt(d)  # (B, Hkv, G*Tq, Tk)

@@ -11,9 +11,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .grading import guard
+
 
 def kv_cache_bytes(batch_size, seq_len, n_layers, n_kv_heads, head_dim, bytes_per_elem=2) -> int:
-    """Bytes of a KV cache holding ``seq_len`` tokens for ``batch_size`` sequences."""
+    """Bytes of a KV cache holding ``seq_len`` tokens for ``batch_size`` sequences (bytes_per_elem may be
+    fractional, 0.5 for int4; the total is rounded down to whole bytes)."""
+    guard("kvcache.kv_cache_bytes")
     for name, value in dict(
         batch_size=batch_size, seq_len=seq_len, n_layers=n_layers, n_kv_heads=n_kv_heads, head_dim=head_dim
     ).items():
@@ -161,6 +165,7 @@ class StaticKVCache(nn.Module):
         Returns the keys and values attention should see: the first ``visible`` positions, or the
         whole buffer when ``visible`` is None (the caller then masks the unwritten tail).
         """
+        guard("kvcache.StaticKVCache")
         if k_new.shape != v_new.shape:
             raise ValueError(f"k and v must have the same shape, got {tuple(k_new.shape)} and {tuple(v_new.shape)}")
         k_layer, v_layer = self.layer(layer)  # (B, Hkv, S, D)
