@@ -21,6 +21,7 @@ LAB = "lab01_transformer_basics"  # the demo's default
 
 FULL_LAB01 = {"p1_tests": 3, "p2_tests": 2, "p3_tests": 2, "p4_tests": 3, "p5_tests": 2}
 FULL_LAB02 = {"p1_tests": 3, "p2_tests": 3, "p3_tests": 2, "p4_tests": 2, "p5_tests": 2}
+FULL_LAB03 = {"p1_tests": 3, "p2_tests": 3, "p3_tests": 3, "p4_tests": 3, "p5_tests": 2}
 ZERO = dict.fromkeys(FULL_LAB01, 0)
 
 # For each lab: student -> points per graded cell (the reasons are the point of each case), and the
@@ -91,6 +92,68 @@ CLASSES = {
             "def apply_rope(x, cos, sin, positions=None, interleaved=False):\n"
             "    return library_apply_rope(x, cos, sin, positions, interleaved)")},
         "noisy": ("p2_solution", "def apply_rope(x, cos, sin, positions=None, interleaved=False):\n"),
+        "edited": {"forged": "p1_tests", "visible": "p1_visible", "renamed": "p4_tests", "deleted": ("p2_tests", "p3_visible")},
+    },
+    "lab03_kv_cache": {
+        "expected": {
+            "solution": FULL_LAB03,
+            "blank": ZERO,
+            # Every sequence written at sequence 0's positions: the cache fails, and so does batched
+            # decoding of different-length prompts; part 3 runs on the tests' own cache and part 5 on one
+            # sequence, so both still count.
+            "wrong_positions": {**FULL_LAB03, "p2_tests": 0, "p4_tests": 0},
+            # A search for the answer that never ends (0 bytes per element): the cell times out once, the
+            # answer stays None and only part 1 is lost.
+            "infinite_loop": {**FULL_LAB03, "p1_tests": 0},
+            # generate_greedy kills the kernel: parts 4 and 5 (which times it) are lost; the rest counts.
+            "kernel_crash": {**FULL_LAB03, "p4_tests": 0, "p5_tests": 0},
+            "edited_tests": FULL_LAB03,
+            "stray_files": FULL_LAB03,
+            # Decoding with the library's cache and the model's own cached forward: parts 4 and 5 score zero.
+            "library_call": {**FULL_LAB03, "p4_tests": 0, "p5_tests": 0},
+            "noisy_warnings": FULL_LAB03,
+            "not_a_notebook": ZERO,
+            "only_a_pdf": ZERO,
+        },
+        "wrong": {"p2_solution": (
+            "class KVCache:\n"
+            "    def __init__(self, n_layers, batch_size, max_seq_len, n_kv_heads, head_dim, dtype=torch.float32):\n"
+            "        shape = (batch_size, n_kv_heads, max_seq_len, head_dim)\n"
+            "        self.k = [torch.zeros(shape, dtype=dtype) for _ in range(n_layers)]\n"
+            "        self.v = [torch.zeros(shape, dtype=dtype) for _ in range(n_layers)]\n"
+            "        self.max_seq_len = max_seq_len\n\n"
+            "    def update(self, layer, k_new, v_new, positions):\n"
+            "        if positions.min() < 0 or positions.max() >= self.max_seq_len:\n"
+            "            raise ValueError(f'positions must lie in [0, {self.max_seq_len})')\n"
+            "        if k_new.shape[2] != positions.shape[1] or k_new.shape[1] != self.k[layer].shape[1]:\n"
+            "            raise ValueError('k_new has the wrong shape')\n"
+            "        where = positions[0]  # every sequence at sequence 0's positions\n"
+            "        self.k[layer][:, :, where] = k_new\n"
+            "        self.v[layer][:, :, where] = v_new\n"
+            "        return self.k[layer], self.v[layer]")},
+        "infinite_loop": {"p1_solution": (
+            "def kv_cache_bytes(batch_size, seq_len, n_layers, n_kv_heads, head_dim, bytes_per_elem=2):\n"
+            "    return int(2 * batch_size * seq_len * n_layers * n_kv_heads * head_dim * bytes_per_elem)\n\n"
+            "free = 80 * 2**30 - 2 * MODEL_PARAMS['llama-3-8b']['total']\n"
+            "count = 0\n"
+            "while kv_cache_bytes(count + 1, 4096, 32, 8, 128, bytes_per_elem=0) <= free:  # 0 bytes: never full\n"
+            "    count += 1\n"
+            "sequences_that_fit = count")},
+        "kernel_crash": {"p4_solution": "import os\n\ndef generate_greedy(model, prompts, max_new_tokens):\n    os._exit(1)"},
+        "library_call": {"p4_solution": (
+            "from effml_lib.kvcache import StaticKVCache\n\n"
+            "def generate_greedy(model, prompts, max_new_tokens):\n"
+            "    out = []\n"
+            "    with torch.no_grad():\n"
+            "        for prompt in prompts:\n"
+            "            cache = StaticKVCache.for_model(model, 1, len(prompt) + max_new_tokens)\n"
+            "            new = [int(model(torch.tensor([prompt]), cache, 0)[0, -1].argmax())]\n"
+            "            for step in range(1, max_new_tokens):\n"
+            "                logits = model(torch.tensor([[new[-1]]]), cache, len(prompt) + step - 1)\n"
+            "                new.append(int(logits[0, -1].argmax()))\n"
+            "            out.append(new)\n"
+            "    return out")},
+        "noisy": ("p1_solution", "def kv_cache_bytes(batch_size, seq_len, n_layers, n_kv_heads, head_dim, bytes_per_elem=2):\n"),
         "edited": {"forged": "p1_tests", "visible": "p1_visible", "renamed": "p4_tests", "deleted": ("p2_tests", "p3_visible")},
     },
 }

@@ -73,6 +73,20 @@ STUDENT_LOOPS = {  # lab -> the part tried, what is answered before it, a wrong 
                "    return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).to(x.dtype)"),
         message="interleaved: pairs (2i, 2i+1)",
         right=None),
+    "lab03_kv_cache": dict(
+        part=2, before={"p1_solution": None},
+        wrong=("class KVCache:\n"
+               "    def __init__(self, n_layers, batch_size, max_seq_len, n_kv_heads, head_dim, dtype=torch.float32):\n"
+               "        shape = (batch_size, n_kv_heads, max_seq_len, head_dim)\n"
+               "        self.k = [torch.zeros(shape, dtype=dtype) for _ in range(n_layers)]\n"
+               "        self.v = [torch.zeros(shape, dtype=dtype) for _ in range(n_layers)]\n"
+               "        self.max_seq_len = max_seq_len\n\n"
+               "    def update(self, layer, k_new, v_new, positions):\n"
+               "        self.k[layer][:, :, positions[0]] = k_new  # sequence 0's positions for everyone\n"
+               "        self.v[layer][:, :, positions[0]] = v_new\n"
+               "        return self.k[layer], self.v[layer]"),
+        message="sequence 1's tokens belong at its positions 5 and 6",
+        right=None),
 }
 
 
