@@ -159,8 +159,8 @@ class StaticKVCache(nn.Module):
     def update(self, layer: int, k_new, v_new, positions: torch.Tensor, visible: int | None):
         """Store k/v_new (B, Hkv, T, D) at ``positions`` (T,) of ``layer``.
 
-        Positions must lie in [0, max_seq_len): they are not checked here (that would need a device
-        sync every step); ``Transformer.forward`` checks them before any write.
+        Positions must lie in [0, max_seq_len). On the CPU they are checked here; on a GPU that would
+        cost a device sync every step, so ``Transformer.forward`` checks its start_pos before any write.
 
         Returns the keys and values attention should see: the first ``visible`` positions, or the
         whole buffer when ``visible`` is None (the caller then masks the unwritten tail).
@@ -176,6 +176,11 @@ class StaticKVCache(nn.Module):
             raise TypeError(f"k/v dtype {k_new.dtype} differs from the cache's {k_layer.dtype}")
         if positions.dim() != 1 or positions.shape[0] != k_new.shape[2]:
             raise ValueError(f"positions must have shape ({k_new.shape[2]},), got {tuple(positions.shape)}")
+        if positions.device.type == "cpu" and positions.numel() and not torch.compiler.is_compiling():
+            low, high = int(positions.min()), int(positions.max())
+            if low < 0 or high >= k_layer.shape[2]:
+                raise ValueError(f"cache overflow: positions must lie in [0, max_seq_len={k_layer.shape[2]}), "
+                                 f"got {low} to {high}")
         k_layer.index_copy_(2, positions, k_new)
         v_layer.index_copy_(2, positions, v_new)
         if visible is None:

@@ -89,3 +89,12 @@ def test_bad_arguments():
         cache.update(0, torch.zeros(1, 3, 1, 2), torch.zeros(1, 3, 1, 2), torch.tensor([0]), visible=1)
     with pytest.raises(TypeError, match="dtype"):
         cache.update(0, k.half(), k.half(), torch.tensor([0]), visible=1)
+
+
+def test_update_past_the_end_is_a_clear_error():
+    cache = StaticKVCache(n_layers=1, batch_size=1, max_seq_len=4, n_kv_heads=1, head_dim=2)
+    k = torch.zeros(1, 1, 2, 2)
+    with pytest.raises(ValueError, match=r"cache overflow: positions must lie in \[0, max_seq_len=4\), got 3 to 4"):
+        cache.update(0, k, k, torch.tensor([3, 4]), visible=None)
+    with pytest.raises(ValueError, match="cache overflow"):
+        cache.update(0, k, k, torch.tensor([-1, 0]), visible=None)
