@@ -106,3 +106,15 @@ def test_gpu_long_contexts(dtype, batch, context, gen):
     got = decode_attention(q, k, v, context_lens, impl="triton")
     expected = decode_attention(q.double(), k.double(), v.double(), context_lens, impl="torch")
     assert_close(got, expected, dtype, what=f"kernel at B={batch}, context {context}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("head_dim,q_len", [(64, 1), (256, 1), (128, 4)])
+def test_gpu_tile_sizes_fit_shared_memory(dtype, head_dim, q_len, gen):
+    """The default key tile shrinks where 3 buffered K/V tiles would not fit (fp32, head_dim 256)."""
+    q, k, v = make(2, 32, 8, q_len, 5000, head_dim, dtype, gen, DEVICE)
+    context_lens = torch.tensor([5000, 1234], device=DEVICE)
+    got = decode_attention(q, k, v, context_lens, impl="triton")
+    expected = decode_attention(q.double(), k.double(), v.double(), context_lens, impl="torch")
+    assert_close(got, expected, dtype, what=f"kernel at head_dim {head_dim}, {q_len} queries")

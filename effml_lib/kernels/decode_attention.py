@@ -127,6 +127,18 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+def _default_block_n(block_d: int, element_size: int, num_stages: int, device: torch.device) -> int:
+    """Keys per tile: 128 where ``num_stages`` buffered K and V tiles fit in ~200 KB of shared memory
+    (an H100 has 227 KB per block), else halved: bf16 at head_dim 128 takes 128, fp32 or head_dim 256
+    take 64. The interpreter runs per element, so small tiles keep CI fast there."""
+    if device.type != "cuda":
+        return 16
+    block_n = 128
+    while block_n > 16 and num_stages * 2 * block_n * block_d * element_size > 200 * 1024:
+        block_n //= 2
+    return block_n
+
+
 def _num_splits(batch_heads: int, max_keys: int, block_n: int, device: torch.device, programs_per_sm: int) -> int:
     """How many chunks to split each sequence's keys into: enough for ``programs_per_sm`` programs per
     SM (a handful on the interpreter), each chunk at least one tile. Rounded down, never up: one
@@ -161,10 +173,10 @@ def decode_attention_triton(
     batch, n_heads, q_len, head_dim = q.shape
     n_kv_heads, max_keys = k.shape[1], k.shape[2]
     group = n_heads // n_kv_heads
-    if block_n is None:
-        block_n = 16 if q.device.type == "cpu" else 128  # the interpreter is slow per element, not per tile
     block_m = max(16, triton.next_power_of_2(group * q_len))
     block_d = triton.next_power_of_2(head_dim)
+    if block_n is None:
+        block_n = _default_block_n(block_d, q.element_size(), num_stages, q.device)
     splits = n_splits or _num_splits(batch * n_kv_heads, max_keys, block_n, q.device, programs_per_sm)
     keys_per_split = math.ceil(math.ceil(max_keys / splits) / block_n) * block_n
 
