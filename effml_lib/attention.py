@@ -13,6 +13,8 @@ rely on it in that case.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import math
 
 import torch
@@ -260,3 +262,59 @@ class Attention(nn.Module):
             impl = "sdpa"
         out = attention(q, k, v, causal=mask is None, mask=mask, impl=impl)  # (B, H, T, D)
         return self.wo(out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
+
+
+def _pool_heads(linear: nn.Linear, n_groups: int, head_dim: int) -> nn.Linear:
+    """A new projection whose ``n_groups`` output heads are the means of consecutive groups of ``linear``'s heads."""
+    n_heads = linear.out_features // head_dim
+    group = n_heads // n_groups
+    pooled = nn.Linear(linear.in_features, n_groups * head_dim, bias=linear.bias is not None,
+                       device=linear.weight.device, dtype=linear.weight.dtype)
+    exact = torch.promote_types(linear.weight.dtype, torch.float32)  # average in fp32 (fp64 stays), round once
+    with torch.no_grad():
+        # (Hkv_old * D, in) -> (n_groups, group, D, in): heads g*group .. (g+1)*group-1 form group g
+        weight = linear.weight.to(exact).view(n_groups, group, head_dim, linear.in_features)
+        pooled.weight.copy_(weight.mean(dim=1).reshape(n_groups * head_dim, linear.in_features))
+        if linear.bias is not None:
+            pooled.bias.copy_(linear.bias.to(exact).view(n_groups, group, head_dim).mean(dim=1).reshape(-1))
+    return pooled
+
+
+def _attention_to_gqa(attention: "Attention", n_kv_heads: int) -> None:
+    """Pool ``attention``'s K and V projections, in place, down to ``n_kv_heads`` heads."""
+    if attention.n_kv_heads % n_kv_heads:
+        raise ValueError(f"n_kv_heads ({n_kv_heads}) must divide the module's {attention.n_kv_heads} KV heads: "
+                         f"each new head is the mean of a whole group of old ones")
+    attention.wk = _pool_heads(attention.wk, n_kv_heads, attention.head_dim)
+    attention.wv = _pool_heads(attention.wv, n_kv_heads, attention.head_dim)
+    attention.n_kv_heads = n_kv_heads
+
+
+def mha_to_gqa(module_or_model, n_kv_heads: int):
+    """A copy of an ``Attention`` module or a whole ``Transformer`` with ``n_kv_heads`` key/value heads.
+
+    The conversion of the GQA paper (Ainslie et al., 2023): each new K (and V) projection head is the
+    mean of the group of heads whose queries will share it, heads ``g*G .. (g+1)*G - 1`` for group g,
+    which is the grouping attention uses (query head h reads KV head h // (H / Hkv)). Mean-pooling
+    before RoPE equals pooling after it: RoPE rotates every head of a position alike, a linear map.
+    Works from MHA or from a GQA model with a multiple of ``n_kv_heads`` heads; the input is unchanged.
+    """
+    guard("attention.mha_to_gqa")
+    if isinstance(n_kv_heads, bool) or not isinstance(n_kv_heads, int) or n_kv_heads <= 0:
+        raise ValueError(f"n_kv_heads must be a positive int, got {n_kv_heads!r}")
+    if isinstance(module_or_model, Attention):
+        converted = copy.deepcopy(module_or_model)
+        _attention_to_gqa(converted, n_kv_heads)
+        return converted
+    layers, config = getattr(module_or_model, "layers", None), getattr(module_or_model, "config", None)
+    if layers is None or config is None or not all(isinstance(getattr(b, "attention", None), Attention) for b in layers):
+        raise TypeError(f"mha_to_gqa takes an attention.Attention or a model.Transformer, "
+                        f"got {type(module_or_model).__name__}")
+    if config.n_kv_heads % n_kv_heads:
+        raise ValueError(f"n_kv_heads ({n_kv_heads}) must divide the model's {config.n_kv_heads} KV heads: "
+                         f"each new head is the mean of a whole group of old ones")
+    converted = copy.deepcopy(module_or_model)
+    for block in converted.layers:
+        _attention_to_gqa(block.attention, n_kv_heads)
+    converted.config = dataclasses.replace(config, n_kv_heads=n_kv_heads)
+    return converted
