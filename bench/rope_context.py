@@ -33,12 +33,11 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from effml_lib import data  # noqa: E402
 from effml_lib.checkpoints import pretrained  # noqa: E402
 from effml_lib.device import get_device  # noqa: E402
 from effml_lib.measure import device_slug, save_result  # noqa: E402
 from effml_lib.tokenizer import load_tokenizer  # noqa: E402
-from effml_lib.train import configure_optimizer, load_split_tokens, lr_at  # noqa: E402
+from effml_lib.train import continue_training, load_split_tokens  # noqa: E402
 
 TRAINED_CONTEXT = 512
 VARIANTS = {  # name -> rope scaling
@@ -76,25 +75,7 @@ def loss_by_position(model, windows: torch.Tensor, batch_size: int, device, auto
 
 def fine_tune(model, train_tokens, args, device, autocast) -> list[float]:
     """A short fine-tune at the long context; returns the training loss every 10 steps."""
-    model.train()
-    optimizer = configure_optimizer(model, args.lr, weight_decay=0.1)
-    generator = torch.Generator().manual_seed(0)
-    losses = []
-    for step in range(args.steps):
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, args.lr, warmup=max(1, args.steps // 10), total=args.steps)
-        x, y = data.random_batches(train_tokens, args.batch_size, args.seq_len, generator, device=device)
-        with autocast():
-            logits = model.forward_unchecked(x)
-        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        if step % 10 == 0 or step == args.steps - 1:
-            losses.append(loss.item())
-    model.eval()
-    return losses
+    return continue_training(model, train_tokens, args.steps, args.batch_size, args.seq_len, args.lr, device, autocast)
 
 
 def summarize(curve: torch.Tensor) -> dict:

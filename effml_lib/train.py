@@ -80,6 +80,32 @@ def configure_optimizer(model, lr: float, weight_decay: float):
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8, fused=fused)
 
 
+def continue_training(model, train_tokens, steps: int, batch_size: int, seq_len: int, lr: float, device,
+                      autocast=None, seed: int = 0) -> list[float]:
+    """A short run of further training (fine-tuning, uptraining after a conversion): AdamW, warm-up
+    over a tenth of the steps, cosine decay, clipped gradients. Returns the loss every 10 steps."""
+    autocast = autocast or contextlib.nullcontext
+    model.train()
+    optimizer = configure_optimizer(model, lr, weight_decay=0.1)
+    generator = torch.Generator().manual_seed(seed)
+    losses = []
+    for step in range(steps):
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, lr, warmup=max(1, steps // 10), total=steps)
+        x, y = data.random_batches(train_tokens, batch_size, seq_len, generator, device=device)
+        with autocast():
+            logits = model.forward_unchecked(x)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        if step % 10 == 0 or step == steps - 1:
+            losses.append(loss.item())
+    model.eval()
+    return losses
+
+
 def load_split_tokens(split: str, data_dir: str | None) -> torch.Tensor:
     if data_dir is None:
         return data.load_tokens(split)

@@ -54,3 +54,16 @@ def test_bad_arguments(tmp_path):
         main(["--steps", "0"])
     with pytest.raises(FileNotFoundError, match="train.pt"):
         main(["--preset", "test", "--steps", "1", "--data-dir", str(tmp_path), "--out", str(tmp_path / "x")])
+
+
+def test_continue_training_lowers_the_loss_and_leaves_eval_mode():
+    from effml_lib.model import ModelConfig, Transformer
+    from effml_lib.train import continue_training
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=16, dim=32, n_layers=1, n_heads=2, hidden_dim=64, max_seq_len=32))
+    tokens = torch.arange(16).repeat(200)  # a cycle: next token = current + 1 (mod 16)
+    losses = continue_training(model, tokens, steps=60, batch_size=8, seq_len=16, lr=3e-3, device="cpu")
+    assert len(losses) == 7, "a loss every 10 steps, and the last step's"
+    assert losses[-1] < 0.5 * losses[0], f"60 steps on a 16-token cycle should halve the loss: {losses}"
+    assert not model.training
