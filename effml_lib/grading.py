@@ -59,6 +59,10 @@ BLOCKED_DURING: dict[tuple[str, str], tuple[str, ...]] = {
     ("lab03", "forward"): ("kvcache.StaticKVCache",),
     ("lab03", "generate"): ("kvcache.StaticKVCache",),
     ("lab03", "performance"): ("kvcache.StaticKVCache",),
+    ("lab04", "attention"): ("attention.attention", TORCH_SDPA),
+    ("lab04", "pooling"): ("attention.mha_to_gqa",),
+    ("lab04", "conversion"): ("attention.mha_to_gqa",),
+    ("lab04", "memory"): ("attention.attention", TORCH_SDPA),
 }
 
 SDPA_MESSAGE = ("F.scaled_dot_product_attention is unavailable while this part is graded: "
