@@ -22,6 +22,7 @@ LAB = "lab01_transformer_basics"  # the demo's default
 FULL_LAB01 = {"p1_tests": 3, "p2_tests": 2, "p3_tests": 2, "p4_tests": 3, "p5_tests": 2}
 FULL_LAB02 = {"p1_tests": 3, "p2_tests": 3, "p3_tests": 2, "p4_tests": 2, "p5_tests": 2}
 FULL_LAB03 = {"p1_tests": 3, "p2_tests": 3, "p3_tests": 3, "p4_tests": 3, "p5_tests": 2}
+FULL_LAB04 = {"p1_tests": 3, "p2_tests": 2, "p3_tests": 3, "p4_tests": 2}
 ZERO = dict.fromkeys(FULL_LAB01, 0)
 
 # For each lab: student -> points per graded cell (the reasons are the point of each case), and the
@@ -154,6 +155,52 @@ CLASSES = {
             "            out.append(new)\n"
             "    return out")},
         "noisy": ("p1_solution", "def kv_cache_bytes(batch_size, seq_len, n_layers, n_kv_heads, head_dim, bytes_per_elem=2):\n"),
+        "edited": {"forged": "p1_tests", "visible": "p1_visible", "renamed": "p4_tests", "deleted": ("p2_tests", "p3_visible")},
+    },
+    "lab04_gqa": {
+        "expected": {
+            "solution": FULL_LAB04,
+            "blank": dict.fromkeys(FULL_LAB04, 0),
+            # Query head h reads KV head h % Hkv (interleaved groups): part 1 fails; part 4 runs MQA, where
+            # every grouping is the same, so it still counts.
+            "wrong_groups": {**FULL_LAB04, "p1_tests": 0},
+            # The conversion never returns: only part 3 is lost.
+            "infinite_loop": {**FULL_LAB04, "p3_tests": 0},
+            # grouped_attention kills the kernel: parts 1 and 4 (which measures it) are lost.
+            "kernel_crash": {**FULL_LAB04, "p1_tests": 0, "p4_tests": 0},
+            "edited_tests": FULL_LAB04,
+            "stray_files": FULL_LAB04,
+            # The conversion is the library's mha_to_gqa: part 3 scores zero.
+            "library_call": {**FULL_LAB04, "p3_tests": 0},
+            "noisy_warnings": FULL_LAB04,
+            "not_a_notebook": dict.fromkeys(FULL_LAB04, 0),
+            "only_a_pdf": dict.fromkeys(FULL_LAB04, 0),
+        },
+        "wrong": {"p1_solution": (
+            "def grouped_attention(q, k, v, causal=True):\n"
+            "    b, h, tq, d = q.shape\n"
+            "    h_kv, tk = k.shape[1], k.shape[2]\n"
+            "    g = h // h_kv\n"
+            "    # heads h, h + Hkv, h + 2 Hkv, ... share a KV head: interleaved, not adjacent\n"
+            "    q_grouped = q.float().view(b, g, h_kv, tq, d).transpose(1, 2).reshape(b, h_kv, g * tq, d)\n"
+            "    scores = q_grouped @ k.float().transpose(-2, -1) / math.sqrt(d)\n"
+            "    if causal:\n"
+            "        visible = torch.ones(tq, tk, dtype=torch.bool).tril(tk - tq)\n"
+            "        scores = scores.view(b, h_kv, g, tq, tk).masked_fill(~visible, float('-inf')).view(b, h_kv, g * tq, tk)\n"
+            "    out = scores.softmax(-1) @ v.float()\n"
+            "    return out.view(b, h_kv, g, tq, d).transpose(1, 2).reshape(b, h, tq, d).to(q.dtype)")},
+        "infinite_loop": {"p3_solution": (
+            "import copy\nimport dataclasses\n\n"
+            "def convert_to_gqa(model, n_kv_heads):\n"
+            "    converted = copy.deepcopy(model)\n"
+            "    while converted.config.n_kv_heads != n_kv_heads:  # never updated: loops for ever\n"
+            "        pass\n"
+            "    return converted")},
+        "kernel_crash": {"p1_solution": "import os\n\ndef grouped_attention(q, k, v, causal=True):\n    os._exit(1)"},
+        "library_call": {"p3_solution": (
+            "from effml_lib.attention import mha_to_gqa\n\n"
+            "def convert_to_gqa(model, n_kv_heads):\n    return mha_to_gqa(model, n_kv_heads)")},
+        "noisy": ("p2_solution", "def pool_heads(weight, head_dim, n_groups):\n"),
         "edited": {"forged": "p1_tests", "visible": "p1_visible", "renamed": "p4_tests", "deleted": ("p2_tests", "p3_visible")},
     },
 }

@@ -41,7 +41,7 @@ LABS = list(demo.CLASSES)
 CASES = [(lab, student) for lab in LABS for student in demo.CLASSES[lab]["expected"]]
 # What the wrong answer's feedback must say: the hidden test's message about that mistake.
 WRONG_ANSWER_MESSAGE = {"lab01_transformer_basics": "LayerNorm", "lab02_rope": "interleaved=True",
-                        "lab03_kv_cache": "must go to its own positions"}
+                        "lab03_kv_cache": "must go to its own positions", "lab04_gqa": "uses KV head i // 4"}
 
 
 @pytest.fixture(scope="module")

@@ -87,6 +87,14 @@ STUDENT_LOOPS = {  # lab -> the part tried, what is answered before it, a wrong 
                "        return self.k[layer], self.v[layer]"),
         message="sequence 1's tokens belong at its positions 5 and 6",
         right=None),
+    "lab04_gqa": dict(
+        part=2, before={},
+        wrong=("def pool_heads(weight, head_dim, n_groups):\n"
+               "    n_heads = weight.shape[0] // head_dim\n"
+               "    grouped = weight.reshape(n_heads // n_groups, n_groups, head_dim, *weight.shape[1:])\n"
+               "    return grouped.mean(0).reshape(n_groups * head_dim, *weight.shape[1:])  # heads g, g+n, ...: strided"),
+        message="new head 0 = mean of old heads 0 and 1",
+        right=None),
 }
 
 
