@@ -193,6 +193,28 @@ def without_sdpa_ban(fn):
     return getattr(fn, "_effml_for_timing", fn)
 
 
+def close_enough(actual, expected, atol: float, rtol: float) -> bool:
+    """For hidden tests: True when ``actual`` is a tensor of ``expected``'s shape and every element is
+    within ``atol + rtol * |expected|`` (compared in float64)."""
+    if not isinstance(actual, torch.Tensor) or actual.shape != expected.shape:
+        return False
+    return bool(torch.isclose(actual.double(), expected.double(), atol=atol, rtol=rtol).all())
+
+
+def expect_value_error(call, name: str, what: str) -> None:
+    """For hidden tests: ``call()`` must raise a ValueError whose message names ``name``; ``what``
+    describes the bad input, for the student's message. Anything else raised fails with its type."""
+    try:
+        call()
+    except ValueError as error:
+        assert name in str(error), f"the error for {what} should name {name}: {error}"
+        return
+    except Exception as error:  # noqa: BLE001 - a student's code may raise anything
+        raise AssertionError(f"{what} should raise a ValueError naming {name}, "
+                             f"got {type(error).__name__}: {error}") from None
+    raise AssertionError(f"{what} must raise a ValueError naming {name}")
+
+
 class _Collector:
     """A pytest plugin: hands the student's namespace to tests and records outcomes without code."""
 
@@ -211,9 +233,24 @@ class _Collector:
         namespace = self.namespace
 
         class StudentFixture:
+            # The fixtures every lab's hidden tests share; a lab's own conftest.py adds the rest.
             @pytest.fixture
             def student(self):
                 return types.SimpleNamespace(**namespace)
+
+            @pytest.fixture
+            def gen(self):
+                return torch.Generator().manual_seed(2026)
+
+            @pytest.fixture
+            def close(self):
+                """``close(actual, expected, atol, rtol)``"""
+                return close_enough
+
+            @pytest.fixture
+            def value_error(self):
+                """``value_error(call, name, what)``"""
+                return expect_value_error
 
         config.pluginmanager.register(StudentFixture(), "effml-student")
 

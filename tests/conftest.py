@@ -1,6 +1,8 @@
-"""Shared test helpers: seeded inputs and per-dtype tolerances."""
+"""Shared test helpers: seeded inputs, per-dtype tolerances, and the labs' solved namespaces."""
 
 import os
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,6 +11,8 @@ import torch
 # when a kernel is defined, so it is set before any test imports effml_lib.kernels.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+ROOT = Path(__file__).resolve().parents[1]
 
 # (atol, rtol) by dtype, for comparing a fast path with a float32/float64 reference
 TOLERANCES = {
@@ -39,3 +43,31 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def lab_solution(name: str) -> dict:
+    """What a student who solved lab ``name`` (e.g. "lab03_kv_cache") has defined: the nbgrader
+    source's code cells run in order with their solutions; graded cells and visible tests are skipped
+    (they only check)."""
+    import nbformat
+
+    namespace = {}
+    for cell in nbformat.read(ROOT / "solutions" / name / f"{name}.ipynb", as_version=4).cells:
+        grade_id = cell.metadata.get("nbgrader", {}).get("grade_id", "")
+        if cell.cell_type != "code" or grade_id.endswith(("_tests", "_visible")):
+            continue
+        exec(re.sub(r"\n? *### (BEGIN|END) SOLUTION", "", cell.source), namespace)
+    return namespace
+
+
+def assert_part_fails(lab: str, part: str, namespace: dict, mistake: str) -> None:
+    """Lab ``lab``'s hidden tests of ``part`` must reject a submission with ``mistake``, and by a failing
+    test, not by crashing."""
+    from effml_lib.grading import run_hidden_tests
+
+    try:
+        run_hidden_tests(lab, part, namespace)
+    except AssertionError as failure:
+        assert "hidden test" in str(failure), f"{part}: failed for another reason than its tests: {failure}"
+        return
+    pytest.fail(f"{lab} {part}: the hidden tests passed a submission with this mistake: {mistake}")

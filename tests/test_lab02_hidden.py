@@ -1,40 +1,26 @@
 """Lab 02's hidden suites (grading/hidden/lab02) pass the solution and fail realistic mistakes."""
 
-import re
 import types
-from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import assert_part_fails, lab_solution
 from effml_lib.grading import run_hidden_tests
 
 nbformat = pytest.importorskip("nbformat", reason="the lab tooling is in the dev extra")
 
-SOURCE = Path(__file__).parents[1] / "solutions" / "lab02_rope" / "lab02_rope.ipynb"
 PARTS = ["frequencies", "apply_rope", "conversion", "distance", "performance"]
 
 
 @pytest.fixture(scope="module")
 def solution():
-    """What a student who solved the lab has defined: the source's cells run with solutions filled in
-    (graded cells and the not-graded timing cell skipped)."""
-    namespace = {}
-    for cell in nbformat.read(SOURCE, as_version=4).cells:
-        if cell.cell_type != "code" or "BEGIN HIDDEN TESTS" in cell.source or "benchmark(" in cell.source:
-            continue
-        exec(re.sub(r"\n? *### (BEGIN|END) SOLUTION", "", cell.source), namespace)
-    return namespace
+    return lab_solution("lab02_rope")
 
 
 def fails(part, namespace, mistake):
     """The part's hidden tests must reject a submission with ``mistake``."""
-    try:
-        run_hidden_tests("lab02", part, namespace)
-    except AssertionError as failure:
-        assert "hidden test" in str(failure), f"{part}: failed for another reason than its tests: {failure}"
-        return
-    pytest.fail(f"lab02 {part}: the hidden tests passed a submission with this mistake: {mistake}")
+    assert_part_fails("lab02", part, namespace, mistake)
 
 
 @pytest.mark.parametrize("part", PARTS)

@@ -1,31 +1,21 @@
 """Lab 03's hidden suites (grading/hidden/lab03) pass the solution and fail realistic mistakes."""
 
-import re
 import types
-from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import assert_part_fails, lab_solution
 from effml_lib.grading import run_hidden_tests
 
 nbformat = pytest.importorskip("nbformat", reason="the lab tooling is in the dev extra")
 
-SOURCE = Path(__file__).parents[1] / "solutions" / "lab03_kv_cache" / "lab03_kv_cache.ipynb"
 PARTS = ["bytes", "cache", "forward", "generate", "performance"]
 
 
 @pytest.fixture(scope="module")
 def solution():
-    """What a student who solved the lab has defined: the source's cells run with solutions filled in
-    (graded cells, visible tests and the not-graded timing cell skipped: they only check)."""
-    namespace = {}
-    for cell in nbformat.read(SOURCE, as_version=4).cells:
-        grade_id = cell.metadata.get("nbgrader", {}).get("grade_id", "")
-        if cell.cell_type != "code" or grade_id.endswith(("_tests", "_visible")):
-            continue
-        exec(re.sub(r"\n? *### (BEGIN|END) SOLUTION", "", cell.source), namespace)
-    return namespace
+    return lab_solution("lab03_kv_cache")
 
 
 def rebound(namespace, **functions):
@@ -40,12 +30,7 @@ def rebound(namespace, **functions):
 
 def fails(part, namespace, mistake):
     """The part's hidden tests must reject a submission with ``mistake``."""
-    try:
-        run_hidden_tests("lab03", part, namespace)
-    except AssertionError as failure:
-        assert "hidden test" in str(failure), f"{part}: failed for another reason than its tests: {failure}"
-        return
-    pytest.fail(f"lab03 {part}: the hidden tests passed a submission with this mistake: {mistake}")
+    assert_part_fails("lab03", part, namespace, mistake)
 
 
 @pytest.mark.parametrize("part", PARTS)

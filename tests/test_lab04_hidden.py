@@ -3,40 +3,27 @@
 import copy
 import dataclasses
 import math
-import re
 import types
-from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import assert_part_fails, lab_solution
 from effml_lib.grading import run_hidden_tests
 
 nbformat = pytest.importorskip("nbformat", reason="the lab tooling is in the dev extra")
 
-SOURCE = Path(__file__).parents[1] / "solutions" / "lab04_gqa" / "lab04_gqa.ipynb"
 PARTS = ["attention", "pooling", "conversion", "memory"]
 
 
 @pytest.fixture(scope="module")
 def solution():
-    """What a student who solved the lab has defined (graded cells, visible tests and the timing cell skipped)."""
-    namespace = {}
-    for cell in nbformat.read(SOURCE, as_version=4).cells:
-        grade_id = cell.metadata.get("nbgrader", {}).get("grade_id", "")
-        if cell.cell_type != "code" or grade_id.endswith(("_tests", "_visible")):
-            continue
-        exec(re.sub(r"\n? *### (BEGIN|END) SOLUTION", "", cell.source), namespace)
-    return namespace
+    return lab_solution("lab04_gqa")
 
 
 def fails(part, namespace, mistake):
-    try:
-        run_hidden_tests("lab04", part, namespace)
-    except AssertionError as failure:
-        assert "hidden test" in str(failure), f"{part}: failed for another reason than its tests: {failure}"
-        return
-    pytest.fail(f"lab04 {part}: the hidden tests passed a submission with this mistake: {mistake}")
+    """The part's hidden tests must reject a submission with ``mistake``."""
+    assert_part_fails("lab04", part, namespace, mistake)
 
 
 @pytest.mark.parametrize("part", PARTS)

@@ -40,14 +40,6 @@ def test_input_unchanged(student, gen):
 
 
 @pytest.mark.parametrize("n_groups", [4, 5])
-def test_groups_that_do_not_divide(student, gen, n_groups):
+def test_groups_that_do_not_divide(student, gen, value_error, n_groups):
     weight = torch.randn(6 * 2, 3, generator=gen)
-    try:
-        student.pool_heads(weight, 2, n_groups)
-    except ValueError as error:
-        assert "n_groups" in str(error), f"the error for n_groups={n_groups} with 6 heads should name n_groups: {error}"
-        return
-    except Exception as error:  # noqa: BLE001
-        raise AssertionError(f"n_groups={n_groups} with 6 heads should raise a ValueError naming n_groups, "
-                             f"got {type(error).__name__}: {error}") from None
-    raise AssertionError(f"n_groups={n_groups} does not divide 6 heads: raise a ValueError naming n_groups")
+    value_error(lambda: student.pool_heads(weight, 2, n_groups), "n_groups", f"n_groups={n_groups} with 6 heads")
