@@ -57,36 +57,19 @@ def test_release_hides_solutions_and_hidden_tests(source):
     assert "raise NotImplementedError()" in text
 
 
-STUDENT_LOOPS = {  # lab -> the part tried, what is answered before it, a wrong answer, its message, the fix
+# lab -> the part tried, what is answered before it, a wrong answer, its message, the fix. None stands for
+# the source's solution (before, right) or the demo class's wrong answer to that part (wrong).
+STUDENT_LOOPS = {
     "lab01_transformer_basics": dict(
         part=2, before={},
         wrong="def rms_norm(x, weight, eps=1e-5):\n    return weight * x / x.abs().mean(-1, keepdim=True)",
         message="rms of [3, 4] is sqrt(12.5)",
         right=("def rms_norm(x, weight, eps=1e-5):\n    xf = x.float()\n"
                "    return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)")),
-    "lab02_rope": dict(
-        part=2, before={"p1_solution": None},  # None: the source's solution
-        wrong=("def apply_rope(x, cos, sin, positions=None, interleaved=False):\n"
-               "    positions = torch.arange(x.shape[2]) if positions is None else positions\n"
-               "    c, s = cos[positions], sin[positions]\n"
-               "    x1, x2 = x.float().chunk(2, dim=-1)\n"
-               "    return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).to(x.dtype)"),
-        message="interleaved: pairs (2i, 2i+1)",
-        right=None),
-    "lab03_kv_cache": dict(
-        part=2, before={"p1_solution": None},
-        wrong=("class KVCache:\n"
-               "    def __init__(self, n_layers, batch_size, max_seq_len, n_kv_heads, head_dim, dtype=torch.float32):\n"
-               "        shape = (batch_size, n_kv_heads, max_seq_len, head_dim)\n"
-               "        self.k = [torch.zeros(shape, dtype=dtype) for _ in range(n_layers)]\n"
-               "        self.v = [torch.zeros(shape, dtype=dtype) for _ in range(n_layers)]\n"
-               "        self.max_seq_len = max_seq_len\n\n"
-               "    def update(self, layer, k_new, v_new, positions):\n"
-               "        self.k[layer][:, :, positions[0]] = k_new  # sequence 0's positions for everyone\n"
-               "        self.v[layer][:, :, positions[0]] = v_new\n"
-               "        return self.k[layer], self.v[layer]"),
-        message="sequence 1's tokens belong at its positions 5 and 6",
-        right=None),
+    "lab02_rope": dict(part=2, before={"p1_solution": None}, wrong=None,
+                       message="interleaved: pairs (2i, 2i+1)", right=None),
+    "lab03_kv_cache": dict(part=2, before={"p1_solution": None}, wrong=None,
+                           message="sequence 1's tokens belong at its positions 5 and 6", right=None),
     "lab04_gqa": dict(
         part=2, before={},
         wrong=("def pool_heads(weight, head_dim, n_groups):\n"
@@ -96,6 +79,16 @@ STUDENT_LOOPS = {  # lab -> the part tried, what is answered before it, a wrong 
         message="new head 0 = mean of old heads 0 and 1",
         right=None),
 }
+
+
+def demo_class_wrong_answer(lab: str, grade_id: str) -> str:
+    """The wrong answer the lab's demo class (grading/demo_submissions.py) gives to ``grade_id``."""
+    sys.path.insert(0, str(ROOT / "grading"))
+    try:
+        import demo_submissions
+    finally:
+        sys.path.pop(0)
+    return demo_submissions.CLASSES[lab]["wrong"][grade_id]
 
 
 @pytest.mark.parametrize("name", list(STUDENT_LOOPS))
@@ -118,7 +111,7 @@ def test_a_student_fails_a_visible_test_with_a_clear_message_then_passes(name, t
         for grade_id, code in loop["before"].items():
             by_id[grade_id].source = code or solutions[grade_id]
             run(by_id[grade_id])
-        by_id[solution_id].source = loop["wrong"]
+        by_id[solution_id].source = loop["wrong"] or demo_class_wrong_answer(name, solution_id)
         run(by_id[solution_id])
         run(by_id[visible_id])
         errors = [o for o in by_id[visible_id].outputs if o.output_type == "error"]
