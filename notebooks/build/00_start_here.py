@@ -4,6 +4,9 @@
     .venv/bin/jupyter nbconvert --to notebook --execute --inplace notebooks/00_start_here.ipynb
 """
 import nbformat as nbf
+
+from nbcells import COLAB_SETUP
+
 nb = nbf.v4.new_notebook()
 md, code = nbf.v4.new_markdown_cell, nbf.v4.new_code_cell
 cells = [
@@ -15,13 +18,7 @@ standard library's own source code. It ends with a first measurement — how fas
 your device — and compares that with a 7-billion-parameter model on an H100.
 
 Runs in well under a minute on a laptop CPU."""),
-code("""# On Google Colab: fetch the course (code, shipped weights, benchmark results) and install it.
-# Elsewhere `make lab` has already done this and the cell does nothing.
-import sys
-if "google.colab" in sys.modules:
-    !git clone -q --depth 1 https://github.com/effml/effml /content/effml
-    %pip install -q -e "/content/effml[dev]"
-    sys.path.insert(0, "/content/effml")  # the editable install is visible without a restart"""),
+code(COLAB_SETUP),
 code("""# parameters: sizes for the measurement below (raise them on a GPU)
 contexts = [16, 64, 256, 1024]   # prompt lengths (tokens) for the decode-speed sweep
 new_tokens = 32                  # tokens generated per timing

@@ -36,15 +36,7 @@ In this notebook we
 Runs in about a minute on a 2-core laptop CPU, most of it section 5's 2048-token forward passes.
 """)
 
-code(r'''
-# On Google Colab: fetch the course (code, shipped weights, benchmark results) and install it.
-# Elsewhere `make lab` has already done this and the cell does nothing.
-import sys
-if "google.colab" in sys.modules:
-    !git clone -q --depth 1 https://github.com/effml/effml /content/effml
-    %pip install -q -e "/content/effml[dev]"
-    sys.path.insert(0, "/content/effml")  # the editable install is visible without a restart
-''')
+notebook.colab_setup()
 
 code(r'''
 # parameters: sizes for the measurements (raise them on a GPU)

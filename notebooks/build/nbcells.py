@@ -7,6 +7,15 @@ from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
 NOTEBOOKS = Path(__file__).resolve().parents[1]
 
+# Every notebook's first code cell: on Colab there is no `make lab`, so the course installs itself.
+COLAB_SETUP = """# On Google Colab: fetch the course (code, shipped weights, benchmark results) and install it.
+# Elsewhere `make lab` has already done this and the cell does nothing.
+import sys
+if "google.colab" in sys.modules:
+    !git clone -q --depth 1 https://github.com/effml/effml /content/effml
+    %pip install -q -e "/content/effml[dev]"
+    sys.path.insert(0, "/content/effml")  # the editable install is visible without a restart"""
+
 
 class CourseNotebook:
     """``md``/``code`` append cells (``tags=["parameters"]`` marks the sizes cell); ``write`` saves
@@ -23,6 +32,9 @@ class CourseNotebook:
         if tags:
             cell.metadata["tags"] = tags
         self.cells.append(cell)
+
+    def colab_setup(self):
+        self.code(COLAB_SETUP)
 
     def write(self):
         nb = new_notebook(cells=self.cells)
