@@ -244,7 +244,7 @@ class Attention(nn.Module):
         """x (B, T, dim); rope_cos/rope_sin (T, D/2): the rotation of each of x's positions.
 
         ``layer_cache`` is a callable ``(k, v) -> (k_all, v_all)`` that stores this step's keys/values
-        and returns everything visible so far (see ``kvcache.StaticKVCache.update``). ``mask`` is the
+        and returns everything visible so far (see ``kvcache.StaticKVCache.write``). ``mask`` is the
         model's static-cache mask: it carries causality and leaves every query at least key 0, which
         is what lets ``impl="auto"`` hand it to SDPA (whose rows with no key would be NaN).
         """

@@ -157,30 +157,35 @@ class StaticKVCache(nn.Module):
         return sum(b.numel() * b.element_size() for b in self.buffers())
 
     def update(self, layer: int, k_new, v_new, positions: torch.Tensor, visible: int | None):
-        """Store k/v_new (B, Hkv, T, D) at ``positions`` (T,) of ``layer``.
-
-        Positions must lie in [0, max_seq_len). On the CPU they are checked here; on a GPU that would
-        cost a device sync every step, so ``Transformer.forward`` checks its start_pos before any write.
-
-        Returns the keys and values attention should see: the first ``visible`` positions, or the
-        whole buffer when ``visible`` is None (the caller then masks the unwritten tail).
+        """Store k/v_new (B, Hkv, T, D) at ``positions`` (T,) of ``layer``, after checking them all:
+        a clear error for a wrong shape or dtype, or a position outside [0, max_seq_len) (on a GPU
+        that check waits for the device). Returns what :meth:`write` returns.
         """
-        guard("kvcache.StaticKVCache")
         if k_new.shape != v_new.shape:
             raise ValueError(f"k and v must have the same shape, got {tuple(k_new.shape)} and {tuple(v_new.shape)}")
-        k_layer, v_layer = self.layer(layer)  # (B, Hkv, S, D)
-        b, h_kv, _, d = k_layer.shape
+        k_layer, _ = self.layer(layer)  # (B, Hkv, S, D)
+        b, h_kv, s, d = k_layer.shape
         if k_new.dim() != 4 or (k_new.shape[0], k_new.shape[1], k_new.shape[3]) != (b, h_kv, d):
             raise ValueError(f"k/v must have shape ({b}, {h_kv}, T, {d}) for this cache, got {tuple(k_new.shape)}")
         if k_new.dtype != k_layer.dtype:
             raise TypeError(f"k/v dtype {k_new.dtype} differs from the cache's {k_layer.dtype}")
         if positions.dim() != 1 or positions.shape[0] != k_new.shape[2]:
             raise ValueError(f"positions must have shape ({k_new.shape[2]},), got {tuple(positions.shape)}")
-        if positions.device.type == "cpu" and positions.numel() and not torch.compiler.is_compiling():
+        if positions.numel() and not torch.compiler.is_compiling():
             low, high = int(positions.min()), int(positions.max())
-            if low < 0 or high >= k_layer.shape[2]:
-                raise ValueError(f"cache overflow: positions must lie in [0, max_seq_len={k_layer.shape[2]}), "
-                                 f"got {low} to {high}")
+            if low < 0 or high >= s:
+                raise ValueError(f"cache overflow: positions must lie in [0, max_seq_len={s}), got {low} to {high}")
+        return self.write(layer, k_new, v_new, positions, visible)
+
+    def write(self, layer: int, k_new, v_new, positions: torch.Tensor, visible: int | None):
+        """:meth:`update` without its checks, for ``Transformer.forward``, which has checked its positions
+        once for all layers: no per-layer checks and no device sync in the decode loop.
+
+        Returns the keys and values attention should see: the first ``visible`` positions, or the
+        whole buffer when ``visible`` is None (the caller then masks the unwritten tail).
+        """
+        guard("kvcache.StaticKVCache")
+        k_layer, v_layer = getattr(self, f"k{layer}"), getattr(self, f"v{layer}")  # (B, Hkv, S, D)
         k_layer.index_copy_(2, positions, k_new)
         v_layer.index_copy_(2, positions, v_new)
         if visible is None:

@@ -219,7 +219,7 @@ class Transformer(nn.Module):
         for i, layer in enumerate(self.layers):
             layer_cache = None
             if cache is not None:
-                layer_cache = lambda k, v, i=i: cache.update(i, k, v, positions, visible)  # noqa: E731
+                layer_cache = lambda k, v, i=i: cache.write(i, k, v, positions, visible)  # noqa: E731
             x = layer(x, rope_cos, rope_sin, layer_cache, mask)
         return self.output(self.norm(x))  # (B, T, vocab_size)
 

@@ -466,13 +466,15 @@ code(r'''
 from effml_lib.attention import Attention
 from effml_lib.kvcache import StaticKVCache
 
-show_source(StaticKVCache.update)
+show_source(StaticKVCache.write)
 show_source(Attention.forward)
 ''')
 
 md(r"""
 `Transformer.forward(tokens, cache, start_pos)` puts the `T` tokens at positions `start_pos …
-start_pos + T - 1` and lets each layer's attention call `cache.update` through `layer_cache`. Decoding
+start_pos + T - 1`, checks once that they fit the cache, and lets each layer's attention call
+`cache.write` through `layer_cache` (`cache.update` is the same write with checks on every call, for
+code that fills a cache directly). Decoding
 is then two phases: a **prefill** runs the whole prompt once (`start_pos = 0`), filling the cache, and
 each **decode step** runs one token (`T = 1`) against everything cached. `decoding.generate` does this;
 with `use_cache=False` it instead re-runs the whole sequence at every step. Both must choose the same
