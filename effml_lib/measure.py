@@ -380,3 +380,25 @@ def save_result(path, results: dict | list, device=None) -> Path:
     text = json.dumps(payload, indent=2, default=_jsonable, allow_nan=True)
     path.write_text(text + "\n")
     return path
+
+
+# ----------------------------------------------------------------------------- shipped results
+
+# Benchmark results that notebooks show as "precomputed on a GPU". The scripts in bench/ write them to
+# bench/results/<device>/; the ones the notebooks read are copied here, inside the package, so that a
+# plain `pip install` (Colab, a user's venv) has them too. tests/test_shipped_results.py keeps the
+# two copies identical.
+RESULTS_DIR = Path(__file__).resolve().parent / "assets" / "results"
+
+
+def load_result(device: str, name: str) -> dict:
+    """The result file ``bench/results/<device>/<name>.json`` as shipped with the package:
+    ``{"env": ..., "results": ...}``. ``device`` is a :func:`device_slug`, e.g. ``"nvidia-h200"``."""
+    path = RESULTS_DIR / device / f"{name}.json"
+    if not path.is_file():
+        shipped = sorted(f"{p.parent.name}/{p.stem}" for p in RESULTS_DIR.glob("*/*.json"))
+        raise FileNotFoundError(
+            f"no shipped result {device}/{name}.json; the package ships {shipped}. To ship another, run its "
+            f"benchmark (bench/) and copy bench/results/{device}/{name}.json to {RESULTS_DIR}/{device}/"
+        )
+    return json.loads(path.read_text())
