@@ -11,7 +11,7 @@ BIN        := $(VENV)/bin
 ROOT_FLAG  := $(if $(filter 0,$(shell id -u)),--allow-root,)
 STAMP      := $(VENV)/.effml-installed
 
-.PHONY: lab test venv bench execute labs grade-demo clean-venv
+.PHONY: lab test venv bench notebooks execute labs grade-demo clean-venv
 
 venv: $(STAMP)
 
@@ -31,11 +31,15 @@ test: venv  ## the whole test suite (CPU; GPU tests skip without CUDA)
 bench: venv  ## benchmarks; results go to bench/results/<device>/
 	$(BIN)/python bench/decode.py
 
-execute: venv  ## re-run every notebook in place, keeping outputs
-	for nb in notebooks/*.ipynb; do [ -f "$$nb" ] || continue; \
-	  $(BIN)/jupyter nbconvert --to notebook --execute --inplace "$$nb" || exit 1; done
+# Notebooks and labs are written as percent-format .py sources; tools/build_notebooks.py turns them into .ipynb.
+NB ?= $(sort $(wildcard notebooks/src/*.py))
+notebooks: venv  ## build the notebooks from notebooks/src/ and run them, keeping outputs (one: NB=notebooks/src/03_kv_cache.py)
+	$(BIN)/python tools/build_notebooks.py --execute $(NB)
 
-labs: venv  ## regenerate the student release labs/ from the nbgrader sources in solutions/
+execute: notebooks  ## the former name of `make notebooks`
+
+labs: venv  ## build the labs' nbgrader sources from grading/src/, then regenerate the student release labs/
+	$(BIN)/python tools/build_notebooks.py $(sort $(wildcard grading/src/lab*.py))
 	db=$$(mktemp -d); for d in solutions/lab*/; do name=$$(basename $$d); \
 	  (cd grading && PATH="$(abspath $(BIN)):$$PATH" nbgrader generate_assignment $$name --force --log-level=WARN \
 	    --CourseDirectory.db_url=sqlite:///$$db/gradebook.db) || exit 1; done; rm -rf $$db

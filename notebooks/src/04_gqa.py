@@ -1,43 +1,29 @@
-"""Builds notebooks/04_gqa.ipynb (unexecuted); then execute it in place:
+# %% [markdown]
+# # 04 · From MHA to GQA and MQA
+#
+# Module 03 showed that a decode step's attention is paced by reading the KV cache, and that the cache
+# holds `2 × layers × n_kv_heads × head_dim` numbers per token. Query heads do not appear in that
+# product; only **key/value heads** do. So the cheapest way to shrink the cache is to keep every query
+# head but let several of them share one K/V head:
+#
+# - **MHA** (multi-head attention): every query head has its own K/V head, $H_{kv} = H$;
+# - **GQA** (grouped-query attention, Ainslie et al., 2023): groups of $G = H / H_{kv}$ query heads share one;
+# - **MQA** (multi-query attention, Shazeer, 2019): all query heads share a single K/V head, $H_{kv} = 1$.
+#
+# In this notebook we
+#
+# 1. draw the three, write down their shapes, and compute grouped attention without copying K/V;
+# 2. compare the cache of the catalog's real models as they ship with what it would be under MHA;
+# 3. convert the course model effml-tiny from MHA to GQA and MQA by mean-pooling heads, measure the
+#    damage live, and read how much a short uptraining repairs (precomputed on a GPU);
+# 4. time a decode step against the number of KV heads on your device, then on an H200 (precomputed),
+#    and explain why the speedup is smaller than the cache ratio.
+#
+# Runs in about a minute on a 2-core laptop CPU.
 
-    .venv/bin/python notebooks/build/04_gqa.py
-    .venv/bin/jupyter nbconvert --to notebook --execute --inplace notebooks/04_gqa.ipynb
-"""
+# %% shared="colab_setup"
 
-from nbcells import CourseNotebook
-
-notebook = CourseNotebook("04_gqa")
-md, code = notebook.md, notebook.code
-
-
-# ----------------------------------------------------------------------------- intro
-md(r"""
-# 04 · From MHA to GQA and MQA
-
-Module 03 showed that a decode step's attention is paced by reading the KV cache, and that the cache
-holds `2 × layers × n_kv_heads × head_dim` numbers per token. Query heads do not appear in that
-product; only **key/value heads** do. So the cheapest way to shrink the cache is to keep every query
-head but let several of them share one K/V head:
-
-- **MHA** (multi-head attention): every query head has its own K/V head, $H_{kv} = H$;
-- **GQA** (grouped-query attention, Ainslie et al., 2023): groups of $G = H / H_{kv}$ query heads share one;
-- **MQA** (multi-query attention, Shazeer, 2019): all query heads share a single K/V head, $H_{kv} = 1$.
-
-In this notebook we
-
-1. draw the three, write down their shapes, and compute grouped attention without copying K/V;
-2. compare the cache of the catalog's real models as they ship with what it would be under MHA;
-3. convert the course model effml-tiny from MHA to GQA and MQA by mean-pooling heads, measure the
-   damage live, and read how much a short uptraining repairs (precomputed on a GPU);
-4. time a decode step against the number of KV heads on your device, then on an H200 (precomputed),
-   and explain why the speedup is smaller than the cache ratio.
-
-Runs in about a minute on a 2-core laptop CPU.
-""")
-
-notebook.colab_setup()
-
-code(r'''
+# %% tags=["parameters"]
 # parameters: sizes for the measurements (raise them on a GPU)
 memory_shape = dict(batch=2, n_heads=32, n_kv_heads=4, q_len=8, context=4096, head_dim=128)  # section 1's peak-memory check
 eval_windows = 12             # held-out windows of eval_seq_len tokens for the live losses (section 3)
@@ -47,9 +33,8 @@ layer_kv_heads = [16, 4, 1]         # MHA, GQA, MQA
 layer_contexts = [512, 1024, 2048, 4096]  # cached tokens per sequence
 layer_batches = [1, 4]              # sequences per decode step
 reps = 7                            # timed repetitions per point (the fastest is reported in section 4)
-''', tags=["parameters"])
 
-code(r'''
+# %%
 import inspect
 import json
 import time
@@ -89,17 +74,15 @@ print(f"device {info['device_name']}, torch {info['torch']}, {info['torch_thread
 def show_source(obj):
     """Print the source of a library function or class: the reference code, not hidden."""
     print(inspect.getsource(obj))
-''')
 
-# ----------------------------------------------------------------------------- 1 pictures and shapes
-md(r"""
-## 1 · Pictures and shapes
 
-Eight query heads, and 8, 2 or 1 key/value heads. A line joins each query head to the K/V head it reads:
-query head $h$ reads K/V head $\lfloor h / G \rfloor$, so the $G$ heads of a group are **adjacent**.
-""")
+# %% [markdown]
+# ## 1 · Pictures and shapes
+#
+# Eight query heads, and 8, 2 or 1 key/value heads. A line joins each query head to the K/V head it reads:
+# query head $h$ reads K/V head $\lfloor h / G \rfloor$, so the $G$ heads of a group are **adjacent**.
 
-code(r'''
+# %%
 def draw_head_sharing(ax, n_heads, n_kv_heads, title):
     """Query heads on top, KV heads below, a line from each query head to the KV head it reads."""
     group = n_heads // n_kv_heads
@@ -128,42 +111,38 @@ for ax, n_kv, name in zip(axes, (8, 2, 1), ("MHA: 8 KV heads, G = 1", "GQA: 2 KV
 fig.suptitle("Which K/V head each of 8 query heads reads", fontweight="bold")
 fig.tight_layout()
 plt.show()
-''')
 
-md(r"""
-The figure shows the same 8 query heads reading their keys and values from 8, 2 and 1 K/V heads;
-colours mark the groups. The cache stores only the bottom row, so GQA with 2 KV heads caches a quarter
-of MHA's bytes and MQA an eighth. In tensors, with batch $B$, $T$ tokens and head size $D$:
+# %% [markdown]
+# The figure shows the same 8 query heads reading their keys and values from 8, 2 and 1 K/V heads;
+# colours mark the groups. The cache stores only the bottom row, so GQA with 2 KV heads caches a quarter
+# of MHA's bytes and MQA an eighth. In tensors, with batch $B$, $T$ tokens and head size $D$:
+#
+# | tensor | MHA | GQA / MQA |
+# |---|---|---|
+# | `q` | `(B, H, T, D)` | `(B, H, T, D)` |
+# | `k`, `v` (and the cache) | `(B, H, T, D)` | `(B, Hkv, T, D)`, $H_{kv} = H/G$ |
+# | scores, per query head | `(B, H, Tq, Tk)` | `(B, H, Tq, Tk)` |
+#
+# The projection `wk` shrinks from `dim × H·D` to `dim × Hkv·D` (likewise `wv`); `wq` and `wo` stay.
+#
+# ### Two ways to compute it
+#
+# The obvious way is to copy each K/V head $G$ times (`repeat_kv`) and run ordinary MHA. That allocates
+# the full MHA-sized K and V again, on every step, which is exactly the memory and traffic GQA was
+# meant to remove. The better way uses the adjacency above: reshape `q` from `(B, H, Tq, D)` to
+# `(B, Hkv, G·Tq, D)`. The $G$ query heads of a group become $G·Tq$ rows of *one* query matrix, and one
+# batched matmul against that group's single K head gives all their scores. The library's reference does this:
 
-| tensor | MHA | GQA / MQA |
-|---|---|---|
-| `q` | `(B, H, T, D)` | `(B, H, T, D)` |
-| `k`, `v` (and the cache) | `(B, H, T, D)` | `(B, Hkv, T, D)`, $H_{kv} = H/G$ |
-| scores, per query head | `(B, H, Tq, Tk)` | `(B, H, Tq, Tk)` |
-
-The projection `wk` shrinks from `dim × H·D` to `dim × Hkv·D` (likewise `wv`); `wq` and `wo` stay.
-
-### Two ways to compute it
-
-The obvious way is to copy each K/V head $G$ times (`repeat_kv`) and run ordinary MHA. That allocates
-the full MHA-sized K and V again, on every step, which is exactly the memory and traffic GQA was
-meant to remove. The better way uses the adjacency above: reshape `q` from `(B, H, Tq, D)` to
-`(B, Hkv, G·Tq, D)`. The $G$ query heads of a group become $G·Tq$ rows of *one* query matrix, and one
-batched matmul against that group's single K head gives all their scores. The library's reference does this:
-""")
-
-code(r'''
+# %%
 show_source(repeat_kv)
 show_source(attention_reference)
-''')
 
-md(r"""
-Both give the same output. We check it on a decode-like shape (a few new queries against a long
-cache), and measure each one's peak memory with `measure.peak_memory` (on a CPU it replays the
-profiler's allocation and free events; the peak is the most extra memory alive at once):
-""")
+# %% [markdown]
+# Both give the same output. We check it on a decode-like shape (a few new queries against a long
+# cache), and measure each one's peak memory with `measure.peak_memory` (on a CPU it replays the
+# profiler's allocation and free events; the peak is the most extra memory alive at once):
 
-code(r'''
+# %%
 s = memory_shape
 group = s["n_heads"] // s["n_kv_heads"]
 g_mem = torch.Generator().manual_seed(0)
@@ -188,25 +167,21 @@ print(f"  same output: max |difference| = {(grouped - copied).abs().max():.1e}")
 print(f"  peak extra memory, grouped:       {human_bytes(grouped_peak)}")
 print(f"  peak extra memory, repeat_kv:     {human_bytes(copied_peak)}   "
       f"(the copies alone: {human_bytes(group * kv_bytes)}, G × the cache)")
-''')
 
-md(r"""
-The outputs agree to float32 rounding. The grouped version's peak is the score matrix and the output,
-a few MiB; `repeat_kv` adds copies of K and V that are $G$ times the size of the cache it started
-from. In a decode step that is also $G$ times more bytes written and read again, every step, every layer.
-(PyTorch's `scaled_dot_product_attention` has taken `enable_gqa=True` since 2.5 for the same reason.)
-""")
+# %% [markdown]
+# The outputs agree to float32 rounding. The grouped version's peak is the score matrix and the output,
+# a few MiB; `repeat_kv` adds copies of K and V that are $G$ times the size of the cache it started
+# from. In a decode step that is also $G$ times more bytes written and read again, every step, every layer.
+# (PyTorch's `scaled_dot_product_attention` has taken `enable_gqa=True` since 2.5 for the same reason.)
 
-# ----------------------------------------------------------------------------- 2 catalog
-md(r"""
-## 2 · What GQA saves on real models
+# %% [markdown]
+# ## 2 · What GQA saves on real models
+#
+# `kvcache.MODEL_SHAPES` holds the published shapes of real models. Most use GQA already; Llama-2-7B and
+# 13B are MHA. For each we compute the cache as it ships and what it would be with one K/V head per query
+# head (MHA), per token and for a batch of 8 sequences of 32 768 tokens, in bf16 (2 bytes per number):
 
-`kvcache.MODEL_SHAPES` holds the published shapes of real models. Most use GQA already; Llama-2-7B and
-13B are MHA. For each we compute the cache as it ships and what it would be with one K/V head per query
-head (MHA), per token and for a batch of 8 sequences of 32 768 tokens, in bf16 (2 bytes per number):
-""")
-
-code(r'''
+# %%
 batch, context = 8, 32_768  # a stated serving load: 8 sequences of 32k tokens
 
 
@@ -227,9 +202,8 @@ for name, shape in MODEL_SHAPES.items():
 catalog = pd.DataFrame(rows).set_index("model")
 catalog.style.format({"per token, as shipped": human_bytes, "per token, as MHA": human_bytes,
                       "MHA / shipped": "{:.0f}×"}, precision=1)
-''')
 
-code(r'''
+# %%
 fig, ax = plt.subplots(figsize=(9, 4.2))
 y = np.arange(len(catalog))
 ax.barh(y + 0.2, catalog["per token, as MHA"], height=0.4, color="0.7", label="if it were MHA (KV heads = query heads)")
@@ -242,45 +216,39 @@ ax.set_xlabel("KV-cache bytes per token, all layers, bf16 (log scale)")
 ax.set_title("KV cache per token: as shipped vs with multi-head attention (query heads / KV heads)", fontsize=11)
 ax.legend(loc="lower right", fontsize=9)
 plt.show()
-''')
 
-md(r"""
-Each pair of bars is one model: grey is its cache per token if every query head had its own K/V head,
-blue is what it ships with. The gap is the group size $G$: 8× for Llama-2-70B, Llama-3 and the
-Mistral models, 7× for Qwen2.5-7B. For Llama-2-70B it is the difference between 2.5 MiB and 320 KiB
-per token: at 8 × 32k tokens, 640 GiB of cache (no GPU holds that) against 80 GiB, less than
-its 128 GiB of weights. The two MHA models, Llama-2-7B and 13B, have no gap; their successors
-(Llama-3-8B, Mistral-7B) cache 4× less per token for a model of the same width.
-""")
+# %% [markdown]
+# Each pair of bars is one model: grey is its cache per token if every query head had its own K/V head,
+# blue is what it ships with. The gap is the group size $G$: 8× for Llama-2-70B, Llama-3 and the
+# Mistral models, 7× for Qwen2.5-7B. For Llama-2-70B it is the difference between 2.5 MiB and 320 KiB
+# per token: at 8 × 32k tokens, 640 GiB of cache (no GPU holds that) against 80 GiB, less than
+# its 128 GiB of weights. The two MHA models, Llama-2-7B and 13B, have no gap; their successors
+# (Llama-3-8B, Mistral-7B) cache 4× less per token for a model of the same width.
 
-# ----------------------------------------------------------------------------- 3 conversion
-md(r"""
-## 3 · Converting a trained MHA model: the paper's experiment at course scale
+# %% [markdown]
+# ## 3 · Converting a trained MHA model: the paper's experiment at course scale
+#
+# Training a GQA model from scratch is one way to get one. Ainslie et al. (2023) asked whether an
+# existing MHA checkpoint can be converted instead. Their recipe: build each new K (and V) projection
+# head as the **mean** of the projection heads of its group, then **uptrain** the converted model for a
+# small fraction (5%) of its pre-training steps, so it adapts to the shared heads.
+#
+# effml-tiny has **6** query heads and 6 K/V heads (MHA). A GQA group must be a whole number of query
+# heads, so $H_{kv}$ must divide 6: we can go to **3, 2 or 1** KV heads. Four KV heads is impossible,
+# because 4 does not divide 6 (the library raises a `ValueError` if you ask). Here is the conversion:
 
-Training a GQA model from scratch is one way to get one. Ainslie et al. (2023) asked whether an
-existing MHA checkpoint can be converted instead. Their recipe: build each new K (and V) projection
-head as the **mean** of the projection heads of its group, then **uptrain** the converted model for a
-small fraction (5%) of its pre-training steps, so it adapts to the shared heads.
-
-effml-tiny has **6** query heads and 6 K/V heads (MHA). A GQA group must be a whole number of query
-heads, so $H_{kv}$ must divide 6: we can go to **3, 2 or 1** KV heads. Four KV heads is impossible,
-because 4 does not divide 6 (the library raises a `ValueError` if you ask). Here is the conversion:
-""")
-
-code(r'''
+# %%
 show_source(mha_to_gqa)
-''')
 
-md(r"""
-Mean-pooling the *projection weights* equals mean-pooling the keys: $k = W_k x$ is linear in $W_k$, and
-RoPE rotates every head of a position by the same angles, so it commutes with the average. We load
-effml-tiny and the held-out split (standard-library files the model never trained on; tokenizing it
-takes about a second the first time, then it is cached on disk). The GPU run below evaluated all
-136 311 held-out tokens; on a CPU we take `eval_windows` windows of `eval_seq_len` tokens spread
-evenly across the split, and use `train.evaluate` on each.
-""")
+# %% [markdown]
+# Mean-pooling the *projection weights* equals mean-pooling the keys: $k = W_k x$ is linear in $W_k$, and
+# RoPE rotates every head of a position by the same angles, so it commutes with the average. We load
+# effml-tiny and the held-out split (standard-library files the model never trained on; tokenizing it
+# takes about a second the first time, then it is cached on disk). The GPU run below evaluated all
+# 136 311 held-out tokens; on a CPU we take `eval_windows` windows of `eval_seq_len` tokens spread
+# evenly across the split, and use `train.evaluate` on each.
 
-code(r'''
+# %%
 model = pretrained("effml-tiny").eval().to(device)
 cfg = model.config
 heldout = load_split_tokens("heldout", None)  # (N,) token ids; tokenized from this Python's stdlib, cached
@@ -299,15 +267,14 @@ try:
     mha_to_gqa(model, 4)
 except ValueError as e:
     print(f"mha_to_gqa(model, 4) -> ValueError: {e}")
-''')
 
-md(r"""
-For contrast we also try a cruder conversion: keep only the **first** head of each group and drop the
-others, rather than averaging them. A small helper builds it from the mean-pooled copy (right shapes)
-by overwriting its K/V projections. A third variant appears below, once we have seen why it is needed.
-""")
 
-code(r'''
+# %% [markdown]
+# For contrast we also try a cruder conversion: keep only the **first** head of each group and drop the
+# others, rather than averaging them. A small helper builds it from the mean-pooled copy (right shapes)
+# by overwriting its K/V projections. A third variant appears below, once we have seen why it is needed.
+
+# %%
 def keep_first_head(model, n_kv_heads):
     """Like mha_to_gqa, but each new K/V head is the group's first old head instead of the mean."""
     converted = mha_to_gqa(model, n_kv_heads)  # a copy with Hkv-sized projections
@@ -341,20 +308,18 @@ print(f"{len(live) + 1} models evaluated in {time.perf_counter() - start:.0f} s;
       f"original MHA model (6 KV heads): {original_loss:.3f} nats on the same windows")
 live = pd.DataFrame(live).pivot_table(index="KV heads", columns="conversion", values="loss")
 live[list(conversions)].sort_index(ascending=False).round(3)
-''')
 
-md(r"""
-Held-out loss in nats per token of each conversion (lower is better; compare with the original's, printed
-above). Every conversion hurts, and more the fewer heads remain: the query heads of a group now read keys
-and values made for other heads' queries, or an average of several.
+# %% [markdown]
+# Held-out loss in nats per token of each conversion (lower is better; compare with the original's, printed
+# above). Every conversion hurts, and more the fewer heads remain: the query heads of a group now read keys
+# and values made for other heads' queries, or an average of several.
+#
+# Surprisingly, plain mean-pooling is *worse* here than keeping one head of each group and throwing the rest
+# away. The reason is a scale: the 6 heads of a layer point in nearly unrelated directions, and the mean of
+# $G$ unrelated vectors has about $1/\sqrt{G}$ of their length. The cell below measures it on the
+# weights:
 
-Surprisingly, plain mean-pooling is *worse* here than keeping one head of each group and throwing the rest
-away. The reason is a scale: the 6 heads of a layer point in nearly unrelated directions, and the mean of
-$G$ unrelated vectors has about $1/\sqrt{G}$ of their length. The cell below measures it on the
-weights:
-""")
-
-code(r'''
+# %%
 for n_kv in (3, 2, 1):
     group, pooled = cfg.n_heads // n_kv, mha_to_gqa(model, n_kv)
     ratios = []
@@ -364,29 +329,27 @@ for n_kv in (3, 2, 1):
         ratios.append(new_heads.norm(dim=(1, 2)) / old_heads.norm(dim=(2, 3)).mean(dim=1))  # (Hkv,)
     print(f"{n_kv} KV heads (G = {group}): pooled wk head norm / its group's mean norm = "
           f"{torch.cat(ratios).mean():.3f}   (1/√G = {group**-0.5:.3f})")
-''')
 
-md(r"""
-The pooled heads are shorter by almost exactly $1/\sqrt{G}$. Shorter keys divide every attention score
-by $\sqrt{G}$, which flattens the softmax (as if a temperature were raised), and shorter values shrink the
-layer's output by the same factor. Multiplying the pooled K and V projections by $\sqrt{G}$ (the third
-column) restores the scale, and mean-pooling then beats keeping one head clearly at 3 and 2 KV heads and
-ties with it at 1. The Ainslie et
-al. paper compared the methods *after* uptraining (mean-pooling ahead of first-head and random
-initialisation); a few training steps can relearn a scale easily, which is plausibly part of why
-uptraining recovers so fast. But even the best conversion is far from the original. The question is how
-cheaply that can be repaired.
+# %% [markdown]
+# The pooled heads are shorter by almost exactly $1/\sqrt{G}$. Shorter keys divide every attention score
+# by $\sqrt{G}$, which flattens the softmax (as if a temperature were raised), and shorter values shrink the
+# layer's output by the same factor. Multiplying the pooled K and V projections by $\sqrt{G}$ (the third
+# column) restores the scale, and mean-pooling then beats keeping one head clearly at 3 and 2 KV heads and
+# ties with it at 1. The Ainslie et
+# al. paper compared the methods *after* uptraining (mean-pooling ahead of first-head and random
+# initialisation); a few training steps can relearn a scale easily, which is plausibly part of why
+# uptraining recovers so fast. But even the best conversion is far from the original. The question is how
+# cheaply that can be repaired.
+#
+# ### Uptraining (precomputed on an NVIDIA H200)
+#
+# Training is too slow for a CPU, so `python bench/gqa_uptrain.py --data-dir .traindata` ran on an H200:
+# each converted model was trained for 250 more steps (of 32 × 512 tokens: 5% of effml-tiny's 5 000
+# pre-training steps), a model of the same GQA shape was trained **from scratch** for the same 250 steps,
+# and, as a control, the MHA original got the same 250 extra steps. All were evaluated on the whole
+# held-out split.
 
-### Uptraining (precomputed on an NVIDIA H200)
-
-Training is too slow for a CPU, so `python bench/gqa_uptrain.py --data-dir .traindata` ran on an H200:
-each converted model was trained for 250 more steps (of 32 × 512 tokens: 5% of effml-tiny's 5 000
-pre-training steps), a model of the same GQA shape was trained **from scratch** for the same 250 steps,
-and, as a control, the MHA original got the same 250 extra steps. All were evaluated on the whole
-held-out split.
-""")
-
-code(r'''
+# %%
 saved = json.loads((H200 / "gqa_uptrain.json").read_text())
 uptrain_run, uptrain_env = saved["results"], saved["env"]
 uptrain = pd.DataFrame(uptrain_run["results"])
@@ -401,9 +364,8 @@ print(f"  uptraining: {u['steps']} steps × {u['batch_size']} × {uptrain_run['s
 table = uptrain.pivot_table(index=["n_kv_heads", "cache_bytes_per_token"], columns="variant", values="heldout_loss")
 table = table[["original (MHA)", "MHA + 250 steps (control)", "converted", "uptrained", "from scratch"]]
 table.sort_index(ascending=False).round(3).fillna("")  # blank: that variant has no such row
-''')
 
-code(r'''
+# %%
 fig, ax = plt.subplots(figsize=(8, 4.6))
 styles = {"converted": ("s", "--", sns.color_palette()[3]), "uptrained": ("o", "-", sns.color_palette()[2]),
           "from scratch": ("^", ":", sns.color_palette()[7])}
@@ -433,40 +395,37 @@ ax.set_ylim(1.8, None)
 ax.set_title(f"effml-tiny converted to GQA/MQA, precomputed on an {uptrain_env['device_name']}", fontsize=11)
 ax.legend(fontsize=9, loc="upper right")
 plt.show()
-''')
 
-md(r"""
-The plot puts each model's quality (held-out loss, lower is better) against what it costs at decode time
-(cache bytes per token, halving from right to left). Read it from the right: the star is the MHA
-original at 12 KiB per token. Converting to 3, 2 or 1 KV heads saves half to five sixths of the cache,
-and the dashed line shows the immediate price: 1.5 to 3.5 nats worse. With 250 steps of uptraining
-(green), most of that comes back: at 3 KV heads the loss returns to within about 0.3 nats of the
-original, recovering four fifths of what conversion lost; at 2 heads about three quarters; even MQA
-recovers more than half. A model of the same shape trained **from scratch** for the same 250 steps (grey)
-is stuck near 4.5 nats, worse than every uptrained model and, at 3 KV heads, worse even than the
-unrepaired conversion: the converted weights carry almost everything pre-training learned, and 250 steps
-only have to teach them to share heads.
 
-Two caveats at this scale. The control (the MHA model trained 250 more steps, the cross, under the star) barely moves,
-so the uptrained models' gains come from adapting to the new heads, not from extra training as such.
-And effml-tiny has only 6 heads of 64: going to 3 KV heads halves a cache that is already small, and the
-paper's large models (64 query heads, 8 KV heads) lose far less than this tiny one. The shape of the
-result is the paper's: mean-pool, uptrain briefly, keep most of the quality at a fraction of the cache.
-""")
+# %% [markdown]
+# The plot puts each model's quality (held-out loss, lower is better) against what it costs at decode time
+# (cache bytes per token, halving from right to left). Read it from the right: the star is the MHA
+# original at 12 KiB per token. Converting to 3, 2 or 1 KV heads saves half to five sixths of the cache,
+# and the dashed line shows the immediate price: 1.5 to 3.5 nats worse. With 250 steps of uptraining
+# (green), most of that comes back: at 3 KV heads the loss returns to within about 0.3 nats of the
+# original, recovering four fifths of what conversion lost; at 2 heads about three quarters; even MQA
+# recovers more than half. A model of the same shape trained **from scratch** for the same 250 steps (grey)
+# is stuck near 4.5 nats, worse than every uptrained model and, at 3 KV heads, worse even than the
+# unrepaired conversion: the converted weights carry almost everything pre-training learned, and 250 steps
+# only have to teach them to share heads.
+#
+# Two caveats at this scale. The control (the MHA model trained 250 more steps, the cross, under the star) barely moves,
+# so the uptrained models' gains come from adapting to the new heads, not from extra training as such.
+# And effml-tiny has only 6 heads of 64: going to 3 KV heads halves a cache that is already small, and the
+# paper's large models (64 query heads, 8 KV heads) lose far less than this tiny one. The shape of the
+# result is the paper's: mean-pool, uptrain briefly, keep most of the quality at a fraction of the cache.
 
-# ----------------------------------------------------------------------------- 4 latency
-md(r"""
-## 4 · Decode latency and memory against the number of KV heads
+# %% [markdown]
+# ## 4 · Decode latency and memory against the number of KV heads
+#
+# Fewer K/V heads means fewer bytes to read per decode step, so a step should get faster. By how much?
+# We time one decode step of an attention layer on your device: a model width of `layer_dim` with
+# `layer_heads` query heads, and `layer_kv_heads` K/V heads, over a cache of `layer_contexts` tokens for
+# `layer_batches` sequences (float32). The step is what an attention layer does for one new token per
+# sequence: the q/k/v projections, attention over the cache (`decode_attention`, the PyTorch reference
+# on a CPU) and the output projection. RoPE and the cache write are left out; they are small.
 
-Fewer K/V heads means fewer bytes to read per decode step, so a step should get faster. By how much?
-We time one decode step of an attention layer on your device: a model width of `layer_dim` with
-`layer_heads` query heads, and `layer_kv_heads` K/V heads, over a cache of `layer_contexts` tokens for
-`layer_batches` sequences (float32). The step is what an attention layer does for one new token per
-sequence: the q/k/v projections, attention over the cache (`decode_attention`, the PyTorch reference
-on a CPU) and the output projection. RoPE and the cache write are left out; they are small.
-""")
-
-code(r'''
+# %%
 def decode_layer_step(layer, x, k_cache, v_cache):
     """One new token per sequence through `layer`, attending to a full cache. x (B, 1, dim) -> (B, 1, dim)."""
     b, h, hkv, d = x.shape[0], layer.n_heads, layer.n_kv_heads, layer.head_dim
@@ -495,9 +454,8 @@ with tqdm(total=len(layer_kv_heads) * len(layer_contexts) * len(layer_batches), 
                 progress.update()
 cpu_steps = pd.DataFrame(rows)
 print(f"measured on {describe(device)}, float32, dim {layer_dim}, {layer_heads} query heads of {layer_dim // layer_heads}")
-''')
 
-code(r'''
+# %%
 fig, (ax_t, ax_b) = plt.subplots(1, 2, figsize=(11, 4.4))
 biggest_batch = max(layer_batches)
 part = cpu_steps[cpu_steps["batch"] == biggest_batch]
@@ -522,16 +480,15 @@ ax_b.legend(title="context", fontsize=9)
 fig.suptitle(f"One attention layer's decode step vs KV heads, on {describe(device)}", fontweight="bold")
 fig.tight_layout()
 plt.show()
-''')
 
-md(r"""
-Right: the cache falls exactly in proportion to the KV heads (16 → 4 → 1 is 4× and then 4× again).
-Left: the step's time falls too, but less steeply, and less at short contexts, where the lines flatten.
-The table puts each speedup next to two ratios: of cache bytes (what GQA divides) and of *all* bytes
-the step reads (the cache plus the layer's weights, which every step reads whatever the heads):
-""")
 
-code(r'''
+# %% [markdown]
+# Right: the cache falls exactly in proportion to the KV heads (16 → 4 → 1 is 4× and then 4× again).
+# Left: the step's time falls too, but less steeply, and less at short contexts, where the lines flatten.
+# The table puts each speedup next to two ratios: of cache bytes (what GQA divides) and of *all* bytes
+# the step reads (the cache plus the layer's weights, which every step reads whatever the heads):
+
+# %%
 def speedups(df, time_col):
     """Each variant's speedup over the most KV heads at the same batch and context, beside the byte ratios."""
     out = []
@@ -550,25 +507,23 @@ share = cpu_speedups["speedup"] / cpu_speedups["all-bytes ratio"]
 print(f"speedup / all-bytes ratio: {share.min():.2f} to {share.max():.2f};  "
       f"speedup / cache-bytes ratio: {(cpu_speedups['speedup'] / cpu_speedups['cache-bytes ratio']).max():.2f} at most")
 cpu_speedups.round(2)
-''')
 
-md(r"""
-On this CPU every speedup is below the cache ratio, and for MQA far below it (a few times, against 16×):
-the weights, 16 MiB in float32 for the MHA layer, are read on every step whatever the heads, and the MHA
-cache here is only 4 to 128 MiB. The speedups scatter around the all-bytes ratio at short contexts (a small
-cache can stay in the CPU's own caches, which can beat the ratio) and fall behind it at the longest ones,
-where a CPU step is not only a stream of bytes: its small per-head matmuls and the softmax cost time too.
-CPU timings vary from run to run and are for relative comparisons only; the numbers that matter for serving come from a GPU.
+# %% [markdown]
+# On this CPU every speedup is below the cache ratio, and for MQA far below it (a few times, against 16×):
+# the weights, 16 MiB in float32 for the MHA layer, are read on every step whatever the heads, and the MHA
+# cache here is only 4 to 128 MiB. The speedups scatter around the all-bytes ratio at short contexts (a small
+# cache can stay in the CPU's own caches, which can beat the ratio) and fall behind it at the longest ones,
+# where a CPU step is not only a stream of bytes: its small per-head matmuls and the softmax cost time too.
+# CPU timings vary from run to run and are for relative comparisons only; the numbers that matter for serving come from a GPU.
+#
+# ### On an NVIDIA H200 (precomputed by `bench/gqa.py`)
+#
+# `python bench/gqa.py` timed the same kind of step for one attention layer of **Llama-3-8B's shape**
+# (width 4096, 32 query heads of 128) with 32 (MHA), 8 (its real GQA) and 1 (MQA) KV heads, in bf16,
+# at 4k to 64k tokens and batch 1 and 8, as CUDA-graph replays, with the course's Triton decode-attention
+# kernel and with PyTorch's SDPA:
 
-### On an NVIDIA H200 (precomputed by `bench/gqa.py`)
-
-`python bench/gqa.py` timed the same kind of step for one attention layer of **Llama-3-8B's shape**
-(width 4096, 32 query heads of 128) with 32 (MHA), 8 (its real GQA) and 1 (MQA) KV heads, in bf16,
-at 4k to 64k tokens and batch 1 and 8, as CUDA-graph replays, with the course's Triton decode-attention
-kernel and with PyTorch's SDPA:
-""")
-
-code(r'''
+# %%
 saved = json.loads((H200 / "gqa.json").read_text())
 gqa_run, gqa_env = saved["results"], saved["env"]
 gpu = pd.DataFrame(gqa_run["rows"])
@@ -584,9 +539,8 @@ gpu_table = pd.DataFrame({
     "all-bytes ratio": gpu_table[("total_bytes_ratio", "triton")]})
 gpu_table.index = gpu_table.index.set_names(["batch", "context", "KV heads (vs 32)"])
 gpu_table.sort_index(level=[0, 1, 2], ascending=[True, True, False]).round(2)
-''')
 
-code(r'''
+# %%
 triton_rows = gpu[gpu["impl"] == "triton"]
 fig, axes = plt.subplots(1, 2, figsize=(12, 4.4), sharey=True)
 for ax, batch in zip(axes, sorted(triton_rows["batch"].unique())):
@@ -609,56 +563,50 @@ fig.suptitle(f"Llama-3-8B attention layer, decode step, bf16, Triton kernel: {gq
              fontweight="bold", fontsize=12)
 fig.tight_layout()
 plt.show()
-''')
 
-md(r"""
-Each panel is one batch size; solid lines are the measured speedups over MHA (32 KV heads), dashed lines
-the ratio of all bytes the step reads, dotted lines the ratio of cache bytes alone. The measured speedup
-always sits at or below the all-bytes line, and only approaches the cache ratio where the cache is most
-of the bytes:
+# %% [markdown]
+# Each panel is one batch size; solid lines are the measured speedups over MHA (32 KV heads), dashed lines
+# the ratio of all bytes the step reads, dotted lines the ratio of cache bytes alone. The measured speedup
+# always sits at or below the all-bytes line, and only approaches the cache ratio where the cache is most
+# of the bytes:
+#
+# - The layer's weights are read on every step whatever the heads: 80 MiB for Llama-3-8B's 8-KV-head layer
+#   in bf16 (`wq` and `wo` are 32 MiB each). At batch 1 and 4k tokens the MHA cache is only 64 MiB, so
+#   even MQA reads 68 MiB per step against MHA's 192 MiB, and the measured speedup is 1.4×, not 32×.
+# - At batch 8 and 64k tokens the MHA cache is 8 GiB and the weights are noise: 32 → 8 KV heads gives
+#   **3.57×** against a cache ratio of 4× (an all-bytes ratio of 3.91×). MQA gives **13.6×** against 32×:
+#   its cache is down to 256 MiB, and now the 66 MiB of weights and the fixed costs of a step (kernel
+#   launches, the projections, a few microseconds each) are a large share of its 147 µs.
+#
+# So GQA's decode speedup is bounded by the ratio of *all* bytes read, which tends to the ratio of KV heads
+# only at long contexts and large batches. That is exactly where serving needs it: at 64k tokens the 8 GiB
+# MHA cache of one layer for 8 sequences would, over 32 layers, be 256 GiB; Llama-3-8B's 8 KV heads make
+# it 64 GiB.
 
-- The layer's weights are read on every step whatever the heads: 80 MiB for Llama-3-8B's 8-KV-head layer
-  in bf16 (`wq` and `wo` are 32 MiB each). At batch 1 and 4k tokens the MHA cache is only 64 MiB, so
-  even MQA reads 68 MiB per step against MHA's 192 MiB, and the measured speedup is 1.4×, not 32×.
-- At batch 8 and 64k tokens the MHA cache is 8 GiB and the weights are noise: 32 → 8 KV heads gives
-  **3.57×** against a cache ratio of 4× (an all-bytes ratio of 3.91×). MQA gives **13.6×** against 32×:
-  its cache is down to 256 MiB, and now the 66 MiB of weights and the fixed costs of a step (kernel
-  launches, the projections, a few microseconds each) are a large share of its 147 µs.
-
-So GQA's decode speedup is bounded by the ratio of *all* bytes read, which tends to the ratio of KV heads
-only at long contexts and large batches. That is exactly where serving needs it: at 64k tokens the 8 GiB
-MHA cache of one layer for 8 sequences would, over 32 layers, be 256 GiB; Llama-3-8B's 8 KV heads make
-it 64 GiB.
-""")
-
-# ----------------------------------------------------------------------------- summary
-md(r"""
-## What we found, and what the lab asks
-
-- GQA lets $G = H/H_{kv}$ query heads share one K/V head; the cache, and the bytes a decode step reads
-  from it, shrink by $G$. MQA is the extreme $H_{kv} = 1$.
-- Grouped attention needs no copies: fold a group's $G$ query heads into the query-length axis,
-  `(B, H, Tq, D) → (B, Hkv, G·Tq, D)`, and one batched matmul serves the group. `repeat_kv` computes the
-  same thing but allocates $G$ times the cache in copies.
-- Real models ship with GQA: Llama-2-70B, Llama-3 and Mistral cache 8× less than MHA would, which decides
-  whether long contexts fit at all.
-- An MHA checkpoint converts to GQA by mean-pooling each group's K/V projection heads. The mean of
-  unrelated heads is $\sqrt{G}$ times shorter; restoring that scale makes it the best conversion we tried
-  before any training. Conversion alone still costs a lot on effml-tiny; 5% of pre-training as uptraining recovers most of
-  it, and the same budget from scratch is far worse.
-- The decode speedup is bounded by the ratio of all bytes read, weights included: on an H200, 32 → 8 KV
-  heads gives 3.57× (cache ratio 4×) and 32 → 1 gives 13.6× (32×) at batch 8 and 64k tokens, much less at
-  short contexts.
-
-**Lab 04** ([`labs/lab04_gqa/lab04_gqa.ipynb`](../labs/lab04_gqa/lab04_gqa.ipynb)) has you build the pieces:
-
-1. **grouped attention without copying K/V**: your function must match SDPA run on repeated heads, for
-   prefill and decode shapes and for MQA, and its peak memory on a large shape must stay far below the
-   repeated heads' copies;
-2. **the mean-pool conversion** of an MHA layer's K/V projections to $H_{kv}$ heads.
-
-While the hidden tests run, the library's own `attention` and `mha_to_gqa` are unavailable, so the
-notebook above is the explanation, not the answer key.
-""")
-
-notebook.write()
+# %% [markdown]
+# ## What we found, and what the lab asks
+#
+# - GQA lets $G = H/H_{kv}$ query heads share one K/V head; the cache, and the bytes a decode step reads
+#   from it, shrink by $G$. MQA is the extreme $H_{kv} = 1$.
+# - Grouped attention needs no copies: fold a group's $G$ query heads into the query-length axis,
+#   `(B, H, Tq, D) → (B, Hkv, G·Tq, D)`, and one batched matmul serves the group. `repeat_kv` computes the
+#   same thing but allocates $G$ times the cache in copies.
+# - Real models ship with GQA: Llama-2-70B, Llama-3 and Mistral cache 8× less than MHA would, which decides
+#   whether long contexts fit at all.
+# - An MHA checkpoint converts to GQA by mean-pooling each group's K/V projection heads. The mean of
+#   unrelated heads is $\sqrt{G}$ times shorter; restoring that scale makes it the best conversion we tried
+#   before any training. Conversion alone still costs a lot on effml-tiny; 5% of pre-training as uptraining recovers most of
+#   it, and the same budget from scratch is far worse.
+# - The decode speedup is bounded by the ratio of all bytes read, weights included: on an H200, 32 → 8 KV
+#   heads gives 3.57× (cache ratio 4×) and 32 → 1 gives 13.6× (32×) at batch 8 and 64k tokens, much less at
+#   short contexts.
+#
+# **Lab 04** ([`labs/lab04_gqa/lab04_gqa.ipynb`](../labs/lab04_gqa/lab04_gqa.ipynb)) has you build the pieces:
+#
+# 1. **grouped attention without copying K/V**: your function must match SDPA run on repeated heads, for
+#    prefill and decode shapes and for MQA, and its peak memory on a large shape must stay far below the
+#    repeated heads' copies;
+# 2. **the mean-pool conversion** of an MHA layer's K/V projections to $H_{kv}$ heads.
+#
+# While the hidden tests run, the library's own `attention` and `mha_to_gqa` are unavailable, so the
+# notebook above is the explanation, not the answer key.

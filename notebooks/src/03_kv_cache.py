@@ -1,46 +1,32 @@
-"""Builds notebooks/03_kv_cache.ipynb (unexecuted); then execute it in place:
+# %% [markdown]
+# # 03 · KV-cache sizing and cached decoding
+#
+# A language model writes one token at a time. To choose token $t+1$ it needs, in every layer, the
+# keys and values of all $t$ tokens before it. There are two ways to get them: compute them again at
+# every step (the work per step grows with $t$, the work of a whole generation with $t^2$), or keep
+# them from the steps that already computed them: the **KV cache**. Every serving system does the
+# second. The price is memory, and at long contexts or large batches it is a lot of memory: more than
+# the model's weights.
+#
+# In this notebook we
+#
+# 1. compute why a decode step is limited by memory traffic and not by arithmetic, unlike the prefill
+#    of a prompt;
+# 2. write down the cache's size in bytes, check it on published model shapes, and find the context at
+#    which one sequence's cache outweighs the model;
+# 3. build a calculator of cache + weights against the memory of real GPUs;
+# 4. measure on your device, with the course model effml-tiny, decoding with and without a cache:
+#    identical tokens, time per token, and peak memory against the formula;
+# 5. measure where a decode step's time goes as the context grows: attention against the matrix
+#    multiplies;
+# 6. look at how a GPU kernel for decode attention splits the keys across programs and merges the
+#    pieces exactly (flash-decoding), checked on the CPU in plain PyTorch.
+#
+# Runs in under a minute on a 2-core laptop CPU.
 
-    .venv/bin/python notebooks/build/03_kv_cache.py
-    .venv/bin/jupyter nbconvert --to notebook --execute --inplace notebooks/03_kv_cache.ipynb
-"""
+# %% shared="colab_setup"
 
-from nbcells import CourseNotebook
-
-notebook = CourseNotebook("03_kv_cache")
-md, code = notebook.md, notebook.code
-
-
-# ----------------------------------------------------------------------------- intro
-md(r"""
-# 03 · KV-cache sizing and cached decoding
-
-A language model writes one token at a time. To choose token $t+1$ it needs, in every layer, the
-keys and values of all $t$ tokens before it. There are two ways to get them: compute them again at
-every step (the work per step grows with $t$, the work of a whole generation with $t^2$), or keep
-them from the steps that already computed them: the **KV cache**. Every serving system does the
-second. The price is memory, and at long contexts or large batches it is a lot of memory: more than
-the model's weights.
-
-In this notebook we
-
-1. compute why a decode step is limited by memory traffic and not by arithmetic, unlike the prefill
-   of a prompt;
-2. write down the cache's size in bytes, check it on published model shapes, and find the context at
-   which one sequence's cache outweighs the model;
-3. build a calculator of cache + weights against the memory of real GPUs;
-4. measure on your device, with the course model effml-tiny, decoding with and without a cache:
-   identical tokens, time per token, and peak memory against the formula;
-5. measure where a decode step's time goes as the context grows: attention against the matrix
-   multiplies;
-6. look at how a GPU kernel for decode attention splits the keys across programs and merges the
-   pieces exactly (flash-decoding), checked on the CPU in plain PyTorch.
-
-Runs in under a minute on a 2-core laptop CPU.
-""")
-
-notebook.colab_setup()
-
-code(r'''
+# %% tags=["parameters"]
 # parameters: sizes for the measurements (raise them on a GPU)
 contexts = [128, 256, 512, 1024, 2048]  # tokens attended by one decode step in the latency sweep (effml-tiny stops at 2048)
 reps = 5                                # timed repetitions per point (the median is reported)
@@ -50,9 +36,8 @@ memory_contexts = [256, 512, 1024, 2048]  # cached tokens per sequence in the pe
 split_batches = [1, 4]                  # batch sizes of the attention-vs-matmul split (section 5)
 split_contexts = [128, 512, 1024, 2048]  # cached tokens at which that split is measured
 lse_context, lse_chunks = 4096, 8       # keys and chunks of the split-softmax check (section 6)
-''', tags=["parameters"])
 
-code(r'''
+# %%
 import ast
 import inspect
 import json
@@ -85,18 +70,16 @@ KiB, MiB, GiB = 2**10, 2**20, 2**30                   # binary units, as memory 
 def show_source(obj):
     """Print the source of a library function or class: the reference code, not hidden."""
     print(inspect.getsource(obj))
-''')
 
-# ----------------------------------------------------------------------------- problem
-md(r"""
-## The problem in numbers
 
-`bench/decode.py` generated 256 tokens with a Llama-2-7B-shaped model (bf16, batch 1) on an NVIDIA
-H100, using the library's compiled decoder. Each new token needs every weight once, so we can count
-the bytes each step reads and the arithmetic it does:
-""")
+# %% [markdown]
+# ## The problem in numbers
+#
+# `bench/decode.py` generated 256 tokens with a Llama-2-7B-shaped model (bf16, batch 1) on an NVIDIA
+# H100, using the library's compiled decoder. Each new token needs every weight once, so we can count
+# the bytes each step reads and the arithmetic it does:
 
-code(r'''
+# %%
 decode_run = json.loads((H100 / "decode.json").read_text())["results"]
 compiled = decode_run["decoders"]["ours-compiled"]
 tokens_per_s = compiled["tokens_per_s"]
@@ -109,45 +92,41 @@ print(f"  memory traffic:  {compiled['implied_bytes_per_s'] / 1e12:.2f} TB/s = "
       f"({decode_run['copy_bandwidth_bytes_per_s'] / 1e12:.2f} TB/s)")
 print(f"  arithmetic:     {flops_per_token * tokens_per_s / 1e12:.1f} TFLOP/s = "
       f"{flops_per_token * tokens_per_s / 989e12:.2%} of the H100's 989 TFLOP/s of bf16 matrix math")
-''')
 
-md(r"""
-The GPU moves bytes at three quarters of the fastest rate it can, and its tensor cores sit idle more
-than 99% of the time. Decoding one sequence is a memory problem. The KV cache adds to the bytes each
-step must read, and to the memory that must hold them: for this model, half a mebibyte per token. The
-rest of the notebook puts numbers on both.
-""")
+# %% [markdown]
+# The GPU moves bytes at three quarters of the fastest rate it can, and its tensor cores sit idle more
+# than 99% of the time. Decoding one sequence is a memory problem. The KV cache adds to the bytes each
+# step must read, and to the memory that must hold them: for this model, half a mebibyte per token. The
+# rest of the notebook puts numbers on both.
 
-# ----------------------------------------------------------------------------- 1 intensity
-md(r"""
-## 1 · Why decode is memory-bound: arithmetic intensity
+# %% [markdown]
+# ## 1 · Why decode is memory-bound: arithmetic intensity
+#
+# A kernel's **arithmetic intensity** is the FLOPs it performs per byte it moves to or from memory.
+# A GPU does both at once, so a kernel takes at least
+# $\max\left(\frac{\text{FLOPs}}{\text{peak FLOP/s}},\ \frac{\text{bytes}}{\text{peak bytes/s}}\right)$.
+# Which term wins depends on whether the intensity is above or below the GPU's own ratio, its *ridge point*.
+# NVIDIA's H100 SXM datasheet gives **989 TFLOP/s** of dense bf16 tensor-core math (the 1 979 it prints
+# assumes 2:4 sparsity) and **3.35 TB/s** of HBM3 bandwidth: a ridge at $989/3.35 \approx 295$ FLOP/byte.
+# The H200 has the same chip with 4.8 TB/s, so its ridge is lower, at 206. (Measured on the course's H100, a copy
+# runs at about 3.0 TB/s and a large bf16 matrix product at about 800 TFLOP/s: the datasheet's figures are
+# peaks that real kernels approach but do not reach.)
+#
+# We count both for the two kinds of work in a forward pass, in bf16 (2 bytes per number):
+#
+# - **matmuls** (the projections, the MLP and the output head): a weight matrix of `in × out` applied to
+#   `n` tokens costs $2\,n \cdot in \cdot out$ FLOPs and reads the matrix once ($2 \cdot in \cdot out$ bytes)
+#   plus the activations in and out. Per weight, that is $n$ FLOPs per byte: **batching tokens is free
+#   intensity**, because every token reuses the same weights.
+# - **attention**: for each query and each key it may see, $4D$ FLOPs (the score $q\cdot k$ and the
+#   weighted sum of $v$, a multiply and an add each), and it reads K and V once. A decode step has one query
+#   per sequence, and each sequence has its *own* keys, so batching does not help: the intensity stays at
+#   $4 D H \,/\, (2 \cdot 2 D H_{kv}) = H/H_{kv}$ FLOP per byte, whatever the batch or the context.
+#
+# The functions below count exactly that (ignoring the softmax, norms and RoPE, which are small),
+# for Llama-2-7B with a 4096-token prompt or context:
 
-A kernel's **arithmetic intensity** is the FLOPs it performs per byte it moves to or from memory.
-A GPU does both at once, so a kernel takes at least
-$\max\left(\frac{\text{FLOPs}}{\text{peak FLOP/s}},\ \frac{\text{bytes}}{\text{peak bytes/s}}\right)$.
-Which term wins depends on whether the intensity is above or below the GPU's own ratio, its *ridge point*.
-NVIDIA's H100 SXM datasheet gives **989 TFLOP/s** of dense bf16 tensor-core math (the 1 979 it prints
-assumes 2:4 sparsity) and **3.35 TB/s** of HBM3 bandwidth: a ridge at $989/3.35 \approx 295$ FLOP/byte.
-The H200 has the same chip with 4.8 TB/s, so its ridge is lower, at 206. (Measured on the course's H100, a copy
-runs at about 3.0 TB/s and a large bf16 matrix product at about 800 TFLOP/s: the datasheet's figures are
-peaks that real kernels approach but do not reach.)
-
-We count both for the two kinds of work in a forward pass, in bf16 (2 bytes per number):
-
-- **matmuls** (the projections, the MLP and the output head): a weight matrix of `in × out` applied to
-  `n` tokens costs $2\,n \cdot in \cdot out$ FLOPs and reads the matrix once ($2 \cdot in \cdot out$ bytes)
-  plus the activations in and out. Per weight, that is $n$ FLOPs per byte: **batching tokens is free
-  intensity**, because every token reuses the same weights.
-- **attention**: for each query and each key it may see, $4D$ FLOPs (the score $q\cdot k$ and the
-  weighted sum of $v$, a multiply and an add each), and it reads K and V once. A decode step has one query
-  per sequence, and each sequence has its *own* keys, so batching does not help: the intensity stays at
-  $4 D H \,/\, (2 \cdot 2 D H_{kv}) = H/H_{kv}$ FLOP per byte, whatever the batch or the context.
-
-The functions below count exactly that (ignoring the softmax, norms and RoPE, which are small),
-for Llama-2-7B with a 4096-token prompt or context:
-""")
-
-code(r'''
+# %%
 from effml_lib.kvcache import MODEL_EXPERTS, MODEL_PARAMS, MODEL_SHAPES, kv_cache_bytes, kv_cache_bytes_per_token
 
 H100_FLOPS, H100_BYTES_PER_S = 989e12, 3.35e12  # NVIDIA H100 SXM datasheet: dense bf16 tensor core, HBM3
@@ -178,9 +157,9 @@ def attention_cost(shape, batch, q_len, context, bytes_per_elem=2):
     flops = 4 * hd * h * batch * visible_pairs                  # q·k and p·v: 2 FLOPs each per channel
     moved = bytes_per_elem * batch * (2 * h_kv * context * hd + 2 * h * q_len * hd)
     return shape["n_layers"] * flops, shape["n_layers"] * moved
-''')
 
-code(r'''
+
+# %%
 llama2 = MODEL_SHAPES["llama-2-7b"]
 ctx = 4096
 work = {  # name -> (phase, FLOPs, bytes)
@@ -200,9 +179,8 @@ for name, (phase, flops, moved) in work.items():
 intensity = pd.DataFrame(rows).set_index("work (Llama-2-7B, bf16)")
 print(f"H100 ridge point: {H100_FLOPS / H100_BYTES_PER_S:.0f} FLOP/byte; H200: {H200_FLOPS / H200_BYTES_PER_S:.0f}")
 intensity.drop(columns="phase").round(1)
-''')
 
-code(r'''
+# %%
 fig, ax = plt.subplots(figsize=(9, 4))
 colors = {"prefill": sns.color_palette()[0], "decode": sns.color_palette()[1]}
 ax.barh(intensity.index[::-1], intensity["FLOP/byte"][::-1], color=[colors[p] for p in intensity["phase"][::-1]])
@@ -216,60 +194,52 @@ ax.set_title("Left of a ridge, memory sets the time; right of it, math does", pa
 ax.legend(handles=[plt.Rectangle((0, 0), 1, 1, color=c) for c in colors.values()], labels=list(colors),
           loc="center right")
 plt.show()
-''')
 
-md(r"""
-The bars show each piece of work's FLOPs per byte on a log scale, against the ridge points of the
-H100 and H200. A 4096-token prefill is far right of the ridge: its matmuls do about 1 600 FLOPs per byte
-of weights read, and the GPU is busy computing. A decode step of one sequence is far left: its matmuls do
-about 1 FLOP per byte (each weight, 2 bytes, is used for one multiply-add, 2 FLOPs), so the step lasts as
-long as reading 13 GB of weights takes, about 4 ms on an H100, whatever its tensor cores could do.
+# %% [markdown]
+# The bars show each piece of work's FLOPs per byte on a log scale, against the ridge points of the
+# H100 and H200. A 4096-token prefill is far right of the ridge: its matmuls do about 1 600 FLOPs per byte
+# of weights read, and the GPU is busy computing. A decode step of one sequence is far left: its matmuls do
+# about 1 FLOP per byte (each weight, 2 bytes, is used for one multiply-add, 2 FLOPs), so the step lasts as
+# long as reading 13 GB of weights takes, about 4 ms on an H100, whatever its tensor cores could do.
+#
+# Batching 64 sequences raises the matmuls' intensity 64-fold for the same weight bytes, which is why
+# serving systems batch. But attention stays at **1 FLOP/byte** at any batch size: each sequence brings its
+# own cache to read. With grouped-query attention (module 04), $H/H_{kv}$ query heads share each K/V head
+# and the intensity rises to the group size:
 
-Batching 64 sequences raises the matmuls' intensity 64-fold for the same weight bytes, which is why
-serving systems batch. But attention stays at **1 FLOP/byte** at any batch size: each sequence brings its
-own cache to read. With grouped-query attention (module 04), $H/H_{kv}$ query heads share each K/V head
-and the intensity rises to the group size:
-""")
-
-code(r'''
+# %%
 for name in ("llama-2-7b", "llama-3-8b", "qwen2.5-7b"):
     shape = MODEL_SHAPES[name]
     flops, moved = attention_cost(shape, 64, 1, ctx)
     print(f"{name:11s} {shape['n_heads']:2d} query heads / {shape['n_kv_heads']:2d} KV heads: decode attention "
           f"{flops / moved:4.1f} FLOP/byte, {H100_FLOPS / H100_BYTES_PER_S / (flops / moved):3.0f}x below the H100 ridge")
-''')
 
-md(r"""
-So at decode time the cost of attention is the cost of *reading the cache*. Its size in bytes is what
-sets both how much memory a batch needs and how long each step takes.
-""")
+# %% [markdown]
+# So at decode time the cost of attention is the cost of *reading the cache*. Its size in bytes is what
+# sets both how much memory a batch needs and how long each step takes.
 
-# ----------------------------------------------------------------------------- 2 bytes
-md(r"""
-## 2 · The bytes formula
+# %% [markdown]
+# ## 2 · The bytes formula
+#
+# The cache stores, for every layer, a key and a value vector of `head_dim` numbers per KV head, per
+# token, per sequence:
+#
+# $$
+# \text{bytes} = 2 \times \text{batch} \times \text{seq\_len} \times n_\text{layers} \times n_\text{kv\_heads} \times \text{head\_dim} \times \text{bytes\_per\_elem}
+# $$
+#
+# The leading 2 counts K and V. The number of *query* heads does not appear: only K/V heads are cached,
+# which is the whole point of GQA and MQA (module 04). Here is the library's version:
 
-The cache stores, for every layer, a key and a value vector of `head_dim` numbers per KV head, per
-token, per sequence:
-
-$$
-\text{bytes} = 2 \times \text{batch} \times \text{seq\_len} \times n_\text{layers} \times n_\text{kv\_heads} \times \text{head\_dim} \times \text{bytes\_per\_elem}
-$$
-
-The leading 2 counts K and V. The number of *query* heads does not appear: only K/V heads are cached,
-which is the whole point of GQA and MQA (module 04). Here is the library's version:
-""")
-
-code(r'''
+# %%
 show_source(kv_cache_bytes)
 show_source(kv_cache_bytes_per_token)
-''')
 
-md(r"""
-The lecture's figures, reproduced (fp16, 2 bytes per element). Llama-2-70B uses 8 KV heads for its
-64 query heads; to see what that saves, we also size it as if it used multi-head attention (64 KV heads):
-""")
+# %% [markdown]
+# The lecture's figures, reproduced (fp16, 2 bytes per element). Llama-2-70B uses 8 KV heads for its
+# 64 query heads; to see what that saves, we also size it as if it used multi-head attention (64 KV heads):
 
-code(r'''
+# %%
 llama70 = MODEL_SHAPES["llama-2-70b"]
 per_token_7b = kv_cache_bytes(1, 1, llama2["n_layers"], llama2["n_kv_heads"], head_dim_of(llama2))
 per_token_70b_mha = kv_cache_bytes(1, 1, llama70["n_layers"], llama70["n_heads"], head_dim_of(llama70))  # 64 KV heads
@@ -282,17 +252,15 @@ print(f"Llama-2-7B:             {per_token_7b / KiB:6.0f} KiB per token")
 print(f"Llama-2-70B as MHA:     {per_token_70b_mha / MiB:6.1f} MiB per token; batch 16 × 4096 tokens: {batch_70b_mha / GiB:.0f} GiB")
 print(f"Llama-2-70B with GQA-8: {per_token_70b_gqa / KiB:6.0f} KiB per token; batch 16 × 4096 tokens: "
       f"{kv_cache_bytes(16, 4096, llama70['n_layers'], llama70['n_kv_heads'], head_dim_of(llama70)) / GiB:.0f} GiB")
-''')
 
-md(r"""
-160 GiB of cache is two H100s' worth of memory before a single weight is loaded; with its 8 KV heads the
-real model needs 20 GiB. Now the whole catalog of published shapes in `MODEL_SHAPES`, next to the size of
-each model's weights (`MODEL_PARAMS`, the exact parameter counts of the released checkpoints, at 2 bytes
-each). The last column divides one by the other: the context at which **a single sequence's cache
-weighs as much as the whole model**.
-""")
+# %% [markdown]
+# 160 GiB of cache is two H100s' worth of memory before a single weight is loaded; with its 8 KV heads the
+# real model needs 20 GiB. Now the whole catalog of published shapes in `MODEL_SHAPES`, next to the size of
+# each model's weights (`MODEL_PARAMS`, the exact parameter counts of the released checkpoints, at 2 bytes
+# each). The last column divides one by the other: the context at which **a single sequence's cache
+# weighs as much as the whole model**.
 
-code(r'''
+# %%
 catalog = []
 for name, shape in MODEL_SHAPES.items():
     per_token = kv_cache_bytes_per_token(name)  # fp16/bf16
@@ -308,9 +276,8 @@ for name, shape in MODEL_SHAPES.items():
     })
 catalog = pd.DataFrame(catalog).set_index("model")
 catalog.round(1)
-''')
 
-code(r'''
+# %%
 mixtral, mistral = catalog.loc["mixtral-8x7b"], catalog.loc["mistral-7b"]
 experts = MODEL_EXPERTS["mixtral-8x7b"]
 print(f"Mixtral-8x7B: {MODEL_PARAMS['mixtral-8x7b']['total'] / 1e9:.1f} B weights "
@@ -318,39 +285,35 @@ print(f"Mixtral-8x7B: {MODEL_PARAMS['mixtral-8x7b']['total'] / 1e9:.1f} B weight
       f"{experts['n_experts']} experts), Mistral-7B: {MODEL_PARAMS['mistral-7b']['total'] / 1e9:.1f} B")
 print(f"  both cache {mixtral['KV cache per token (KiB)']:.0f} KiB per token, so the cache catches up with the weights at "
       f"{mixtral['cache = weights at (tokens)']:,} tokens for Mixtral and {mistral['cache = weights at (tokens)']:,} for Mistral")
-''')
 
-md(r"""
-Three things to read off the table:
+# %% [markdown]
+# Three things to read off the table:
+#
+# - **Multi-head attention is expensive to cache.** Llama-2-7B and 13B keep every head's K and V: at
+#   512–800 KiB per token, one sequence of about 26 000–32 000 tokens holds as many bytes as the model.
+#   The GQA models of about the same size cache 4–9× less per token (Llama-3-8B and Mistral-7B: 128 KiB;
+#   Qwen2.5-7B, with 4 KV heads: 56 KiB), and their caches reach their weights only past 100 000 tokens.
+# - **A bigger model does not mean a bigger cache.** Llama-2-70B caches less per token than
+#   Llama-2-13B: 80 layers of 8 KV heads against 40 layers of 40.
+# - **Mixture of experts multiplies the weights, not the cache.** Mixtral-8x7B has eight feed-forward
+#   experts per layer, 46.7 B weights in all, but its attention is Mistral-7B's: the same 128 KiB per token.
+#   Its cache only matches its weights beyond 700 000 tokens.
+#
+# (Mistral-7B v0.1 was also trained with a 4096-token sliding window: a server that uses it needs to keep
+# only the last 4096 tokens per layer. The table assumes full attention over the whole context.)
 
-- **Multi-head attention is expensive to cache.** Llama-2-7B and 13B keep every head's K and V: at
-  512–800 KiB per token, one sequence of about 26 000–32 000 tokens holds as many bytes as the model.
-  The GQA models of about the same size cache 4–9× less per token (Llama-3-8B and Mistral-7B: 128 KiB;
-  Qwen2.5-7B, with 4 KV heads: 56 KiB), and their caches reach their weights only past 100 000 tokens.
-- **A bigger model does not mean a bigger cache.** Llama-2-70B caches less per token than
-  Llama-2-13B: 80 layers of 8 KV heads against 40 layers of 40.
-- **Mixture of experts multiplies the weights, not the cache.** Mixtral-8x7B has eight feed-forward
-  experts per layer, 46.7 B weights in all, but its attention is Mistral-7B's: the same 128 KiB per token.
-  Its cache only matches its weights beyond 700 000 tokens.
+# %% [markdown]
+# ## 3 · A memory calculator
+#
+# A server must hold the weights and the cache of every sequence in its batch at once. The function below
+# adds them up for any model of the catalog, batch, context and number format, and draws them against the
+# memory of three GPUs. Formats: fp32 (4 bytes), bf16/fp16 (2), fp8 and int8 (1: serving engines such as
+# vLLM can keep the cache in fp8), int4 (half a byte: common for weights, as in module 05). The GPU capacities are
+# the usable bytes PyTorch reports on the course's H100 and H200 (recorded in `bench/results/`), and
+# 24 GiB for a consumer card (RTX 3090/4090). Activations and the framework's workspace need a few GiB more,
+# so a configuration that only just fits will not.
 
-(Mistral-7B v0.1 was also trained with a 4096-token sliding window: a server that uses it needs to keep
-only the last 4096 tokens per layer. The table assumes full attention over the whole context.)
-""")
-
-# ----------------------------------------------------------------------------- 3 calculator
-md(r"""
-## 3 · A memory calculator
-
-A server must hold the weights and the cache of every sequence in its batch at once. The function below
-adds them up for any model of the catalog, batch, context and number format, and draws them against the
-memory of three GPUs. Formats: fp32 (4 bytes), bf16/fp16 (2), fp8 and int8 (1: serving engines such as
-vLLM can keep the cache in fp8), int4 (half a byte: common for weights, as in module 05). The GPU capacities are
-the usable bytes PyTorch reports on the course's H100 and H200 (recorded in `bench/results/`), and
-24 GiB for a consumer card (RTX 3090/4090). Activations and the framework's workspace need a few GiB more,
-so a configuration that only just fits will not.
-""")
-
-code(r'''
+# %%
 DTYPE_BYTES = {"fp32": 4, "bf16 / fp16": 2, "fp8": 1, "int8": 1, "int4": 0.5}
 GPU_BYTES = {  # usable memory: torch.cuda.get_device_properties(...).total_memory on the course's GPUs
     "consumer card (24 GiB)": 24 * GiB,
@@ -387,20 +350,18 @@ def memory_budget(model="llama-2-7b", batch=16, context=4096, cache_dtype="bf16 
 
 
 memory_budget()  # the default: Llama-2-7B, batch 16 × 4096, everything in bf16
-''')
 
-md(r"""
-The figure shows Llama-2-7B in bf16 serving 16 sequences of 4096 tokens: the cache (32 GiB) is
-two and a half times the weights (12.6 GiB); together they overflow a 24 GiB card and take more than half
-of an H100. The printed lines give the most sequences of this length each GPU can hold beside the
-weights: that, not arithmetic, caps the batch and so the throughput of a decode server.
+# %% [markdown]
+# The figure shows Llama-2-7B in bf16 serving 16 sequences of 4096 tokens: the cache (32 GiB) is
+# two and a half times the weights (12.6 GiB); together they overflow a 24 GiB card and take more than half
+# of an H100. The printed lines give the most sequences of this length each GPU can hold beside the
+# weights: that, not arithmetic, caps the batch and so the throughput of a decode server.
+#
+# Try it yourself below (in JupyterLab or Colab; a static copy of the notebook shows only the controls'
+# description). Things to look for: Llama-3-8B at 128 k tokens; the same with an fp8 cache; Llama-2-70B with
+# int4 weights on one H100.
 
-Try it yourself below (in JupyterLab or Colab; a static copy of the notebook shows only the controls'
-description). Things to look for: Llama-3-8B at 128 k tokens; the same with an fp8 cache; Llama-2-70B with
-int4 weights on one H100.
-""")
-
-code(r'''
+# %%
 try:
     import ipywidgets as widgets
 except ImportError:
@@ -421,17 +382,14 @@ else:
         weight_dtype=widgets.Dropdown(options=list(DTYPE_BYTES), value="bf16 / fp16", description="weights"),
         ax=widgets.fixed(None),
     );
-''')
 
-# ----------------------------------------------------------------------------- 4 measured
-md(r"""
-## 4 · Measured: decoding effml-tiny with and without the cache
+# %% [markdown]
+# ## 4 · Measured: decoding effml-tiny with and without the cache
+#
+# Now the real thing, on your device. effml-tiny is the course model (17.3 M parameters, 8 layers,
+# 6 heads of 64, multi-head attention, up to 2048 tokens), kept in float32 here.
 
-Now the real thing, on your device. effml-tiny is the course model (17.3 M parameters, 8 layers,
-6 heads of 64, multi-head attention, up to 2048 tokens), kept in float32 here.
-""")
-
-code(r'''
+# %%
 from effml_lib.checkpoints import pretrained
 from effml_lib.device import describe, get_device
 from effml_lib.measure import benchmark, env_info, peak_memory
@@ -452,36 +410,32 @@ print(f"  KV cache {human_bytes(tiny_per_token)} per token, {human_bytes(tiny_pe
       f"for one {cfg.max_seq_len}-token sequence; weights {human_bytes(tiny_weights)}")
 print(f"  one sequence's cache = the weights at {tiny_weights / tiny_per_token:,.0f} tokens; "
       f"a batch of 4 gets there at {tiny_weights / tiny_per_token / 4:,.0f}")
-''')
 
-md(r"""
-### The code: a static cache and a step that uses it
+# %% [markdown]
+# ### The code: a static cache and a step that uses it
+#
+# `StaticKVCache` preallocates, for every layer, K and V buffers of shape `(batch, n_kv_heads, max_seq_len,
+# head_dim)`. Each forward pass writes its new keys and values at their positions and hands attention the
+# filled part:
 
-`StaticKVCache` preallocates, for every layer, K and V buffers of shape `(batch, n_kv_heads, max_seq_len,
-head_dim)`. Each forward pass writes its new keys and values at their positions and hands attention the
-filled part:
-""")
-
-code(r'''
+# %%
 from effml_lib.attention import Attention
 from effml_lib.kvcache import StaticKVCache
 
 show_source(StaticKVCache.write)
 show_source(Attention.forward)
-''')
 
-md(r"""
-`Transformer.forward(tokens, cache, start_pos)` puts the `T` tokens at positions `start_pos …
-start_pos + T - 1`, checks once that they fit the cache, and lets each layer's attention call
-`cache.write` through `layer_cache` (`cache.update` is the same write with checks on every call, for
-code that fills a cache directly). Decoding
-is then two phases: a **prefill** runs the whole prompt once (`start_pos = 0`), filling the cache, and
-each **decode step** runs one token (`T = 1`) against everything cached. `decoding.generate` does this;
-with `use_cache=False` it instead re-runs the whole sequence at every step. Both must choose the same
-tokens: we check it on a prompt, greedily, and also compare the logits of every step directly.
-""")
+# %% [markdown]
+# `Transformer.forward(tokens, cache, start_pos)` puts the `T` tokens at positions `start_pos …
+# start_pos + T - 1`, checks once that they fit the cache, and lets each layer's attention call
+# `cache.write` through `layer_cache` (`cache.update` is the same write with checks on every call, for
+# code that fills a cache directly). Decoding
+# is then two phases: a **prefill** runs the whole prompt once (`start_pos = 0`), filling the cache, and
+# each **decode step** runs one token (`T = 1`) against everything cached. `decoding.generate` does this;
+# with `use_cache=False` it instead re-runs the whole sequence at every step. Both must choose the same
+# tokens: we check it on a prompt, greedily, and also compare the logits of every step directly.
 
-code(r'''
+# %%
 from effml_lib.decoding import generate
 
 gen = torch.Generator().manual_seed(0)  # seeds every random input from here on
@@ -499,9 +453,8 @@ assert torch.equal(with_cache, without_cache), "cached and uncached greedy decod
 print(f"{check_new_tokens} greedy tokens after a {prompt_ids.shape[1]}-token prompt: identical with and without the cache "
       f"({t_with:.2f} s with it, {t_without:.2f} s without)")
 print("-" * 60 + "\n" + tok.decode(with_cache[0].tolist()) + "\n" + "-" * 60)
-''')
 
-code(r'''
+# %%
 # Logits, not only argmaxes: every cached step against one uncached forward pass over the final sequence.
 sequence = with_cache[:, :-1]                       # (1, T): the inputs of every step
 reference = model(sequence)                         # (1, T, V): no cache, all positions at once
@@ -513,23 +466,21 @@ for pos in range(n_prompt, sequence.shape[1]):
 stepwise = torch.cat(stepwise, dim=1)               # (1, T, V)
 print(f"largest |logit difference| over {sequence.shape[1]} positions: {(stepwise - reference).abs().max():.1e} "
       f"(logits range over ±{reference.abs().max():.0f})")
-''')
 
-md(r"""
-The tokens are identical and the logits agree to float32 rounding (the two paths add the same numbers in
-a different order). The cache changes the cost, not the function.
+# %% [markdown]
+# The tokens are identical and the logits agree to float32 rounding (the two paths add the same numbers in
+# a different order). The cache changes the cost, not the function.
+#
+# ### A batch of sequences of different lengths
+#
+# A server batches requests that arrived at different times, so the sequences sharing a cache have
+# different lengths. Each keeps its own position: its new keys and values go to *its* next slot, and its
+# query must see its own filled slots and nothing beyond them (the slots past its length hold stale values
+# from an earlier request, or padding). `decode_attention(q, k, v, context_lens)` takes one length per
+# sequence and masks the rest. We fill the unused slots with large garbage and check each sequence's
+# result against attending to its own keys alone:
 
-### A batch of sequences of different lengths
-
-A server batches requests that arrived at different times, so the sequences sharing a cache have
-different lengths. Each keeps its own position: its new keys and values go to *its* next slot, and its
-query must see its own filled slots and nothing beyond them (the slots past its length hold stale values
-from an earlier request, or padding). `decode_attention(q, k, v, context_lens)` takes one length per
-sequence and masks the rest. We fill the unused slots with large garbage and check each sequence's
-result against attending to its own keys alone:
-""")
-
-code(r'''
+# %%
 from effml_lib.attention import decode_attention
 
 lens = torch.tensor([5, 12, 16])                              # filled slots of each sequence
@@ -543,22 +494,20 @@ for b, n in enumerate(lens.tolist()):
     alone = decode_attention(q_b[b : b + 1], k_b[b : b + 1, :, :n], v_b[b : b + 1, :, :n], impl="torch")
     print(f"sequence {b}: {n:2d} of {n_slots} slots filled; batched vs alone: max |difference| = "
           f"{(batched[b] - alone[0]).abs().max():.1e}")
-''')
 
-md(r"""
-### Time per token as the context grows
+# %% [markdown]
+# ### Time per token as the context grows
+#
+# To time one step at context $T$ (the new token attends to $T$ tokens, itself included):
+#
+# - **without a cache**, the step is a forward pass over all $T$ tokens, `model(tokens[:, :T])`, of which
+#   only the last position's logits are used;
+# - **with a cache**, it is `model(token, cache, start_pos=T - 1)` against a cache that already holds the
+#   $T-1$ earlier tokens (one prefill fills it).
+#
+# Token ids are random: the time does not depend on which tokens they are.
 
-To time one step at context $T$ (the new token attends to $T$ tokens, itself included):
-
-- **without a cache**, the step is a forward pass over all $T$ tokens, `model(tokens[:, :T])`, of which
-  only the last position's logits are used;
-- **with a cache**, it is `model(token, cache, start_pos=T - 1)` against a cache that already holds the
-  $T-1$ earlier tokens (one prefill fills it).
-
-Token ids are random: the time does not depend on which tokens they are.
-""")
-
-code(r'''
+# %%
 tokens = torch.randint(0, cfg.vocab_size, (1, max(contexts)), generator=gen).to(device)  # (1, T_max)
 cache = StaticKVCache.for_model(model, batch_size=1, max_seq_len=max(contexts))
 model(tokens[:, : max(contexts) - 1], cache, start_pos=0)  # prefill: the cache holds K/V of the first T_max - 1 tokens
@@ -571,9 +520,8 @@ for T in tqdm(contexts, desc="contexts"):
     rows.append({"context": T, "decoding": "with KV cache: one token", **cached.to_dict()})
 latency = pd.DataFrame(rows)
 latency.pivot(index="context", columns="decoding", values="median_ms").round(2)
-''')
 
-code(r'''
+# %%
 from effml_lib.plots import latency_vs_size
 
 ax = latency_vs_size(latency, x="context", y="median_ms", hue="decoding",
@@ -584,9 +532,8 @@ ax.yaxis.set_major_formatter(lambda v, _: f"{v:g}")
 ax.yaxis.set_minor_formatter(mticker.NullFormatter())
 ax.figure.set_size_inches(8, 4.5)
 plt.show()
-''')
 
-code(r'''
+# %%
 by = latency.pivot(index="context", columns="decoding", values="median_ms")
 slow, fast = by["without cache: whole prefix"], by["with KV cache: one token"]
 T_max = max(contexts)
@@ -598,33 +545,32 @@ print(f"at {T_max} tokens a step costs {slow[T_max]:.0f} ms without the cache an
 print(f"generating {T_max} tokens one by one (interpolating the measured steps): {total_slow:.0f} s without, {total_fast:.0f} s with")
 print(f"the uncached step is a prefill of {T_max} tokens: {slow[T_max] / T_max:.3g} ms per token processed, "
       f"{fast[T_max] / (slow[T_max] / T_max):.0f}x less than a cached decode step spends on its one token")
-''')
 
-md(r"""
-The plot (log–log, median of the timed runs, shaded between the quartiles) shows the cost of one
-generated token. Without a cache it grows about in proportion to the context (a slope near 1 on these
-axes, a little less at short contexts where fixed costs count, a little more at the longest, where
-attention's own $T^2$ work starts to show): each step redoes the projections and the MLP for every earlier
-token. Summed over a generation that is quadratic, which is where the gap in total time comes from. With the cache the step processes one
-token, and its time barely moves: at these contexts it is mostly reading the weights, with a small
-term for the cache that grows with $T$ (section 5 measures it). (On a GPU, effml-tiny is so small that
-every step is paced by launching its hundred-odd kernels, a few milliseconds whatever the context; both
-lines stay flat until the uncached prefix is long enough to occupy the GPU. The difference shows with a
-real model.)
 
-The last line is section 1 measured: the uncached step is also a prefill, and processing 2048 tokens
-at once costs far less *per token* than one cached decode step, because the matmuls reuse each weight
-for every token. Prefill is cheap per token, decode is cheap per step.
+# %% [markdown]
+# The plot (log–log, median of the timed runs, shaded between the quartiles) shows the cost of one
+# generated token. Without a cache it grows about in proportion to the context (a slope near 1 on these
+# axes, a little less at short contexts where fixed costs count, a little more at the longest, where
+# attention's own $T^2$ work starts to show): each step redoes the projections and the MLP for every earlier
+# token. Summed over a generation that is quadratic, which is where the gap in total time comes from. With the cache the step processes one
+# token, and its time barely moves: at these contexts it is mostly reading the weights, with a small
+# term for the cache that grows with $T$ (section 5 measures it). (On a GPU, effml-tiny is so small that
+# every step is paced by launching its hundred-odd kernels, a few milliseconds whatever the context; both
+# lines stay flat until the uncached prefix is long enough to occupy the GPU. The difference shows with a
+# real model.)
+#
+# The last line is section 1 measured: the uncached step is also a prefill, and processing 2048 tokens
+# at once costs far less *per token* than one cached decode step, because the matmuls reuse each weight
+# for every token. Prefill is cheap per token, decode is cheap per step.
+#
+# ### Peak memory against the formula
+#
+# Now memory. For each batch size and context we allocate a fresh cache and run one decode step, and
+# `measure.peak_memory` reports the most extra memory alive at any moment (on a CPU it replays the
+# profiler's allocation events; on a GPU it reads the allocator's peak). The formula predicts the cache;
+# the rest is the step's own activations.
 
-### Peak memory against the formula
-
-Now memory. For each batch size and context we allocate a fresh cache and run one decode step, and
-`measure.peak_memory` reports the most extra memory alive at any moment (on a CPU it replays the
-profiler's allocation events; on a GPU it reads the allocator's peak). The formula predicts the cache;
-the rest is the step's own activations.
-""")
-
-code(r'''
+# %%
 def step_with_fresh_cache(batch, T):
     """Allocate a (batch, T) cache and run the decode step at position T - 1 (the cache's last slot)."""
     cache = StaticKVCache.for_model(model, batch_size=batch, max_seq_len=T)
@@ -644,9 +590,8 @@ for batch in tqdm(memory_batches, desc="batch sizes"):
         del cache
 memory = pd.DataFrame(rows)
 memory.set_index(["batch", "context"]).round(2)
-''')
 
-code(r'''
+# %%
 fig, ax = plt.subplots(figsize=(8, 4.8))
 for batch, color in zip(memory_batches, sns.color_palette()):
     part = memory[memory["batch"] == batch]
@@ -667,35 +612,31 @@ plt.show()
 extra = memory["rest of the step (MiB)"]
 print(f"measured peak − formula: {extra.min():.2f} to {extra.max():.2f} MiB "
       f"(the formula alone is {memory['formula: KV cache (MiB)'].min():.0f} to {memory['formula: KV cache (MiB)'].max():.0f} MiB)")
-''')
 
-md(r"""
-The markers are the measured peaks, the wide pale lines under them the formula: they lie on top of each other,
-doubling with the context and quadrupling with each 4× in batch. The little that is left over is the
-decode step's own activations (logits and a few vectors per sequence), tiny next to the cache. Against the
-dotted line: a single 2048-token sequence's cache is already three quarters of the model's weights, and a
-batch of 4 at 1024 tokens passes them. Scale the same formula up to the catalog of section 2 and you get
-the tens of GiB of section 3.
-""")
+# %% [markdown]
+# The markers are the measured peaks, the wide pale lines under them the formula: they lie on top of each other,
+# doubling with the context and quadrupling with each 4× in batch. The little that is left over is the
+# decode step's own activations (logits and a few vectors per sequence), tiny next to the cache. Against the
+# dotted line: a single 2048-token sequence's cache is already three quarters of the model's weights, and a
+# batch of 4 at 1024 tokens passes them. Scale the same formula up to the catalog of section 2 and you get
+# the tens of GiB of section 3.
 
-# ----------------------------------------------------------------------------- 5 where time goes
-md(r"""
-## 5 · Where a decode step's time goes at long context
+# %% [markdown]
+# ## 5 · Where a decode step's time goes at long context
+#
+# A cached decode step has two kinds of work. The **matmuls** read every weight once per step (a fixed
+# cost, the same at any context). **Attention** reads the whole cache of every sequence (a cost that
+# grows with batch × context). We time, at each context, three things on the same inputs:
+#
+# - the whole decode step, `model(token, cache, start_pos=T - 1)`;
+# - the attention calls alone, one per layer, with that layer's own cached K and V (so the bytes read are
+#   the step's), exactly as `Attention.forward` calls them;
+# - the weight matmuls alone: the seven projections of each layer and the output head, on one token per sequence.
+#
+# Whatever is left (norms, RoPE, writing the cache, Python) is "rest". For reference, the share of the
+# step's bytes that are cache bytes is what attention's share would be if both ran at the same bytes per second.
 
-A cached decode step has two kinds of work. The **matmuls** read every weight once per step (a fixed
-cost, the same at any context). **Attention** reads the whole cache of every sequence (a cost that
-grows with batch × context). We time, at each context, three things on the same inputs:
-
-- the whole decode step, `model(token, cache, start_pos=T - 1)`;
-- the attention calls alone, one per layer, with that layer's own cached K and V (so the bytes read are
-  the step's), exactly as `Attention.forward` calls them;
-- the weight matmuls alone: the seven projections of each layer and the output head, on one token per sequence.
-
-Whatever is left (norms, RoPE, writing the cache, Python) is "rest". For reference, the share of the
-step's bytes that are cache bytes is what attention's share would be if both ran at the same bytes per second.
-""")
-
-code(r'''
+# %%
 from effml_lib.attention import attention
 
 weight_bytes_read = (model.num_parameters() - model.tok_embeddings.weight.numel()) * elem  # the embedding: one row per token
@@ -735,9 +676,8 @@ with tqdm(total=len(split_batches) * len(split_contexts), desc="decode steps") a
             del cache
 split = pd.DataFrame(rows)
 split.set_index(["batch", "context"]).round(2)
-''')
 
-code(r'''
+# %%
 fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
 biggest = split[split["batch"] == max(split_batches)].set_index("context")
 biggest[["attention (ms)", "matmuls (ms)", "rest (ms)"]].plot.bar(stacked=True, ax=left, rot=0,
@@ -767,56 +707,52 @@ last = split.iloc[-1]  # the largest batch at the longest context
 print(f"batch {last['batch']:.0f}, {last['context']:.0f} cached tokens: attention {last['attention (ms)']:.1f} ms, "
       f"weight matmuls {last['matmuls (ms)']:.1f} ms, step {last['step (ms)']:.1f} ms "
       f"({last['attention share']:.0%} of it in attention)")
-''')
 
-md(r"""
-Left: one step's time at the largest batch, split into attention, weight matmuls and the rest; right:
-attention's share of the step for each batch (solid), next to the cache's share of the bytes the step
-reads (dashed). The weight matmuls cost about the same at every context, as they must: the weights do not
-change. Attention starts as a sliver and grows in proportion to the context, and faster with a larger
-batch, since every sequence reads its own cache: at a batch of 4 and 2048 tokens it takes about as long
-as all the weight matmuls together, or longer (the line under the plot gives the saved run's numbers). Its share stays below the dashed prediction
-because on this CPU the two kinds of work do not move bytes equally fast: the table's last two columns
-give each one's bytes per second, and the matmuls (57 separate matrix-vector products per step, each
-paying its own call overhead) are the slower. The trend is the one the bytes predict.
+# %% [markdown]
+# Left: one step's time at the largest batch, split into attention, weight matmuls and the rest; right:
+# attention's share of the step for each batch (solid), next to the cache's share of the bytes the step
+# reads (dashed). The weight matmuls cost about the same at every context, as they must: the weights do not
+# change. Attention starts as a sliver and grows in proportion to the context, and faster with a larger
+# batch, since every sequence reads its own cache: at a batch of 4 and 2048 tokens it takes about as long
+# as all the weight matmuls together, or longer (the line under the plot gives the saved run's numbers). Its share stays below the dashed prediction
+# because on this CPU the two kinds of work do not move bytes equally fast: the table's last two columns
+# give each one's bytes per second, and the matmuls (57 separate matrix-vector products per step, each
+# paying its own call overhead) are the slower. The trend is the one the bytes predict.
+#
+# On a GPU with a real model the same crossover happens where section 2's table says: for Llama-2-7B,
+# once batch × context passes about 26 000 cached tokens, a decode step reads more bytes of cache than of
+# weights. That is the regime a decode-attention kernel is written for.
 
-On a GPU with a real model the same crossover happens where section 2's table says: for Llama-2-7B,
-once batch × context passes about 26 000 cached tokens, a decode step reads more bytes of cache than of
-weights. That is the regime a decode-attention kernel is written for.
-""")
+# %% [markdown]
+# ## 6 · The GPU kernel: split the keys, merge with log-sum-exp
+#
+# A decode step's attention has one query per sequence and head against thousands of cached keys.
+# The natural GPU kernel gives one program (a block of threads on one streaming multiprocessor, SM) to
+# each (sequence, KV head). At batch 1 with Llama-3-8B's 8 KV heads that is **8 programs for the H100's
+# 132 SMs**: 94% of the chip, and most of its memory bandwidth, sits idle while 8 SMs read the whole cache.
+#
+# **Flash-decoding** (split-K) also splits each sequence's keys into chunks and gives each chunk its own
+# program. Every program computes a softmax over *its* keys only, and writes two things: its normalised
+# partial output $o_s$ and the log-sum-exp of its scores, $\ell_s = \log \sum_{j \in s} e^{x_j}$. A second,
+# small kernel merges them. The merge is exact, because the full softmax is a weighted average of the chunks'
+# softmaxes, weighted by each chunk's share of the total mass:
+#
+# $$
+# o = \sum_s \frac{e^{\ell_s}}{\sum_r e^{\ell_r}}\, o_s = \sum_s e^{\,\ell_s - L}\, o_s, \qquad L = \log \sum_s e^{\ell_s} .
+# $$
+#
+# (In practice every exponent is taken after subtracting a maximum, so nothing overflows.) The library's
+# kernel chooses the number of chunks so that there are about as many programs as SMs, and never splits
+# below one tile of keys:
 
-# ----------------------------------------------------------------------------- 6 flash decoding
-md(r"""
-## 6 · The GPU kernel: split the keys, merge with log-sum-exp
-
-A decode step's attention has one query per sequence and head against thousands of cached keys.
-The natural GPU kernel gives one program (a block of threads on one streaming multiprocessor, SM) to
-each (sequence, KV head). At batch 1 with Llama-3-8B's 8 KV heads that is **8 programs for the H100's
-132 SMs**: 94% of the chip, and most of its memory bandwidth, sits idle while 8 SMs read the whole cache.
-
-**Flash-decoding** (split-K) also splits each sequence's keys into chunks and gives each chunk its own
-program. Every program computes a softmax over *its* keys only, and writes two things: its normalised
-partial output $o_s$ and the log-sum-exp of its scores, $\ell_s = \log \sum_{j \in s} e^{x_j}$. A second,
-small kernel merges them. The merge is exact, because the full softmax is a weighted average of the chunks'
-softmaxes, weighted by each chunk's share of the total mass:
-
-$$
-o = \sum_s \frac{e^{\ell_s}}{\sum_r e^{\ell_r}}\, o_s = \sum_s e^{\,\ell_s - L}\, o_s, \qquad L = \log \sum_s e^{\ell_s} .
-$$
-
-(In practice every exponent is taken after subtracting a maximum, so nothing overflows.) The library's
-kernel chooses the number of chunks so that there are about as many programs as SMs, and never splits
-below one tile of keys:
-""")
-
-code(r'''
+# %%
 kernel_file = ROOT / "effml_lib/kernels/decode_attention.py"  # read, not imported: importing it needs Triton
 source = kernel_file.read_text()
 node = next(n for n in ast.parse(source).body if getattr(n, "name", None) == "_num_splits")
 print(ast.get_source_segment(source, node, padded=True))
-''')
 
-code(r'''
+
+# %%
 def num_splits(batch_heads, keys, block_n=128, sms=132, programs_per_sm=1):
     """The kernel's rule above, for a CUDA device with `sms` SMs (the H100 has 132)."""
     return max(1, min(programs_per_sm * sms // batch_heads, math.ceil(keys / block_n)))
@@ -828,17 +764,16 @@ rows = [{"batch": b, "context": c, "programs, one per (sequence, KV head)": b * 
          "programs with split keys": b * n_kv * num_splits(b * n_kv, c)}
         for b in (1, 4, 16, 64) for c in (1024, 16384)]
 pd.DataFrame(rows).set_index(["batch", "context"])
-''')
 
-md(r"""
-At batch 1 and 16 k tokens, splitting turns 8 programs into 128 (at 1 k tokens there are only 8 tiles of
-128 keys to share out, so 64). From batch 16 on, sequences × KV heads already fill the GPU and the kernel
-does not split at all. Now the merge itself, in plain PyTorch on the CPU: one query per
-head against `lse_context` keys, attended in `lse_chunks` chunks, compared with the softmax over all keys
-computed in float64.
-""")
 
-code(r'''
+# %% [markdown]
+# At batch 1 and 16 k tokens, splitting turns 8 programs into 128 (at 1 k tokens there are only 8 tiles of
+# 128 keys to share out, so 64). From batch 16 on, sequences × KV heads already fill the GPU and the kernel
+# does not split at all. Now the merge itself, in plain PyTorch on the CPU: one query per
+# head against `lse_context` keys, attended in `lse_chunks` chunks, compared with the softmax over all keys
+# computed in float64.
+
+# %%
 def attend_chunk(q, k, v):
     """Softmax attention of q (H, D) to one chunk k/v (H, n, D): normalised output (H, D) and LSE (H,)."""
     scores = q[:, None, :] @ k.transpose(1, 2) / math.sqrt(q.shape[-1])  # (H, 1, n)
@@ -877,28 +812,26 @@ print(f"  merged with log-sum-exp weights: max |error| vs the float64 softmax = 
 print(f"  plain average of the chunks:     max |error|                         = {(naive - exact).abs().max():.1e}"
       f"  (the outputs themselves reach ±{exact.abs().max():.2f})")
 print("  chunk weights e^(l_s - L) of head 0:", "  ".join(f"{w:.2f}" for w in torch.softmax(lses, 0)[:, 0].tolist()))
-''')
 
-code(r'''
+# %%
 library = decode_attention(q[None, :, None], k[None], v[None], impl="torch")[0, :, 0]  # (1, H, 1, D) -> (H, D)
 print(f"library decode_attention(impl='torch') vs the chunked merge: max |difference| = {(library - merged).abs().max():.1e}")
-''')
 
-md(r"""
-The merged result equals the full softmax to float32 rounding, while averaging the chunks' outputs is
-off by about as much as the outputs themselves: a chunk that holds most of the softmax mass must count
-for most of the answer, and its LSE says how much. The weights printed for one head show how uneven the
-chunks are: the third, which holds the keys that match the query, carries most of the mass. The Triton kernel does exactly this, with each chunk's softmax computed online, tile by tile,
-inside one program, and `_combine_kernel` applying `merge`.
 
-### On a GPU (precomputed by `bench/decode_attention.py`)
+# %% [markdown]
+# The merged result equals the full softmax to float32 rounding, while averaging the chunks' outputs is
+# off by about as much as the outputs themselves: a chunk that holds most of the softmax mass must count
+# for most of the answer, and its LSE says how much. The weights printed for one head show how uneven the
+# chunks are: the third, which holds the keys that match the query, carries most of the mass. The Triton kernel does exactly this, with each chunk's softmax computed online, tile by tile,
+# inside one program, and `_combine_kernel` applying `merge`.
+#
+# ### On a GPU (precomputed by `bench/decode_attention.py`)
+#
+# The benchmark times the kernel against PyTorch's SDPA backends for batch 1–64 and 1 k–64 k cached tokens
+# (Llama-3-8B's 32/8 heads of 128, bf16), inside CUDA graphs, and reports each time as a fraction of the
+# device-to-device copy bandwidth: decode attention reads the cache once, so 100% is the limit.
 
-The benchmark times the kernel against PyTorch's SDPA backends for batch 1–64 and 1 k–64 k cached tokens
-(Llama-3-8B's 32/8 heads of 128, bf16), inside CUDA graphs, and reports each time as a fraction of the
-device-to-device copy bandwidth: decode attention reads the cache once, so 100% is the limit.
-""")
-
-code(r'''
+# %%
 def plot_decode_attention(run, device_name):
     """The benchmark's rows: fraction of copy bandwidth vs context, one panel per batch, one line per implementation."""
     rows = pd.DataFrame([r for r in run["rows"] if "graph_us" in r])
@@ -937,21 +870,19 @@ for path in gpu_runs:
     if not summary.empty:
         print(f"precomputed on {gpu_name}: the Triton kernel per shape (CUDA-graph time), against the fastest SDPA backend")
         display(summary.set_index(["batch", "context"]).round(2))
-''')
 
-md(r"""
-How to read the plot when results are there: each panel is one batch size, each line one implementation,
-and the height is how fast it read the cache compared with a copy. Small shapes sit low for every
-implementation, because a few microseconds of fixed cost per call dominate; large ones should approach the
-dashed line, and may pass it, since a copy both reads and writes while attention almost only reads. The
-table gives the kernel's time at each shape and its speed-up over the fastest SDPA backend in the same run.
+# %% [markdown]
+# How to read the plot when results are there: each panel is one batch size, each line one implementation,
+# and the height is how fast it read the cache compared with a copy. Small shapes sit low for every
+# implementation, because a few microseconds of fixed cost per call dominate; large ones should approach the
+# dashed line, and may pass it, since a copy both reads and writes while attention almost only reads. The
+# table gives the kernel's time at each shape and its speed-up over the fastest SDPA backend in the same run.
+#
+# If CUDA and Triton are available where you run this notebook, the cell below also times the library's
+# kernel against the PyTorch reference live, at a batch-1, long-context shape (Llama-3-8B's heads, bf16).
+# On a CPU it says so and does nothing.
 
-If CUDA and Triton are available where you run this notebook, the cell below also times the library's
-kernel against the PyTorch reference live, at a batch-1, long-context shape (Llama-3-8B's heads, bf16).
-On a CPU it says so and does nothing.
-""")
-
-code(r'''
+# %%
 from effml_lib.device import triton_available
 
 if torch.cuda.is_available() and triton_available():
@@ -981,44 +912,39 @@ if torch.cuda.is_available() and triton_available():
         display(pd.DataFrame(live_rows).set_index(["batch", "context"]).round(1))
 else:
     print("No CUDA GPU with Triton here: the live kernel timing is skipped (the kernel needs one).")
-''')
 
-# ----------------------------------------------------------------------------- summary
-md(r"""
-## What we found, and what the lab asks
-
-- A decode step does about **1 FLOP per byte** for one sequence; an H100 needs about 295 to keep its
-  tensor cores busy. Decoding is paced by memory traffic. Batching raises the matmuls' intensity, but
-  attention stays at $H/H_{kv}$ FLOPs per byte at any batch, because each sequence reads its own cache.
-- The cache costs $2 \cdot B \cdot T \cdot n_\text{layers} \cdot n_\text{kv\_heads} \cdot \text{head\_dim}
-  \cdot \text{bytes}$: 512 KiB per token for Llama-2-7B, 2.5 MiB for a 70B model with full multi-head
-  attention (160 GiB for 16 sequences of 4096 tokens). One sequence's cache passes the weights at about
-  26 k tokens for Llama-2-7B, beyond 100 k for GQA models, beyond 700 k for Mixtral, whose experts
-  multiply its weights but not its cache.
-- The memory of a GPU minus the weights, divided by the cache per sequence, caps the batch.
-- On your device, with the cache, effml-tiny chose identical tokens and spent a roughly constant time per
-  token, instead of a time growing with the context; peak memory matched the formula to within the
-  activations of one step.
-- As batch × context grows, attention takes a growing share of a step, because it reads the cache.
-  At small batch a GPU kernel has to split the keys across programs to use the whole chip, and merges
-  the pieces exactly with their log-sum-exps.
-
-**Lab 03** ([`labs/lab03_kv_cache/lab03_kv_cache.ipynb`](../labs/lab03_kv_cache/lab03_kv_cache.ipynb), 14 points)
-has you build the pieces yourself, each part graded by hidden tests:
-
-1. **`kv_cache_bytes`** (3 points), and with it how many 4096-token sequences fit beside Llama-3-8B's
-   weights on an 80 GiB GPU (section 3's question, by hand);
-2. **a cache's `update`** (3 points) for a batch whose sequences sit at different positions, with a clear
-   error on overflow;
-3. **the model one step at a time** on top of that cache (3 points): projections, RoPE at each token's
-   position, the cache update, and attention masked per sequence;
-4. **cached greedy decoding of a batch** of prompts of different lengths (3 points), whose tokens must be
-   exactly the uncached model's (section 4's check);
-5. **what the cache buys** (2 points): your cached decoding must take at most half the time of
-   recomputation on the grading machine.
-
-While the hidden tests run, the library's own `kv_cache_bytes` and cache are unavailable, so the notebook
-above is the explanation, not the answer key.
-""")
-
-notebook.write()
+# %% [markdown]
+# ## What we found, and what the lab asks
+#
+# - A decode step does about **1 FLOP per byte** for one sequence; an H100 needs about 295 to keep its
+#   tensor cores busy. Decoding is paced by memory traffic. Batching raises the matmuls' intensity, but
+#   attention stays at $H/H_{kv}$ FLOPs per byte at any batch, because each sequence reads its own cache.
+# - The cache costs $2 \cdot B \cdot T \cdot n_\text{layers} \cdot n_\text{kv\_heads} \cdot \text{head\_dim}
+#   \cdot \text{bytes}$: 512 KiB per token for Llama-2-7B, 2.5 MiB for a 70B model with full multi-head
+#   attention (160 GiB for 16 sequences of 4096 tokens). One sequence's cache passes the weights at about
+#   26 k tokens for Llama-2-7B, beyond 100 k for GQA models, beyond 700 k for Mixtral, whose experts
+#   multiply its weights but not its cache.
+# - The memory of a GPU minus the weights, divided by the cache per sequence, caps the batch.
+# - On your device, with the cache, effml-tiny chose identical tokens and spent a roughly constant time per
+#   token, instead of a time growing with the context; peak memory matched the formula to within the
+#   activations of one step.
+# - As batch × context grows, attention takes a growing share of a step, because it reads the cache.
+#   At small batch a GPU kernel has to split the keys across programs to use the whole chip, and merges
+#   the pieces exactly with their log-sum-exps.
+#
+# **Lab 03** ([`labs/lab03_kv_cache/lab03_kv_cache.ipynb`](../labs/lab03_kv_cache/lab03_kv_cache.ipynb), 14 points)
+# has you build the pieces yourself, each part graded by hidden tests:
+#
+# 1. **`kv_cache_bytes`** (3 points), and with it how many 4096-token sequences fit beside Llama-3-8B's
+#    weights on an 80 GiB GPU (section 3's question, by hand);
+# 2. **a cache's `update`** (3 points) for a batch whose sequences sit at different positions, with a clear
+#    error on overflow;
+# 3. **the model one step at a time** on top of that cache (3 points): projections, RoPE at each token's
+#    position, the cache update, and attention masked per sequence;
+# 4. **cached greedy decoding of a batch** of prompts of different lengths (3 points), whose tokens must be
+#    exactly the uncached model's (section 4's check);
+# 5. **what the cache buys** (2 points): your cached decoding must take at most half the time of
+#    recomputation on the grading machine.
+#
+# While the hidden tests run, the library's own `kv_cache_bytes` and cache are unavailable, so the notebook
+# above is the explanation, not the answer key.

@@ -1,44 +1,30 @@
-"""Builds notebooks/02_rope.ipynb (unexecuted); then execute it in place:
+# %% [markdown]
+# # 02 · RoPE: positions as rotations, and what happens past the trained context
+#
+# Attention by itself ignores order: shuffle the keys and values together and every query gets the same
+# answer. A model has to be told where each token sits. Llama, Mistral, Qwen and effml-tiny all do it
+# the same way, with **rotary position embeddings** (RoPE): each query and key is rotated by an angle
+# proportional to its position, so the score between two tokens depends only on how far apart they are.
+#
+# That property is why RoPE is everywhere, and also why it does not extend to long inputs for free.
+# In this notebook we
+#
+# 1. see why adding a position vector to each token (the older way) ties the model to the positions it
+#    was trained on;
+# 2. write RoPE as multiplication by complex numbers, and check it against `effml_lib.rope`, in both
+#    channel layouts found in real checkpoints;
+# 3. check the relative-position property numerically;
+# 4. look at its frequencies, and at which of them a 512-token training window never completes;
+# 5. measure on your device how effml-tiny, trained on 512-token windows, does at positions up to 2048,
+#    as trained and with two fixes (position interpolation, NTK scaling), next to fine-tuned versions
+#    measured on an H100;
+# 6. time the rotation itself: RoPE does almost no arithmetic, so its cost is memory traffic.
+#
+# Runs in about a minute on a 2-core laptop CPU, most of it section 5's 2048-token forward passes.
 
-    .venv/bin/python notebooks/build/02_rope.py
-    .venv/bin/jupyter nbconvert --to notebook --execute --inplace notebooks/02_rope.ipynb
-"""
+# %% shared="colab_setup"
 
-from nbcells import CourseNotebook
-
-notebook = CourseNotebook("02_rope")
-md, code = notebook.md, notebook.code
-
-
-# ----------------------------------------------------------------------------- intro
-md(r"""
-# 02 · RoPE: positions as rotations, and what happens past the trained context
-
-Attention by itself ignores order: shuffle the keys and values together and every query gets the same
-answer. A model has to be told where each token sits. Llama, Mistral, Qwen and effml-tiny all do it
-the same way, with **rotary position embeddings** (RoPE): each query and key is rotated by an angle
-proportional to its position, so the score between two tokens depends only on how far apart they are.
-
-That property is why RoPE is everywhere, and also why it does not extend to long inputs for free.
-In this notebook we
-
-1. see why adding a position vector to each token (the older way) ties the model to the positions it
-   was trained on;
-2. write RoPE as multiplication by complex numbers, and check it against `effml_lib.rope`, in both
-   channel layouts found in real checkpoints;
-3. check the relative-position property numerically;
-4. look at its frequencies, and at which of them a 512-token training window never completes;
-5. measure on your device how effml-tiny, trained on 512-token windows, does at positions up to 2048,
-   as trained and with two fixes (position interpolation, NTK scaling), next to fine-tuned versions
-   measured on an H100;
-6. time the rotation itself: RoPE does almost no arithmetic, so its cost is memory traffic.
-
-Runs in about a minute on a 2-core laptop CPU, most of it section 5's 2048-token forward passes.
-""")
-
-notebook.colab_setup()
-
-code(r'''
+# %% tags=["parameters"]
 # parameters: sizes for the measurements (raise them on a GPU)
 n_windows = 4                            # held-out 2048-token windows for the live loss curves (≈1 s each per variant on a 2-core CPU)
 bin_size = 64                            # positions averaged into one point of those curves
@@ -46,9 +32,8 @@ rope_tokens = [256, 1024, 4096, 16384]   # tokens rotated per call in the latenc
 rope_heads = (6, 6, 64)                  # (query heads, key heads, head_dim): effml-tiny's; Llama-3-8B's is (32, 8, 128)
 reps = 20                                # timed repetitions per point (the median is reported)
 use_compile = True                       # also time torch.compile (≈15 s of one-off compilation on a 2-core CPU)
-''', tags=["parameters"])
 
-code(r'''
+# %%
 import ast
 import inspect
 import json
@@ -77,17 +62,16 @@ H100 = ROOT / "bench/results/nvidia-h100-80gb-hbm3"   # results committed by the
 def show_source(obj):
     """Print the source of a library function or class: the reference code, not hidden."""
     print(inspect.getsource(obj))
-''')
 
-md(r"""
-## The problem in numbers
 
-effml-tiny was trained on windows of 512 tokens, but nothing in its code stops it from reading 2048:
-RoPE defines an angle for every position. `bench/rope_context.py` fed it 2048-token windows of held-out
-code on an H100 and recorded the loss at each position. Before 512 and after:
-""")
+# %% [markdown]
+# ## The problem in numbers
+#
+# effml-tiny was trained on windows of 512 tokens, but nothing in its code stops it from reading 2048:
+# RoPE defines an angle for every position. `bench/rope_context.py` fed it 2048-token windows of held-out
+# code on an H100 and recorded the loss at each position. Before 512 and after:
 
-code(r'''
+# %%
 from effml_lib.checkpoints import pretrained_info
 
 train_ctx = pretrained_info("effml-tiny")["training"]["train_seq_len"]  # 512
@@ -96,46 +80,40 @@ as_trained = context_run["variants"]["trained"]
 for where in ("within", "beyond"):
     loss = as_trained[f"loss_{where}_trained_context"]
     print(f"positions {where:6s} the first {train_ctx}: {loss:.2f} nats/token  (perplexity {math.exp(loss):5.1f})")
-''')
 
-md(r"""
-Past position 512 the loss nearly doubles: the model is about as unsure as if it were choosing
-among 73 tokens instead of 9. A token there has *more* code before it, not less, so it should be
-easier to predict. Something about position breaks. This notebook finds out what.
-""")
+# %% [markdown]
+# Past position 512 the loss nearly doubles: the model is about as unsure as if it were choosing
+# among 73 tokens instead of 9. A token there has *more* code before it, not less, so it should be
+# easier to predict. Something about position breaks. This notebook finds out what.
 
-# ----------------------------------------------------------------------------- 1 absolute
-md(r"""
-## 1 · Why absolute positions do not extrapolate
+# %% [markdown]
+# ## 1 · Why absolute positions do not extrapolate
+#
+# The original transformer *added* a vector $p_m$ to the embedding of the token at position $m$.
+# There are two common kinds, and each ties the model to the lengths it was trained on:
+#
+# - **learned** (GPT-2, BERT): $p_m$ is row $m$ of a trained table. A table for 512 positions has no row 600.
+# - **sinusoidal** (the 2017 transformer): $p_m$ is a fixed mix of sines and cosines, defined for any $m$.
+#   But a score then depends on *where* the two tokens are, not only on how far apart:
+#   $q\cdot k = (x_a + p_m)^\top W_q^\top W_k (x_b + p_n)$ contains the terms $x_a^\top W_q^\top W_k\, p_n$ and
+#   $p_m^\top W_q^\top W_k\, p_n$, which keep changing as both tokens move by the same amount.
+#   The model learns what those terms look like only at positions it has seen.
 
-The original transformer *added* a vector $p_m$ to the embedding of the token at position $m$.
-There are two common kinds, and each ties the model to the lengths it was trained on:
-
-- **learned** (GPT-2, BERT): $p_m$ is row $m$ of a trained table. A table for 512 positions has no row 600.
-- **sinusoidal** (the 2017 transformer): $p_m$ is a fixed mix of sines and cosines, defined for any $m$.
-  But a score then depends on *where* the two tokens are, not only on how far apart:
-  $q\cdot k = (x_a + p_m)^\top W_q^\top W_k (x_b + p_n)$ contains the terms $x_a^\top W_q^\top W_k\, p_n$ and
-  $p_m^\top W_q^\top W_k\, p_n$, which keep changing as both tokens move by the same amount.
-  The model learns what those terms look like only at positions it has seen.
-""")
-
-code(r'''
+# %%
 d_demo = 64
 learned = torch.nn.Embedding(train_ctx, d_demo)  # one learned vector per trained position
 try:
     learned(torch.tensor([600]))
 except IndexError as e:
     print(f"position 600 of a {train_ctx}-row table -> IndexError: {e}")
-''')
 
-md(r"""
-For the sinusoidal kind we take two random token vectors $x_a, x_b$ and random projections $W_q, W_k$,
-keep the two tokens 5 positions apart, slide them along (positions $s + 5$ and $s$), and compute their
-score at each shift $s$. For comparison, the same two tokens with RoPE instead, using the library's `apply_rope`
-(sections 2 and 3 explain it).
-""")
+# %% [markdown]
+# For the sinusoidal kind we take two random token vectors $x_a, x_b$ and random projections $W_q, W_k$,
+# keep the two tokens 5 positions apart, slide them along (positions $s + 5$ and $s$), and compute their
+# score at each shift $s$. For comparison, the same two tokens with RoPE instead, using the library's `apply_rope`
+# (sections 2 and 3 explain it).
 
-code(r'''
+# %%
 from effml_lib.rope import apply_rope, rope_frequencies
 
 
@@ -172,45 +150,40 @@ ax.legend(loc="lower right")
 plt.show()
 print(f"spread of the score over all shifts: sinusoidal {absolute.max() - absolute.min():.2f}, "
       f"RoPE {rotary.max() - rotary.min():.1e}")
-''')
 
-md(r"""
-With added sinusoids the score of the same pair at the same distance wanders as the pair moves,
-so what attention sees past position 512 is a pattern training never showed. With RoPE it is a
-flat line: only the distance counts. Sinusoids are not hopeless in principle (a shift is a linear
-map of the table), but nothing forces the learned weights to use them that way.
-""")
+# %% [markdown]
+# With added sinusoids the score of the same pair at the same distance wanders as the pair moves,
+# so what attention sees past position 512 is a pattern training never showed. With RoPE it is a
+# flat line: only the distance counts. Sinusoids are not hopeless in principle (a shift is a linear
+# map of the table), but nothing forces the learned weights to use them that way.
 
-# ----------------------------------------------------------------------------- 2 complex
-md(r"""
-## 2 · Rotation as complex multiplication
+# %% [markdown]
+# ## 2 · Rotation as complex multiplication
+#
+# RoPE splits a query or key of `D` channels into `D/2` pairs, reads pair $i$ as one complex number
+# $z_i$, and multiplies it by a unit complex number whose angle grows with the position $m$:
+#
+# $$
+# z_i \;\mapsto\; z_i\, e^{\,\mathrm{i}\, m \theta_i}, \qquad \theta_i = \text{base}^{-2i/D}, \quad i = 0,\dots,D/2-1 .
+# $$
+#
+# Multiplying by $e^{\mathrm{i}\phi}$ rotates a point of the plane by $\phi$, keeping its length. Pair 0 turns by
+# 1 radian per token; the last pair turns almost $\text{base}$ times more slowly. The real and imaginary parts
+# written out are the library's reference, four multiplies and two adds per pair:
 
-RoPE splits a query or key of `D` channels into `D/2` pairs, reads pair $i$ as one complex number
-$z_i$, and multiplies it by a unit complex number whose angle grows with the position $m$:
-
-$$
-z_i \;\mapsto\; z_i\, e^{\,\mathrm{i}\, m \theta_i}, \qquad \theta_i = \text{base}^{-2i/D}, \quad i = 0,\dots,D/2-1 .
-$$
-
-Multiplying by $e^{\mathrm{i}\phi}$ rotates a point of the plane by $\phi$, keeping its length. Pair 0 turns by
-1 radian per token; the last pair turns almost $\text{base}$ times more slowly. The real and imaginary parts
-written out are the library's reference, four multiplies and two adds per pair:
-""")
-
-code(r'''
+# %%
 from effml_lib.rope import rotate_reference
 
 show_source(rotate_reference)
-''')
 
-md(r"""
-Below we rotate a random `(B, H, T, D)` tensor at arbitrary positions with the library (pairs
-$(2i, 2i{+}1)$, `interleaved=True`) and with complex numbers: `torch.view_as_complex` turns each
-adjacent pair into one complex number, `torch.polar(1, angle)` makes $e^{\mathrm{i}\cdot\text{angle}}$.
-We compute the complex version in float64 as the exact answer.
-""")
 
-code(r'''
+# %% [markdown]
+# Below we rotate a random `(B, H, T, D)` tensor at arbitrary positions with the library (pairs
+# $(2i, 2i{+}1)$, `interleaved=True`) and with complex numbers: `torch.view_as_complex` turns each
+# adjacent pair into one complex number, `torch.polar(1, angle)` makes $e^{\mathrm{i}\cdot\text{angle}}$.
+# We compute the complex version in float64 as the exact answer.
+
+# %%
 def rope_complex(x, positions, base=10000.0):
     """RoPE as complex multiplication, in float64: pairs (2i, 2i+1) of x (..., T, D) times e^{i·m·θ_i}."""
     D = x.shape[-1]
@@ -229,20 +202,18 @@ exact = rope_complex(x, positions)
 print(f"positions {positions.tolist()}")
 print(f"apply_rope(interleaved=True) vs complex multiplication: max |difference| = {(ours - exact).abs().max():.1e}")
 print(f"lengths of the pairs kept: max change {(ours.unflatten(-1, (D // 2, 2)).norm(dim=-1) - x.unflatten(-1, (D // 2, 2)).norm(dim=-1)).abs().max():.1e}")
-''')
 
-md(r"""
-The two agree to float32 rounding (the library keeps its `cos`/`sin` tables in float32).
+# %% [markdown]
+# The two agree to float32 rounding (the library keeps its `cos`/`sin` tables in float32).
+#
+# ### Two ways to pair the channels
+#
+# The RoFormer paper and Meta's original Llama code pair adjacent channels, $(2i, 2i{+}1)$. Checkpoints on
+# the Hugging Face hub pair channel $i$ with channel $i + D/2$ ("half-split", the library's default),
+# which turns the rotation into two contiguous halves. It is the same rotation on a different *order* of
+# the channels: reorder the channels so that $i$ and $i+D/2$ sit side by side, and the two agree.
 
-### Two ways to pair the channels
-
-The RoFormer paper and Meta's original Llama code pair adjacent channels, $(2i, 2i{+}1)$. Checkpoints on
-the Hugging Face hub pair channel $i$ with channel $i + D/2$ ("half-split", the library's default),
-which turns the rotation into two contiguous halves. It is the same rotation on a different *order* of
-the channels: reorder the channels so that $i$ and $i+D/2$ sit side by side, and the two agree.
-""")
-
-code(r'''
+# %%
 pair = torch.arange(D // 2)
 side_by_side = torch.stack((pair, pair + D // 2), dim=-1).flatten()  # [0, 32, 1, 33, 2, 34, ...]
 half_split = apply_rope(x, cos, sin, positions=positions)            # pairs (i, i + D/2)
@@ -250,18 +221,16 @@ interleaved = apply_rope(x[..., side_by_side], cos, sin, positions=positions, in
 print("channel order", side_by_side[:8].tolist(), "...")
 print(f"half-split, reordered, vs interleaved on the reordered input: max |difference| = "
       f"{(half_split[..., side_by_side] - interleaved).abs().max():.1e}")
-''')
 
-md(r"""
-A model only ever uses rotated queries and keys through their dot products, and a dot product does
-not care how the channels are ordered, as long as $q$ and $k$ use the same order. So a checkpoint can be
-converted from one pairing to the other by reordering the output rows of its $W_q$ and $W_k$: that is
-`permute_qk_weight`, which the Hugging Face conversion script for Llama also does. We check it on the
-real weights of effml-tiny (trained half-split), layer 0, on a line of code: converted to interleaved,
-every attention score is unchanged; using the wrong pairing *without* converting changes them.
-""")
+# %% [markdown]
+# A model only ever uses rotated queries and keys through their dot products, and a dot product does
+# not care how the channels are ordered, as long as $q$ and $k$ use the same order. So a checkpoint can be
+# converted from one pairing to the other by reordering the output rows of its $W_q$ and $W_k$: that is
+# `permute_qk_weight`, which the Hugging Face conversion script for Llama also does. We check it on the
+# real weights of effml-tiny (trained half-split), layer 0, on a line of code: converted to interleaved,
+# every attention score is unchanged; using the wrong pairing *without* converting changes them.
 
-code(r'''
+# %%
 from effml_lib.checkpoints import pretrained
 from effml_lib.rope import permute_qk_weight
 from effml_lib.tokenizer import load_tokenizer
@@ -296,30 +265,26 @@ assert torch.equal(permute_qk_weight(wq_i, H, to="half_split"), wq)  # the two c
 print(f"scores: std {original.std():.2f}")
 print(f"  converted weights + interleaved pairing: max |difference| {(converted - original).abs().max():.1e}")
 print(f"  original weights + interleaved pairing:  max |difference| {(wrong - original).abs().max():.1e}")
-''')
 
-md(r"""
-With converted weights the scores match to rounding. With the wrong pairing they are off by many times
-the scores' own standard deviation: a checkpoint loaded with the wrong RoPE layout runs without any error
-and produces nonsense, which is why converters must get this permutation right.
-""")
+# %% [markdown]
+# With converted weights the scores match to rounding. With the wrong pairing they are off by many times
+# the scores' own standard deviation: a checkpoint loaded with the wrong RoPE layout runs without any error
+# and produces nonsense, which is why converters must get this permutation right.
 
-# ----------------------------------------------------------------------------- 3 relative
-md(r"""
-## 3 · The relative-position property
+# %% [markdown]
+# ## 3 · The relative-position property
+#
+# Rotate a query at position $m$ and a key at position $n$. Their dot product is the real part of a sum
+# over pairs, $\sum_i q_i \bar k_i\, e^{\mathrm{i} m\theta_i} e^{-\mathrm{i} n\theta_i}$, and the two rotations merge:
+#
+# $$
+# \langle R_m q,\; R_n k \rangle \;=\; \operatorname{Re} \sum_i q_i\, \bar k_i\, e^{\,\mathrm{i}(m-n)\theta_i} .
+# $$
+#
+# Only $m - n$ is left. We check this numerically: a fixed random $q$ and $k$, placed at every pair of
+# positions $m, n < 128$.
 
-Rotate a query at position $m$ and a key at position $n$. Their dot product is the real part of a sum
-over pairs, $\sum_i q_i \bar k_i\, e^{\mathrm{i} m\theta_i} e^{-\mathrm{i} n\theta_i}$, and the two rotations merge:
-
-$$
-\langle R_m q,\; R_n k \rangle \;=\; \operatorname{Re} \sum_i q_i\, \bar k_i\, e^{\,\mathrm{i}(m-n)\theta_i} .
-$$
-
-Only $m - n$ is left. We check this numerically: a fixed random $q$ and $k$, placed at every pair of
-positions $m, n < 128$.
-""")
-
-code(r'''
+# %%
 P = 128
 q_vec, k_vec = torch.randn(2, D, generator=gen)
 Q = apply_rope(q_vec.expand(1, 1, P, D), cos, sin)[0, 0]  # row m: q rotated to position m, (P, D)
@@ -335,9 +300,8 @@ print(f"largest spread along a diagonal (m - n fixed): {spread.max():.1e}, "
 S64 = rope_complex(q_vec.expand(P, D), torch.arange(P)) @ rope_complex(k_vec.expand(P, D), torch.arange(P)).T
 spread64 = max((torch.diagonal(S64, r).max() - torch.diagonal(S64, r).min()).item() for r in offsets)
 print(f"the same in float64 (section 2's complex form): {spread64:.1e}")
-''')
 
-code(r'''
+# %%
 fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), gridspec_kw={"width_ratios": [1, 1.3]})
 sns.heatmap(S.numpy(), cmap="vlag", center=0, square=True, xticklabels=16, yticklabels=16,
             cbar_kws={"label": "score (dimensionless)"}, ax=axes[0])
@@ -353,26 +317,22 @@ axes[1].set_ylabel("score (dimensionless)")
 axes[1].set_title(f"All {P * P:,} scores against m − n")
 fig.tight_layout()
 plt.show()
-''')
 
-md(r"""
-The heat map is constant along every diagonal, and plotted against $m - n$ all 16 384 scores fall on a
-single curve: the score is a function of the distance alone. The leftover spread, a few millionths of
-the largest score, is float32 rounding of the angles: in float64 it vanishes. Note what this means in practice:
-a key in the KV cache is rotated once, at its own position, and stays valid for every later query.
-""")
+# %% [markdown]
+# The heat map is constant along every diagonal, and plotted against $m - n$ all 16 384 scores fall on a
+# single curve: the score is a function of the distance alone. The leftover spread, a few millionths of
+# the largest score, is float32 rounding of the angles: in float64 it vanishes. Note what this means in practice:
+# a key in the KV cache is rotated once, at its own position, and stays valid for every later query.
 
-# ----------------------------------------------------------------------------- 4 frequencies
-md(r"""
-## 4 · Frequency bands and wavelengths
+# %% [markdown]
+# ## 4 · Frequency bands and wavelengths
+#
+# Pair $i$ turns by $\theta_i$ radians per token, so it comes back to its starting angle after
+# $\lambda_i = 2\pi/\theta_i$ tokens, its **wavelength**. With base 10000 and $D = 64$ (effml-tiny) the
+# wavelengths run from $2\pi \approx 6$ tokens to about 47 000; Llama-3-8B ($D = 128$, base 500 000) reaches
+# 2.6 million.
 
-Pair $i$ turns by $\theta_i$ radians per token, so it comes back to its starting angle after
-$\lambda_i = 2\pi/\theta_i$ tokens, its **wavelength**. With base 10000 and $D = 64$ (effml-tiny) the
-wavelengths run from $2\pi \approx 6$ tokens to about 47 000; Llama-3-8B ($D = 128$, base 500 000) reaches
-2.6 million.
-""")
-
-code(r'''
+# %%
 from effml_lib.kvcache import MODEL_SHAPES
 from effml_lib.rope import wavelengths
 
@@ -401,31 +361,29 @@ ax.set_ylabel("wavelength 2π/θ_i (tokens)")
 ax.set_title("RoPE wavelength of each channel pair")
 plt.show()
 pd.DataFrame(summary).set_index("model")
-''')
 
-md(r"""
-Each curve is a straight line on the log scale: the wavelengths form a geometric series. Pairs below
-their dashed line turn full circles many times inside the training window, so training showed the
-model every angle they can take. Pairs above it never completed a turn: effml-tiny's slowest pair saw
-about 1% of its circle during training. Past position 512 those 16 slow pairs produce angles the model
-has never met, and its attention patterns, learned on the small arc it knows, stop making sense.
-That is where the loss jump of the opening comes from.
+# %% [markdown]
+# Each curve is a straight line on the log scale: the wavelengths form a geometric series. Pairs below
+# their dashed line turn full circles many times inside the training window, so training showed the
+# model every angle they can take. Pairs above it never completed a turn: effml-tiny's slowest pair saw
+# about 1% of its circle during training. Past position 512 those 16 slow pairs produce angles the model
+# has never met, and its attention patterns, learned on the small arc it knows, stop making sense.
+# That is where the loss jump of the opening comes from.
+#
+# ### Two fixes: stretch the positions or the wavelengths
+#
+# Both stretch the usable context by a factor `s` (here 4, from 512 to 2048) without new weights:
+#
+# - **Position interpolation** (PI, linear scaling): divide every position by `s`. Position 2047 now gets
+#   the angles of position 512, which the model saw. But *every* pair slows down by `s`, including the
+#   fast pairs that tell neighbouring tokens apart: adjacent tokens now look 4× closer than in training.
+# - **NTK-aware scaling**: raise the base instead, to $\text{base}\cdot s^{D/(D-2)}$. The fastest pair is
+#   unchanged and the slowest stretches by exactly `s`, with the pairs in between stretched by $s^{2i/(D-2)}$:
+#   local detail is kept, the long wavelengths move out of reach.
+#
+# `rope_frequencies(..., scaling=...)` implements both; we read each pair's angle per token off its tables.
 
-### Two fixes: stretch the positions or the wavelengths
-
-Both stretch the usable context by a factor `s` (here 4, from 512 to 2048) without new weights:
-
-- **Position interpolation** (PI, linear scaling): divide every position by `s`. Position 2047 now gets
-  the angles of position 512, which the model saw. But *every* pair slows down by `s`, including the
-  fast pairs that tell neighbouring tokens apart: adjacent tokens now look 4× closer than in training.
-- **NTK-aware scaling**: raise the base instead, to $\text{base}\cdot s^{D/(D-2)}$. The fastest pair is
-  unchanged and the slowest stretches by exactly `s`, with the pairs in between stretched by $s^{2i/(D-2)}$:
-  local detail is kept, the long wavelengths move out of reach.
-
-`rope_frequencies(..., scaling=...)` implements both; we read each pair's angle per token off its tables.
-""")
-
-code(r'''
+# %%
 VARIANTS = {"trained": None,
             "linear x4 (PI)": {"type": "linear", "factor": 4},
             "NTK x4": {"type": "ntk", "factor": 4}}
@@ -464,29 +422,25 @@ ax.set_ylabel("wavelength (tokens)")
 ax.set_title("effml-tiny's wavelengths under ×4 context scaling")
 plt.show()
 pd.DataFrame(table).set_index("RoPE")
-''')
 
-md(r"""
-PI shifts the whole line up by 4×: at 2048 tokens no pair leaves the arc it was trained on, but
-pair 0 now turns 0.25 rad per token instead of 1, a step size the model never saw. NTK leaves pair 0
-where it was and bends the line up towards the slow end, so the slowest pair is back inside its trained
-arc; the pairs in the middle are stretched less than 4×, so they still leave their trained arcs, later
-than without scaling (from about position 1050 instead of 512) and by less (at most about 1.8×). Neither
-fix is exact. The table makes two predictions to check below: PI should hurt at *every* position, and
-NTK should hold longer than the unscaled model but not to 2048.
-""")
+# %% [markdown]
+# PI shifts the whole line up by 4×: at 2048 tokens no pair leaves the arc it was trained on, but
+# pair 0 now turns 0.25 rad per token instead of 1, a step size the model never saw. NTK leaves pair 0
+# where it was and bends the line up towards the slow end, so the slowest pair is back inside its trained
+# arc; the pairs in the middle are stretched less than 4×, so they still leave their trained arcs, later
+# than without scaling (from about position 1050 instead of 512) and by less (at most about 1.8×). Neither
+# fix is exact. The table makes two predictions to check below: PI should hurt at *every* position, and
+# NTK should hold longer than the unscaled model but not to 2048.
 
-# ----------------------------------------------------------------------------- 5 long context
-md(r"""
-## 5 · Measured: effml-tiny past its training length
+# %% [markdown]
+# ## 5 · Measured: effml-tiny past its training length
+#
+# We take held-out code (standard-library files the model was not trained on), cut it into windows of
+# 2049 tokens that lie inside a single file (so every position has real code before it), and record the
+# next-token loss at each of the 2048 positions, for the model as trained and with PI and NTK scaling
+# (`Transformer.set_rope` swaps the rotation tables; the weights stay the same).
 
-We take held-out code (standard-library files the model was not trained on), cut it into windows of
-2049 tokens that lie inside a single file (so every position has real code before it), and record the
-next-token loss at each of the 2048 positions, for the model as trained and with PI and NTK scaling
-(`Transformer.set_rope` swaps the rotation tables; the weights stay the same).
-""")
-
-code(r'''
+# %%
 from effml_lib.data import corpus_fingerprint, load_tokens
 from effml_lib.device import describe, get_device
 
@@ -510,9 +464,9 @@ windows = document_windows(heldout, tok.eot_id, long_ctx)
 pick = torch.linspace(0, len(windows) - 1, min(n_windows, len(windows))).round().long()  # spread over the files
 print(f"{heldout.numel():,} held-out tokens (fingerprint {corpus_fingerprint('heldout')}): "
       f"{len(windows)} windows of {long_ctx} tokens inside one file; using {len(pick)} of them, on {device}")
-''')
 
-code(r'''
+
+# %%
 def loss_by_position(model, windows, progress):
     """Next-token loss (nats) at each position, averaged over the windows: (seq_len,)."""
     total = torch.zeros(windows.shape[1] - 1, dtype=torch.float64)
@@ -531,9 +485,9 @@ with tqdm(total=len(VARIANTS) * len(pick), desc="2048-token forward passes") as 
         live[name] = loss_by_position(model, windows[pick], progress)
 model.set_rope(scaling=None)             # back to the model as trained
 print("mean loss (nats/token):", {name: round(curve.mean().item(), 2) for name, curve in live.items()})
-''')
 
-code(r'''
+
+# %%
 def binned(curve, name):
     """Mean loss per bin of `bin_size` positions, as rows for a plot."""
     c = torch.as_tensor(curve)[: len(curve) // bin_size * bin_size].view(-1, bin_size).mean(-1)
@@ -550,26 +504,24 @@ ax.set_xlabel("position in the window (tokens)")
 ax.set_ylabel(f"held-out loss (nats/token, mean of {bin_size} positions)")
 ax.set_title(f"effml-tiny on {len(pick)} held-out windows of {long_ctx} tokens, on {describe(device)}", fontsize=11)
 plt.show()
-''')
 
-md(r"""
-Each line is the loss at each position on your device, averaged over the windows and over bins of
-positions. Both predictions hold. The trained model is fine up to 512 and a little beyond, then its
-loss climbs steeply: a small overshoot of the slow pairs is tolerated, a large one is not. Position
-interpolation has no jump but is worse everywhere, *including before 512*, where nothing needed fixing:
-every pair of neighbouring tokens now sits at an angle step the model never saw. NTK scaling keeps the
-first 512 positions as they were and holds well past them, until the middle pairs leave their trained arcs
-too. With a few windows the curves are noisy; the H100 run below averages all of them.
+# %% [markdown]
+# Each line is the loss at each position on your device, averaged over the windows and over bins of
+# positions. Both predictions hold. The trained model is fine up to 512 and a little beyond, then its
+# loss climbs steeply: a small overshoot of the slow pairs is tolerated, a large one is not. Position
+# interpolation has no jump but is worse everywhere, *including before 512*, where nothing needed fixing:
+# every pair of neighbouring tokens now sits at an angle step the model never saw. NTK scaling keeps the
+# first 512 positions as they were and holds well past them, until the middle pairs leave their trained arcs
+# too. With a few windows the curves are noisy; the H100 run below averages all of them.
+#
+# ### With fine-tuning (precomputed on an H100)
+#
+# The scaled models were never trained with their new tables. The usual recipe is a short fine-tune at
+# the long context. `bench/rope_context.py` did that on an NVIDIA H100 for each variant (300 steps of
+# 16 × 2048 tokens, 12% of the tokens of pre-training) and measured all six on every held-out window.
+# Fine-tuning needs a GPU, so we load its results rather than recompute them.
 
-### With fine-tuning (precomputed on an H100)
-
-The scaled models were never trained with their new tables. The usual recipe is a short fine-tune at
-the long context. `bench/rope_context.py` did that on an NVIDIA H100 for each variant (300 steps of
-16 × 2048 tokens, 12% of the tokens of pre-training) and measured all six on every held-out window.
-Fine-tuning needs a GPU, so we load its results rather than recompute them.
-""")
-
-code(r'''
+# %%
 ft = context_run["fine_tune"]
 print(f"precomputed on an NVIDIA H100 by bench/rope_context.py: {context_run['heldout_windows']} held-out windows "
       f"of {context_run['seq_len']} tokens; fine-tune {ft['steps']} steps × {ft['batch_size']} × {context_run['seq_len']} "
@@ -590,9 +542,8 @@ ax.set_xlabel("position in the window (tokens)")
 ax.set_ylabel(f"held-out loss (nats/token, mean of {bin_size} positions)")
 ax.set_title("Precomputed on an NVIDIA H100 by bench/rope_context.py (fine-tuning needs a GPU)", fontsize=11)
 plt.show()
-''')
 
-code(r'''
+# %%
 table = []
 for name, result in context_run["variants"].items():
     row = {"variant": name,
@@ -603,64 +554,58 @@ for name, result in context_run["variants"].items():
         row[f"here ({len(pick)} windows): loss ≥ {train_ctx}"] = live[name][train_ctx:].mean().item()
     table.append(row)
 pd.DataFrame(table).set_index("variant").round(2).astype(object).fillna("—")  # —: not fine-tuned here
-''')
 
-md(r"""
-The plot shows the six variants' loss at each position (dashed: no fine-tuning; solid: fine-tuned), the
-table their mean losses in nats per token before and after position 512, with your device's measurement
-of the three un-tuned ones on its few windows next to them. Reading it:
+# %% [markdown]
+# The plot shows the six variants' loss at each position (dashed: no fine-tuning; solid: fine-tuned), the
+# table their mean losses in nats per token before and after position 512, with your device's measurement
+# of the three un-tuned ones on its few windows next to them. Reading it:
+#
+# - **As trained**, the model falls apart past 512 (the steep rise is at about 700–800 tokens).
+#   Fine-tuning on long windows helps a lot but not fully in 300 steps: the slow pairs must learn a whole
+#   new range of angles.
+# - **PI** without fine-tuning is uniformly bad (no jump at 512, but everything is worse). Fine-tuning
+#   recovers much of it, yet after 12% of pre-training's tokens it is still clearly worse than the original
+#   model before 512: squeezing the fast pairs costs more than a short fine-tune repairs at this size.
+# - **NTK** is the best without fine-tuning: its loss stays at the short-context level until about 1400
+#   tokens, then climbs (its first unseen angle was at about 1050, the trained model's at 512: in both cases
+#   the loss gives way somewhat after the first unseen angle). Fine-tuned, it matches the original model
+#   before 512 and comes closest after it.
+#
+# None reaches what perfect length generalisation would give: a loss after 512 *below* the loss before it,
+# since those tokens have more context. On this model and this budget, changing the base is clearly better
+# than dividing the positions. That is the lesson later methods built on: YaRN refines NTK per frequency
+# band, and Llama-3 and Qwen were trained with a large base (500 000 and more) from the start.
 
-- **As trained**, the model falls apart past 512 (the steep rise is at about 700–800 tokens).
-  Fine-tuning on long windows helps a lot but not fully in 300 steps: the slow pairs must learn a whole
-  new range of angles.
-- **PI** without fine-tuning is uniformly bad (no jump at 512, but everything is worse). Fine-tuning
-  recovers much of it, yet after 12% of pre-training's tokens it is still clearly worse than the original
-  model before 512: squeezing the fast pairs costs more than a short fine-tune repairs at this size.
-- **NTK** is the best without fine-tuning: its loss stays at the short-context level until about 1400
-  tokens, then climbs (its first unseen angle was at about 1050, the trained model's at 512: in both cases
-  the loss gives way somewhat after the first unseen angle). Fine-tuned, it matches the original model
-  before 512 and comes closest after it.
+# %% [markdown]
+# ## 6 · The cost of the rotation: memory, not arithmetic
+#
+# Per pair, RoPE does 4 multiplies and 2 adds: 3 FLOPs per channel. Each channel of $q$ and $k$ is read
+# once and written once: 4 bytes in bf16. That is 0.75 FLOP per byte, while an H100 can do about 20 FLOPs
+# of plain float32 arithmetic (and hundreds on its tensor cores) in the time it moves one byte. So RoPE
+# runs at the speed of memory, and the yardstick is **bandwidth**: how many bytes per second a kernel moves,
+# compared with the fastest way to move bytes, a device-to-device copy. "Fraction of copy bandwidth" is
+# that ratio; 100% would mean the rotation costs no more than copying $q$ and $k$.
+#
+# The reference does not come close: every line of `rotate_reference` is a separate PyTorch operation that
+# reads its inputs from memory and writes its result back (a float32 copy, four products, two sums, a
+# concatenation, a cast back), about 48 bytes of traffic per bf16 channel instead of 4. Two fixes:
+#
+# - `torch.compile` fuses the whole function into one generated kernel;
+# - the library's Triton kernel (`effml_lib/kernels/rope.py`) does it by hand: one program per token loads
+#   that token's cos/sin row once and rotates all of its query heads and key heads with it.
 
-None reaches what perfect length generalisation would give: a loss after 512 *below* the loss before it,
-since those tokens have more context. On this model and this budget, changing the base is clearly better
-than dividing the positions. That is the lesson later methods built on: YaRN refines NTK per frequency
-band, and Llama-3 and Qwen were trained with a large base (500 000 and more) from the start.
-""")
-
-# ----------------------------------------------------------------------------- 6 latency
-md(r"""
-## 6 · The cost of the rotation: memory, not arithmetic
-
-Per pair, RoPE does 4 multiplies and 2 adds: 3 FLOPs per channel. Each channel of $q$ and $k$ is read
-once and written once: 4 bytes in bf16. That is 0.75 FLOP per byte, while an H100 can do about 20 FLOPs
-of plain float32 arithmetic (and hundreds on its tensor cores) in the time it moves one byte. So RoPE
-runs at the speed of memory, and the yardstick is **bandwidth**: how many bytes per second a kernel moves,
-compared with the fastest way to move bytes, a device-to-device copy. "Fraction of copy bandwidth" is
-that ratio; 100% would mean the rotation costs no more than copying $q$ and $k$.
-
-The reference does not come close: every line of `rotate_reference` is a separate PyTorch operation that
-reads its inputs from memory and writes its result back (a float32 copy, four products, two sums, a
-concatenation, a cast back), about 48 bytes of traffic per bf16 channel instead of 4. Two fixes:
-
-- `torch.compile` fuses the whole function into one generated kernel;
-- the library's Triton kernel (`effml_lib/kernels/rope.py`) does it by hand: one program per token loads
-  that token's cos/sin row once and rotates all of its query heads and key heads with it.
-""")
-
-code(r'''
+# %%
 kernel_file = ROOT / "effml_lib/kernels/rope.py"  # read, not imported: importing it needs Triton
 source = kernel_file.read_text()
 node = next(n for n in ast.parse(source).body if getattr(n, "name", None) == "_rotate_heads")
 print(ast.get_source_segment(source, node, padded=True))
-''')
 
-md(r"""
-Now the measurement on your device. The inputs have the model's layout, `(B, H, T, D)` views of
-`(B, T, H, D)` activations, with effml-tiny's heads by default. Achieved bandwidth counts the bytes of
-$q$ and $k$ read once and written once, divided by the median time; the small cos/sin tables are not counted.
-""")
+# %% [markdown]
+# Now the measurement on your device. The inputs have the model's layout, `(B, H, T, D)` views of
+# `(B, T, H, D)` activations, with effml-tiny's heads by default. Achieved bandwidth counts the bytes of
+# $q$ and $k$ read once and written once, divided by the median time; the small cos/sin tables are not counted.
 
-code(r'''
+# %%
 from effml_lib.device import triton_available
 from effml_lib.measure import benchmark, copy_bandwidth, env_info
 from effml_lib.rope import apply_rope_qk
@@ -673,9 +618,8 @@ print(f"{'triton usable':14s} {triton_available()}"
                                        " and torch.compile run)"))
 copy_bps = copy_bandwidth(device)
 print(f"{'copy bandwidth':14s} {copy_bps / 1e9:.1f} GB/s (bytes read + written by a large device-to-device copy)")
-''')
 
-code(r'''
+# %%
 import time
 
 
@@ -716,9 +660,8 @@ if "torch.compile(reference)" in impls:
     print(f"torch.compile spent {compile_s:.1f} s compiling ({len(rope_tokens)} shapes)")
 print(f"{n_q} query / {n_kv} key heads × {head_dim}, {str(dtype).removeprefix('torch.')}, batch 1")
 live_rope.pivot(index="tokens", columns="impl", values="median_ms").round(3)
-''')
 
-code(r'''
+# %%
 fig, ax = plt.subplots(figsize=(8, 4.5))
 sns.lineplot(data=live_rope, x="tokens", y="GB/s", hue="impl", marker="o", ax=ax)
 ax.axhline(copy_bps / 1e9, color="black", ls="--", lw=1)
@@ -732,24 +675,22 @@ ax.legend(title="implementation", loc="upper left", bbox_to_anchor=(1.01, 1))
 ax.set_title(f"RoPE on q and k, {n_q} query / {n_kv} key heads × {head_dim}, on {info['device_name']}", fontsize=11)
 plt.show()
 live_rope.pivot(index="tokens", columns="impl", values="fraction of copy").map("{:.1%}".format)
-''')
 
-md(r"""
-The plot shows the bandwidth each implementation reaches on your device (higher is better; the dashed
-line is the copy). In the run saved with this notebook (a shared 2-core CPU) the compiled version was
-several times faster than the eager reference at every size, for the reason above: one pass over memory
-instead of a dozen. On a CPU the numbers are noisy, and at the smaller sizes `q` and `k` (1.5 MiB at
-1024 tokens) largely stay in the CPU's caches, which is how a kernel can beat the copy line, measured
-on 256 MiB that must go through main memory. At the larger sizes the data no longer fits in cache and
-the compiled version settles below the copy line, as a memory-bound kernel should.
+# %% [markdown]
+# The plot shows the bandwidth each implementation reaches on your device (higher is better; the dashed
+# line is the copy). In the run saved with this notebook (a shared 2-core CPU) the compiled version was
+# several times faster than the eager reference at every size, for the reason above: one pass over memory
+# instead of a dozen. On a CPU the numbers are noisy, and at the smaller sizes `q` and `k` (1.5 MiB at
+# 1024 tokens) largely stay in the CPU's caches, which is how a kernel can beat the copy line, measured
+# on 256 MiB that must go through main memory. At the larger sizes the data no longer fits in cache and
+# the compiled version settles below the copy line, as a memory-bound kernel should.
+#
+# ### On an H100 (precomputed by `bench/rope.py`)
+#
+# The same comparison on an H100, with the Triton kernel, in bf16, at Llama-3-8B-like shapes (32 query
+# heads of 128, with 32 or 8 key heads), for batch × sequence length from 1 k to 512 k tokens:
 
-### On an H100 (precomputed by `bench/rope.py`)
-
-The same comparison on an H100, with the Triton kernel, in bf16, at Llama-3-8B-like shapes (32 query
-heads of 128, with 32 or 8 key heads), for batch × sequence length from 1 k to 512 k tokens:
-""")
-
-code(r'''
+# %%
 rope_run = json.loads((H100 / "rope.json").read_text())["results"]
 h100_copy = rope_run["copy_bandwidth_bytes_per_s"]
 prefill = pd.DataFrame([r for r in rope_run["prefill"] if r["gb_per_s"] is not None])
@@ -774,9 +715,8 @@ fig.legend(handles, labels, title="implementation", loc="upper center", bbox_to_
 fig.suptitle("Precomputed on an NVIDIA H100 by bench/rope.py", fontweight="bold")
 fig.tight_layout()
 plt.show()
-''')
 
-code(r'''
+# %%
 per_shape = pd.DataFrame(rope_run["summary"]["per_shape"])
 per_shape["tokens"] = per_shape["batch"] * per_shape["seq_len"]
 large = per_shape[per_shape["tokens"] >= 65536]
@@ -788,43 +728,37 @@ print(f"its median speed-up there: {large['speedup_vs_eager'].median():.1f}× ov
 print("\nOne decode step (one token per sequence, 32/8 heads × 128), median µs:")
 decode = pd.DataFrame(rope_run["decode_step"]).pivot(index="batch", columns="impl", values="median_us")
 decode.rename_axis(index="batch (sequences)", columns=None).round(0)
-''')
 
-md(r"""
-At large shapes the fused kernel moves bytes at 76–95% of the copy's rate (most of them above 85%):
-close to the fastest any kernel could be, and about 14× the eager reference, whose traffic was 12× the
-minimum. `torch.compile` fuses the same function almost as well (the kernel is about 9% faster), a fair
-summary of hand-written kernels for simple element-wise work: the compiler gets most of the way. Small
-shapes (left of each plot) are too small to keep the GPU busy, and all three are slower there.
+# %% [markdown]
+# At large shapes the fused kernel moves bytes at 76–95% of the copy's rate (most of them above 85%):
+# close to the fastest any kernel could be, and about 14× the eager reference, whose traffic was 12× the
+# minimum. `torch.compile` fuses the same function almost as well (the kernel is about 9% faster), a fair
+# summary of hand-written kernels for simple element-wise work: the compiler gets most of the way. Small
+# shapes (left of each plot) are too small to keep the GPU busy, and all three are slower there.
+#
+# A decode step (the table) rotates one token per sequence: a few kilobytes, so bandwidth is irrelevant
+# and the time is the cost of launching kernels: the eager reference launches about twenty, the compiled
+# version a few, the Triton kernel one. That matters more than it seems: 32 layers × 300 µs is about 10 ms
+# per generated token for the eager version, longer than reading all of an 8B model's 16 GB of bf16
+# weights once at the copy bandwidth above (≈ 5.5 ms).
 
-A decode step (the table) rotates one token per sequence: a few kilobytes, so bandwidth is irrelevant
-and the time is the cost of launching kernels: the eager reference launches about twenty, the compiled
-version a few, the Triton kernel one. That matters more than it seems: 32 layers × 300 µs is about 10 ms
-per generated token for the eager version, longer than reading all of an 8B model's 16 GB of bf16
-weights once at the copy bandwidth above (≈ 5.5 ms).
-""")
-
-# ----------------------------------------------------------------------------- lab
-md(r"""
-## What the lab asks
-
-Lab 02 ([`labs/lab02_rope/lab02_rope.ipynb`](../labs/lab02_rope/lab02_rope.ipynb), 12 points) has you build
-RoPE yourself, each part graded by hidden tests:
-
-1. **`rope_frequencies`** (3 points): the cos/sin tables for any head size, base and length, with linear
-   (PI) and NTK scaling.
-2. **`apply_rope`** (3 points) for both pairings, at arbitrary, unsorted positions given per token or per
-   sequence (a batch of decode steps), in float32, bfloat16 and float16.
-3. **`interleaved_to_half_split`** (2 points): the checkpoint converter's reordering of a q/k projection,
-   checked by equal attention scores (section 2).
-4. **`score_by_distance`** (2 points): section 3's identity put to work, one rotation per distance instead
-   of one per pair of positions; then a question about the course model: how far back does layer 0,
-   head 1 look from a `)` for a `(`?
-5. **Speed** (2 points): your `apply_rope` must stay within 4× the library's reference rotation on the
-   grading machine; the graded cell plots both.
-
-While the hidden tests run, the library's own versions of these functions are unavailable, so the notebook
-above is the explanation, not the answer key.
-""")
-
-notebook.write()
+# %% [markdown]
+# ## What the lab asks
+#
+# Lab 02 ([`labs/lab02_rope/lab02_rope.ipynb`](../labs/lab02_rope/lab02_rope.ipynb), 12 points) has you build
+# RoPE yourself, each part graded by hidden tests:
+#
+# 1. **`rope_frequencies`** (3 points): the cos/sin tables for any head size, base and length, with linear
+#    (PI) and NTK scaling.
+# 2. **`apply_rope`** (3 points) for both pairings, at arbitrary, unsorted positions given per token or per
+#    sequence (a batch of decode steps), in float32, bfloat16 and float16.
+# 3. **`interleaved_to_half_split`** (2 points): the checkpoint converter's reordering of a q/k projection,
+#    checked by equal attention scores (section 2).
+# 4. **`score_by_distance`** (2 points): section 3's identity put to work, one rotation per distance instead
+#    of one per pair of positions; then a question about the course model: how far back does layer 0,
+#    head 1 look from a `)` for a `(`?
+# 5. **Speed** (2 points): your `apply_rope` must stay within 4× the library's reference rotation on the
+#    grading machine; the graded cell plots both.
+#
+# While the hidden tests run, the library's own versions of these functions are unavailable, so the notebook
+# above is the explanation, not the answer key.

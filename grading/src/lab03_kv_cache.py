@@ -1,29 +1,17 @@
-"""Builds the nbgrader source of lab 03: solutions/lab03_kv_cache/lab03_kv_cache.ipynb.
+# %% [markdown] nbgrader={"grade_id": "intro", "locked": true}
+# # Lab 03 · The KV cache
+#
+# You will size a KV cache, write one that a batch of sequences of different lengths can share, run the
+# course model one step at a time on top of it, and check that cached greedy decoding produces exactly
+# the tokens the model produces when it recomputes everything. Part 5 times your decoding against
+# recomputation. Notebook `03_kv_cache` explains each piece; read it first.
+#
+# How this lab is graded: each part has **visible tests** (run them as often as you like; a failure says
+# what is wrong) and a **graded cell** whose hidden tests decide that part's points (14 in all). While
+# your code is graded, the library's own `kv_cache_bytes` and its cache (`effml_lib.kvcache`) are
+# unavailable, so call your own. Do not edit or delete the read-only cells.
 
-    .venv/bin/python grading/build/lab03_kv_cache.py && make labs
-"""
-
-from labcells import LabNotebook
-
-lab = LabNotebook("lab03", "lab03_kv_cache")
-md, code, graded = lab.md, lab.code, lab.graded
-
-
-md(r"""
-# Lab 03 · The KV cache
-
-You will size a KV cache, write one that a batch of sequences of different lengths can share, run the
-course model one step at a time on top of it, and check that cached greedy decoding produces exactly
-the tokens the model produces when it recomputes everything. Part 5 times your decoding against
-recomputation. Notebook `03_kv_cache` explains each piece; read it first.
-
-How this lab is graded: each part has **visible tests** (run them as often as you like; a failure says
-what is wrong) and a **graded cell** whose hidden tests decide that part's points (14 in all). While
-your code is graded, the library's own `kv_cache_bytes` and its cache (`effml_lib.kvcache`) are
-unavailable, so call your own. Do not edit or delete the read-only cells.
-""", "intro")
-
-code(r"""
+# %% nbgrader={"grade_id": "imports", "locked": true}
 import math
 
 import torch
@@ -45,27 +33,26 @@ def uncached_greedy(model, prompt, max_new_tokens):
             logits = model(torch.tensor([tokens]))  # (1, T, vocab)
             tokens.append(int(logits[0, -1].argmax()))
     return tokens[len(prompt):]
-""", "imports", locked=True)
 
-md(r"""
-## Part 1 · How big is a KV cache? (3 points)
 
-Every layer keeps, for every sequence and every token so far, one key and one value vector per KV head:
+# %% [markdown] nbgrader={"grade_id": "p1_intro", "locked": true}
+# ## Part 1 · How big is a KV cache? (3 points)
+#
+# Every layer keeps, for every sequence and every token so far, one key and one value vector per KV head:
+#
+# `bytes = 2 · batch_size · seq_len · n_layers · n_kv_heads · head_dim · bytes_per_elem`
+#
+# `kv_cache_bytes(batch_size, seq_len, n_layers, n_kv_heads, head_dim, bytes_per_elem=2)` returns that
+# number as an `int`. `bytes_per_elem` is 4 for float32, 2 for bf16/fp16, 1 for fp8 or int8, and may be
+# fractional (0.5 for int4).
+#
+# Then answer a question with it. A GPU with **80 GiB** (80 · 2³⁰ bytes) holds Llama-3-8B's weights in
+# bf16 (2 bytes per parameter; `MODEL_PARAMS["llama-3-8b"]["total"]` parameters) and nothing else but the
+# cache. How many sequences of **4096 tokens** each fit in the rest, with a bf16 cache? Set
+# `sequences_that_fit` to that integer, computed from `MODEL_SHAPES["llama-3-8b"]` (`dim // n_heads` is
+# the head dimension) with your function, not typed.
 
-`bytes = 2 · batch_size · seq_len · n_layers · n_kv_heads · head_dim · bytes_per_elem`
-
-`kv_cache_bytes(batch_size, seq_len, n_layers, n_kv_heads, head_dim, bytes_per_elem=2)` returns that
-number as an `int`. `bytes_per_elem` is 4 for float32, 2 for bf16/fp16, 1 for fp8 or int8, and may be
-fractional (0.5 for int4).
-
-Then answer a question with it. A GPU with **80 GiB** (80 · 2³⁰ bytes) holds Llama-3-8B's weights in
-bf16 (2 bytes per parameter; `MODEL_PARAMS["llama-3-8b"]["total"]` parameters) and nothing else but the
-cache. How many sequences of **4096 tokens** each fit in the rest, with a bf16 cache? Set
-`sequences_that_fit` to that integer, computed from `MODEL_SHAPES["llama-3-8b"]` (`dim // n_heads` is
-the head dimension) with your function, not typed.
-""", "p1_intro")
-
-code(r"""
+# %% nbgrader={"grade_id": "p1_solution", "solution": true}
 def kv_cache_bytes(batch_size, seq_len, n_layers, n_kv_heads, head_dim, bytes_per_elem=2):
     ### BEGIN SOLUTION
     return int(2 * batch_size * seq_len * n_layers * n_kv_heads * head_dim * bytes_per_elem)
@@ -79,9 +66,8 @@ per_sequence = kv_cache_bytes(1, 4096, llama3["n_layers"], llama3["n_kv_heads"],
 sequences_that_fit = (80 * 2**30 - 2 * MODEL_PARAMS["llama-3-8b"]["total"]) // per_sequence
 ### END SOLUTION
 print("sequences that fit:", sequences_that_fit)
-""", "p1_solution", solution=True)
 
-code(r"""
+# %% nbgrader={"grade_id": "p1_visible", "locked": true}
 # Visible tests for part 1
 llama2 = MODEL_SHAPES["llama-2-7b"]
 per_token = kv_cache_bytes(1, 1, llama2["n_layers"], llama2["n_kv_heads"], llama2["dim"] // llama2["n_heads"])
@@ -92,30 +78,29 @@ assert kv_cache_bytes(2, 10, 3, 4, 8, bytes_per_elem=1) == 3840, "fp8: one byte 
 assert isinstance(sequences_that_fit, int) and 100 < sequences_that_fit < 200, (
     f"sequences_that_fit should be an int between 100 and 200, got {sequences_that_fit!r}")
 print("part 1: visible tests passed")
-""", "p1_visible", locked=True)
 
-graded("bytes", 3, "p1_tests")
 
-md(r"""
-## Part 2 · A cache for a batch of different lengths (3 points)
+# %% nbgrader={"grade_id": "p1_tests"} graded={"part": "bytes", "points": 3}
 
-`KVCache` preallocates, for each layer, a K and a V buffer of shape `(B, Hkv, max_seq_len, D)`. Write
-its `update(layer, k_new, v_new, positions)`:
+# %% [markdown] nbgrader={"grade_id": "p2_intro", "locked": true}
+# ## Part 2 · A cache for a batch of different lengths (3 points)
+#
+# `KVCache` preallocates, for each layer, a K and a V buffer of shape `(B, Hkv, max_seq_len, D)`. Write
+# its `update(layer, k_new, v_new, positions)`:
+#
+# * `k_new` and `v_new` have shape `(B, Hkv, T, D)`: `T` new tokens for each of the `B` sequences;
+# * `positions` is an integer tensor of shape `(B, T)`: token `t` of sequence `b` goes to position
+#   `positions[b, t]` of **that** sequence's buffer. Sequences may be at different lengths: in one decode
+#   step sequence 0 may write position 7 while sequence 1 writes position 30;
+# * it writes in place and returns the layer's **whole** buffers `(k, v)`, each `(B, Hkv, max_seq_len, D)`:
+#   the caller masks what is not meant to be seen;
+# * bad input gets a clear error: a `ValueError` whose message names `positions` when a position lies
+#   outside `[0, max_seq_len)` (a cache overflow), and one naming `k_new` when `k_new` or `v_new` does not
+#   have the shape `(B, Hkv, T, D)` of this cache with `T` matching `positions`.
+#
+# Write it without a Python loop over tokens: one indexed assignment can place every token at once.
 
-* `k_new` and `v_new` have shape `(B, Hkv, T, D)`: `T` new tokens for each of the `B` sequences;
-* `positions` is an integer tensor of shape `(B, T)`: token `t` of sequence `b` goes to position
-  `positions[b, t]` of **that** sequence's buffer. Sequences may be at different lengths: in one decode
-  step sequence 0 may write position 7 while sequence 1 writes position 30;
-* it writes in place and returns the layer's **whole** buffers `(k, v)`, each `(B, Hkv, max_seq_len, D)`:
-  the caller masks what is not meant to be seen;
-* bad input gets a clear error: a `ValueError` whose message names `positions` when a position lies
-  outside `[0, max_seq_len)` (a cache overflow), and one naming `k_new` when `k_new` or `v_new` does not
-  have the shape `(B, Hkv, T, D)` of this cache with `T` matching `positions`.
-
-Write it without a Python loop over tokens: one indexed assignment can place every token at once.
-""", "p2_intro")
-
-code(r"""
+# %% nbgrader={"grade_id": "p2_solution", "solution": true}
 class KVCache:
     # For each layer, K and V buffers (B, Hkv, max_seq_len, D), preallocated and zero.
 
@@ -144,9 +129,9 @@ class KVCache:
         v_layer[rows, :, positions] = v_new.transpose(1, 2).to(v_layer.dtype)
         return k_layer, v_layer
         ### END SOLUTION
-""", "p2_solution", solution=True)
 
-code(r"""
+
+# %% nbgrader={"grade_id": "p2_visible", "locked": true}
 # Visible tests for part 2
 cache = KVCache(n_layers=2, batch_size=2, max_seq_len=8, n_kv_heads=1, head_dim=3)
 k_new = torch.arange(12.0).view(2, 1, 2, 3)  # two tokens for each of two sequences
@@ -163,34 +148,33 @@ try:
 except ValueError as error:
     assert "positions" in str(error), f"the overflow error should name positions: {error}"
 print("part 2: visible tests passed")
-""", "p2_visible", locked=True)
 
-graded("cache", 3, "p2_tests")
 
-md(r"""
-## Part 3 · The model, one step at a time (3 points)
+# %% nbgrader={"grade_id": "p2_tests"} graded={"part": "cache", "points": 3}
 
-`forward_with_cache(model, cache, tokens, positions)` runs the course model (a `Transformer`) on
-`tokens` `(B, T)` sitting at `positions` `(B, T)` and returns the logits `(B, T, vocab_size)`; the tokens
-attend to themselves and to everything the cache holds **at earlier positions of their own sequence**.
-For each layer `block = model.layers[i]`:
+# %% [markdown] nbgrader={"grade_id": "p3_intro", "locked": true}
+# ## Part 3 · The model, one step at a time (3 points)
+#
+# `forward_with_cache(model, cache, tokens, positions)` runs the course model (a `Transformer`) on
+# `tokens` `(B, T)` sitting at `positions` `(B, T)` and returns the logits `(B, T, vocab_size)`; the tokens
+# attend to themselves and to everything the cache holds **at earlier positions of their own sequence**.
+# For each layer `block = model.layers[i]`:
+#
+# 1. `h = block.attention_norm(x)`; the projections `block.attention.wq`, `.wk`, `.wv` of `h`, reshaped
+#    to `q` `(B, H, T, D)` and `k`, `v` `(B, Hkv, T, D)` (`block.attention.n_heads`, `.n_kv_heads`,
+#    `.head_dim`);
+# 2. RoPE on `q` and `k` at `positions`: `apply_rope_qk(q, k, cos, sin, positions)` with
+#    `cos, sin = model.rope_tables("cpu")`;
+# 3. `cache.update(i, k, v, positions)` gives the layer's whole buffers;
+# 4. attention of `q` to them where key position `j` is visible to the query at position `p` when
+#    `j <= p`: `attention(q, k_all, v_all, causal=False, mask=visible)` with a boolean `visible` of shape
+#    `(B, 1, T, max_seq_len)`. The cache may hold stale entries at later positions: the mask hides them;
+# 5. `x = x + block.attention.wo(...)` of the heads put back side by side, then
+#    `x = x + block.feed_forward(block.ffn_norm(x))`.
+#
+# Start from `x = model.tok_embeddings(tokens)` and end with `model.output(model.norm(x))`.
 
-1. `h = block.attention_norm(x)`; the projections `block.attention.wq`, `.wk`, `.wv` of `h`, reshaped
-   to `q` `(B, H, T, D)` and `k`, `v` `(B, Hkv, T, D)` (`block.attention.n_heads`, `.n_kv_heads`,
-   `.head_dim`);
-2. RoPE on `q` and `k` at `positions`: `apply_rope_qk(q, k, cos, sin, positions)` with
-   `cos, sin = model.rope_tables("cpu")`;
-3. `cache.update(i, k, v, positions)` gives the layer's whole buffers;
-4. attention of `q` to them where key position `j` is visible to the query at position `p` when
-   `j <= p`: `attention(q, k_all, v_all, causal=False, mask=visible)` with a boolean `visible` of shape
-   `(B, 1, T, max_seq_len)`. The cache may hold stale entries at later positions: the mask hides them;
-5. `x = x + block.attention.wo(...)` of the heads put back side by side, then
-   `x = x + block.feed_forward(block.ffn_norm(x))`.
-
-Start from `x = model.tok_embeddings(tokens)` and end with `model.output(model.norm(x))`.
-""", "p3_intro")
-
-code(r"""
+# %% nbgrader={"grade_id": "p3_solution", "solution": true}
 def forward_with_cache(model, cache, tokens, positions):
     ### BEGIN SOLUTION
     b, t = tokens.shape
@@ -211,9 +195,9 @@ def forward_with_cache(model, cache, tokens, positions):
         x = x + block.feed_forward(block.ffn_norm(x))
     return model.output(model.norm(x))  # (B, T, vocab)
     ### END SOLUTION
-""", "p3_solution", solution=True)
 
-code(r"""
+
+# %% nbgrader={"grade_id": "p3_visible", "locked": true}
 # Visible tests for part 3
 model = pretrained("effml-tiny").double()  # float64, so cached and uncached agree to ~1e-12
 config = model.config
@@ -228,33 +212,32 @@ assert torch.allclose(first, expected[:, :9], atol=1e-8), "the prompt's logits d
 for t, step in zip(range(9, 12), steps):
     assert torch.allclose(step[:, 0], expected[:, t], atol=1e-8), f"the cached step at position {t} differs from the model's logits"
 print("part 3: visible tests passed")
-""", "p3_visible", locked=True)
 
-graded("forward", 3, "p3_tests")
 
-md(r"""
-## Part 4 · Cached greedy decoding of a batch (3 points)
+# %% nbgrader={"grade_id": "p3_tests"} graded={"part": "forward", "points": 3}
 
-`generate_greedy(model, prompts, max_new_tokens)` takes `prompts`, a list of `B` lists of token ids
-(each at least one token; **lengths may differ**), and returns a list of `B` lists: each prompt's next
-`max_new_tokens` tokens, chosen greedily (argmax). The tokens must be exactly those that
-`uncached_greedy(model, prompt, max_new_tokens)` gives for each prompt alone.
+# %% [markdown] nbgrader={"grade_id": "p4_intro", "locked": true}
+# ## Part 4 · Cached greedy decoding of a batch (3 points)
+#
+# `generate_greedy(model, prompts, max_new_tokens)` takes `prompts`, a list of `B` lists of token ids
+# (each at least one token; **lengths may differ**), and returns a list of `B` lists: each prompt's next
+# `max_new_tokens` tokens, chosen greedily (argmax). The tokens must be exactly those that
+# `uncached_greedy(model, prompt, max_new_tokens)` gives for each prompt alone.
+#
+# Do it the way a server would, one cache for the whole batch:
+#
+# 1. a `KVCache` of your part 2 with `max_seq_len = longest prompt + max_new_tokens`, in the model's dtype;
+# 2. **prefill** every prompt in one call of `forward_with_cache`: right-pad the prompts to the longest with
+#    any token id (0, say), positions `0 … L-1` in every row. Sequence `b`'s first new token is the argmax
+#    of the logits at its **last real token**, index `len(prompts[b]) - 1`, not at the end of the padding;
+# 3. **decode**: feed each sequence's latest token at its own position (`len(prompts[b]) + step`), one
+#    token per sequence per call.
+#
+# Why the padding is harmless: a short prompt's padding is written to positions past its end, but its
+# first decode step overwrites the first of them before anyone attends to it, and the mask hides the
+# ones after. Use `torch.no_grad()`.
 
-Do it the way a server would, one cache for the whole batch:
-
-1. a `KVCache` of your part 2 with `max_seq_len = longest prompt + max_new_tokens`, in the model's dtype;
-2. **prefill** every prompt in one call of `forward_with_cache`: right-pad the prompts to the longest with
-   any token id (0, say), positions `0 … L-1` in every row. Sequence `b`'s first new token is the argmax
-   of the logits at its **last real token**, index `len(prompts[b]) - 1`, not at the end of the padding;
-3. **decode**: feed each sequence's latest token at its own position (`len(prompts[b]) + step`), one
-   token per sequence per call.
-
-Why the padding is harmless: a short prompt's padding is written to positions past its end, but its
-first decode step overwrites the first of them before anyone attends to it, and the mask hides the
-ones after. Use `torch.no_grad()`.
-""", "p4_intro")
-
-code(r"""
+# %% nbgrader={"grade_id": "p4_solution", "solution": true}
 def generate_greedy(model, prompts, max_new_tokens):
     ### BEGIN SOLUTION
     config, dtype = model.config, model.tok_embeddings.weight.dtype
@@ -279,9 +262,9 @@ def generate_greedy(model, prompts, max_new_tokens):
             new_tokens.append(nxt)
     return torch.stack(new_tokens, dim=1).tolist()
     ### END SOLUTION
-""", "p4_solution", solution=True)
 
-code(r"""
+
+# %% nbgrader={"grade_id": "p4_visible", "locked": true}
 # Visible tests for part 4
 prompts = [[5, 17, 99, 3, 12, 40, 8], [260, 14], [7, 7, 7, 7]]  # different lengths
 got = generate_greedy(model, prompts, 6)
@@ -291,25 +274,23 @@ for b, prompt in enumerate(prompts):
     expected = uncached_greedy(model, prompt, 6)
     assert got[b] == expected, f"prompt {b} (length {len(prompt)}): cached {got[b]} but uncached {expected}"
 print("part 4: visible tests passed")
-""", "p4_visible", locked=True)
 
-graded("generate", 3, "p4_tests")
+# %% nbgrader={"grade_id": "p4_tests"} graded={"part": "generate", "points": 3}
 
-md(r"""
-## Part 5 · What the cache buys (2 points)
+# %% [markdown] nbgrader={"grade_id": "p5_intro", "locked": true}
+# ## Part 5 · What the cache buys (2 points)
+#
+# Nothing new to write: this part times your `generate_greedy` against `uncached_greedy`. Without a
+# cache, the model recomputes keys and values for the whole prefix at every step, so each new token costs
+# work proportional to the context; with a cache, a step processes one token per sequence and reads the
+# cached keys and values.
+#
+# **The rule:** on the grading machine (its CPU, one thread), with a small model (4 layers, dim 256, 4
+# query and 2 KV heads, float32), a batch of one prompt and 16 new tokens, your `generate_greedy` must give
+# the uncached tokens and take **at most half** the time of `uncached_greedy` with a 384-token prompt.
+# The cell below makes the same comparison on your machine and plots it.
 
-Nothing new to write: this part times your `generate_greedy` against `uncached_greedy`. Without a
-cache, the model recomputes keys and values for the whole prefix at every step, so each new token costs
-work proportional to the context; with a cache, a step processes one token per sequence and reads the
-cached keys and values.
-
-**The rule:** on the grading machine (its CPU, one thread), with a small model (4 layers, dim 256, 4
-query and 2 KV heads, float32), a batch of one prompt and 16 new tokens, your `generate_greedy` must give
-the uncached tokens and take **at most half** the time of `uncached_greedy` with a 384-token prompt.
-The cell below makes the same comparison on your machine and plots it.
-""", "p5_intro")
-
-code(r"""
+# %% nbgrader={"grade_id": "p5_visible", "locked": true}
 # Your cached decoding against recomputation on this machine (not graded)
 import pandas as pd
 
@@ -329,14 +310,10 @@ latency_vs_size(timings, "prompt_len", hue="implementation", xlabel="prompt leng
                 title="16 new tokens, greedy, batch 1: time per generation")
 at_384 = timings[timings.prompt_len == 384].set_index("implementation").median_ms
 print(f"with a 384-token prompt yours takes {at_384.iloc[0] / at_384.iloc[1]:.2f}× the uncached time (graded: at most 0.5×)")
-""", "p5_visible", locked=True)
 
-md(r"""
-The plot shows the median time to generate 16 tokens at each prompt length, on log–log axes. The
-uncached line climbs with the prompt, since every step reprocesses it; the cached line stays far below
-it and rises slowly, since only the prefill (once) and the attention over the cache grow with the prompt.
-""", "p5_plot_note")
+# %% [markdown] nbgrader={"grade_id": "p5_plot_note", "locked": true}
+# The plot shows the median time to generate 16 tokens at each prompt length, on log–log axes. The
+# uncached line climbs with the prompt, since every step reprocesses it; the cached line stays far below
+# it and rises slowly, since only the prefill (once) and the attention over the cache grow with the prompt.
 
-graded("performance", 2, "p5_tests")
-
-lab.write()
+# %% nbgrader={"grade_id": "p5_tests"} graded={"part": "performance", "points": 2}
