@@ -19,12 +19,16 @@ API::
     tokens = load_tokens("train")               # 1-D int64 tensor, EOT after each file, cached
     x, y = random_batches(tokens, 8, 256, g)    # (8, 256) each, y = x shifted by one
     for x, y in sequential_batches(heldout, 8, 256): ...   # every token exactly once
+    tok = train_tokenizer(4096)                 # the course tokenizer's recipe: BPE on the train split
 
-Print the corpus statistics with ``python -m effml_lib.data``.
+Print the corpus statistics with ``python -m effml_lib.data``. The tokenizer's command,
+``python -m effml_lib.tokenizer train|info``, is :func:`tokenizer_cli` here: it reads the corpus, and
+this module imports the tokenizer, not the reverse.
 """
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import os
 import sys
@@ -36,7 +40,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from effml_lib.tokenizer import Tokenizer, load_tokenizer
+from effml_lib.tokenizer import ASSETS_DIR, DEFAULT_TOKENIZER, Tokenizer, load_tokenizer, train_bpe
 
 __all__ = [
     "stdlib_root",
@@ -47,6 +51,7 @@ __all__ = [
     "load_tokens",
     "random_batches",
     "sequential_batches",
+    "train_tokenizer",
     "HELDOUT_FRACTION",
 ]
 
@@ -314,6 +319,63 @@ def _sequential(tokens, batch_size, seq_len):
             tokens[start : start + rest].long().view(1, rest),
             tokens[start + 1 : start + rest + 1].long().view(1, rest),
         )
+
+
+# --- the course tokenizer, trained on the corpus --------------------------------------------------
+
+
+def train_tokenizer(vocab_size: int = 4096, name: str | None = None, *, root=None, progress: bool = True) -> Tokenizer:
+    """The course tokenizer's recipe: byte-level BPE (:func:`effml_lib.tokenizer.train_bpe`) on the
+    train split, named ``effml-bpe-<vocab_size>`` by default, its metadata naming the corpus."""
+    root = _root(root)
+    metadata = {
+        "trained_on": "python-stdlib/train",
+        "python": sys.version.split()[0],
+        "corpus_fingerprint": corpus_fingerprint("train", root),
+    }
+    texts = read_corpus("train", root)
+    return train_bpe(texts, vocab_size, name=name or f"effml-bpe-{vocab_size}", metadata=metadata, progress=progress)
+
+
+def tokenizer_cli(argv=None) -> int:
+    """``python -m effml_lib.tokenizer train|info``: rebuild the shipped tokenizer, or measure one."""
+    parser = argparse.ArgumentParser(
+        prog="python -m effml_lib.tokenizer",
+        description="Train the course tokenizer on the stdlib corpus (train split), or inspect one.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_train = sub.add_parser("train", help="learn merges from the corpus' train split and save them")
+    p_train.add_argument("--vocab-size", type=int, default=4096)
+    p_train.add_argument("--name", default=None, help="default: effml-bpe-<vocab size>")
+    p_train.add_argument("--out", default=None, help="default: effml_lib/assets/tokenizer/<name>.json")
+    p_info = sub.add_parser("info", help="print a tokenizer's size and its compression on the corpus")
+    p_info.add_argument("--name", default=DEFAULT_TOKENIZER)
+    args = parser.parse_args(argv)
+
+    if args.command == "train":
+        name = args.name or f"effml-bpe-{args.vocab_size}"
+        out = Path(args.out) if args.out else ASSETS_DIR / f"{name}.json"
+        root = stdlib_root()
+        files = _split_files("train", root)
+        print(f"corpus: {len(files)} train files, {sum((root / f).stat().st_size for f in files):,} bytes, "
+              f"Python {sys.version.split()[0]}")
+        t0 = time.perf_counter()
+        tok = train_tokenizer(args.vocab_size, name)
+        print(f"trained {tok} in {time.perf_counter() - t0:.1f} s")
+        tok.save(out)
+        print(f"saved {out} ({out.stat().st_size:,} bytes)")
+    else:
+        tok = load_tokenizer(args.name)
+        print(tok, tok.metadata)
+        for split in SPLITS:
+            texts = read_corpus(split)
+            n_bytes = sum(len(t.encode("utf-8")) for t in texts)
+            t0 = time.perf_counter()
+            n_tok = sum(len(tok.encode(t, allow_special=False)) for t in texts)
+            dt = time.perf_counter() - t0
+            print(f"{split:8s} {len(texts):4d} files {n_bytes:>11,} bytes {n_tok:>10,} tokens "
+                  f"{n_bytes / n_tok:.2f} bytes/token  (encoded in {dt:.1f} s)")
+    return 0
 
 
 def _main() -> int:

@@ -22,21 +22,20 @@ API::
     tok = train_bpe(texts, vocab_size=4096)   # learn merges from an iterable of str
     tok.save(path); Tokenizer.load(path)
 
-Rebuild the shipped file (~15 s on a 2-core CPU; docs/DATA.md)::
+Rebuild the shipped file (~15 s on a 2-core CPU; docs/DATA.md); the recipe, BPE on the corpus' train
+split, is ``effml_lib.data.train_tokenizer``::
 
     python -m effml_lib.tokenizer train
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import heapq
 import json
 import operator
 import re
 import sys
-import time
 from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
@@ -417,51 +416,10 @@ def load_tokenizer(name: str = DEFAULT_TOKENIZER) -> Tokenizer:
     return Tokenizer.load(path)
 
 
-def _main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m effml_lib.tokenizer",
-        description="Train the course tokenizer on the stdlib corpus (train split), or inspect one.",
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
-    p_train = sub.add_parser("train", help="learn merges from the corpus' train split and save them")
-    p_train.add_argument("--vocab-size", type=int, default=4096)
-    p_train.add_argument("--name", default=None, help="default: effml-bpe-<vocab size>")
-    p_train.add_argument("--out", default=None, help="default: effml_lib/assets/tokenizer/<name>.json")
-    p_info = sub.add_parser("info", help="print a tokenizer's size and its compression on the corpus")
-    p_info.add_argument("--name", default=DEFAULT_TOKENIZER)
-    args = parser.parse_args(argv)
-
-    from effml_lib import data  # imported here: data imports this module
-
-    if args.command == "train":
-        name = args.name or f"effml-bpe-{args.vocab_size}"
-        out = Path(args.out) if args.out else ASSETS_DIR / f"{name}.json"
-        texts = data.read_corpus("train")
-        print(f"corpus: {len(texts)} train files, {sum(len(t.encode()) for t in texts):,} bytes, "
-              f"Python {sys.version.split()[0]}")
-        t0 = time.perf_counter()
-        meta = {
-            "trained_on": "python-stdlib/train",
-            "python": sys.version.split()[0],
-            "corpus_fingerprint": data.corpus_fingerprint("train"),
-        }
-        tok = train_bpe(texts, args.vocab_size, name=name, metadata=meta)
-        print(f"trained {tok} in {time.perf_counter() - t0:.1f} s")
-        tok.save(out)
-        print(f"saved {out} ({out.stat().st_size:,} bytes)")
-    else:
-        tok = load_tokenizer(args.name)
-        print(tok, tok.metadata)
-        for split in ("train", "heldout"):
-            texts = data.read_corpus(split)
-            n_bytes = sum(len(t.encode("utf-8")) for t in texts)
-            t0 = time.perf_counter()
-            n_tok = sum(len(tok.encode(t, allow_special=False)) for t in texts)
-            dt = time.perf_counter() - t0
-            print(f"{split:8s} {len(texts):4d} files {n_bytes:>11,} bytes {n_tok:>10,} tokens "
-                  f"{n_bytes / n_tok:.2f} bytes/token  (encoded in {dt:.1f} s)")
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(_main())
+    # ``python -m effml_lib.tokenizer train|info``: the command reads the corpus, so it lives in
+    # effml_lib.data (which imports this module, never the reverse); run as a program, this file hands
+    # over to it. Importing effml_lib.tokenizer imports nothing of effml_lib (tests/test_tokenizer.py).
+    from effml_lib.data import tokenizer_cli
+
+    sys.exit(tokenizer_cli())

@@ -1,6 +1,7 @@
 """Tests for effml_lib.data: corpus selection, split, fingerprint, token cache, batch samplers."""
 
 import random
+import re
 import sysconfig
 from pathlib import Path
 
@@ -8,7 +9,7 @@ import pytest
 import torch
 
 from effml_lib import data
-from effml_lib.tokenizer import load_tokenizer
+from effml_lib.tokenizer import Tokenizer, load_tokenizer, train_bpe
 
 # --- a fake stdlib, so exclusions are checked file by file --------------------------------------
 
@@ -184,6 +185,27 @@ def test_load_tokens_real_heldout(tmp_path):
 def test_load_tokens_rejects_bad_tokenizer(fake_root, tmp_path):
     with pytest.raises(TypeError, match="tokenizer"):
         data.load_tokens("train", tokenizer="effml-bpe-4096", cache_dir=tmp_path, root=fake_root)
+
+
+# --- the course tokenizer ------------------------------------------------------------------------
+
+
+def test_train_tokenizer_is_bpe_on_the_train_split(fake_root):
+    tok = data.train_tokenizer(300, root=fake_root, progress=False)
+    assert tok.merges == train_bpe(data.read_corpus("train", fake_root), 300, progress=False).merges
+    assert tok.name == "effml-bpe-300"
+    assert tok.metadata["corpus_fingerprint"] == data.corpus_fingerprint("train", fake_root)
+
+
+def test_tokenizer_cli_train_and_info(fake_root, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(data, "stdlib_root", lambda: fake_root)  # the commands read this "stdlib"
+    out = tmp_path / "bpe.json"
+    assert data.tokenizer_cli(["train", "--vocab-size", "300", "--out", str(out)]) == 0
+    assert Tokenizer.load(out).merges == data.train_tokenizer(300, root=fake_root, progress=False).merges
+    assert data.tokenizer_cli(["info"]) == 0
+    printed = capsys.readouterr().out
+    assert f"saved {out}" in printed
+    assert re.search(r"^train .* bytes/token", printed, re.M) and re.search(r"^heldout .* bytes/token", printed, re.M)
 
 
 # --- batches -------------------------------------------------------------------------------------

@@ -1,14 +1,17 @@
 """Tests for effml_lib.tokenizer: roundtrips, training against a naive reference, the shipped file."""
 
+import ast
 import json
 import random
 import re
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
 import pytest
 
-from effml_lib import data
+from effml_lib import data, tokenizer
 from effml_lib.tokenizer import (
     EOT,
     PRETOKENIZE_PATTERN,
@@ -284,3 +287,50 @@ def test_shipped_tokenizer_compresses_code(shipped):
     # Common Python words are single tokens.
     for word in [" self", " return", "def", " import", "    "]:
         assert len(shipped.encode(word)) == 1, word
+
+
+# --- imports: data imports the tokenizer, never the reverse ------------------------------------------
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("module, loaded", [
+    ("effml_lib.tokenizer", ["effml_lib", "effml_lib.tokenizer"]),
+    ("effml_lib.data", ["effml_lib", "effml_lib.data", "effml_lib.tokenizer"]),
+])
+def test_module_imports_alone(module, loaded):
+    code = f"import sys, {module}; print(sorted(m for m in sys.modules if m.split('.')[0] == 'effml_lib'))"
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, f"import {module} in a fresh interpreter failed:\n{done.stderr}"
+    assert ast.literal_eval(done.stdout.strip()) == loaded, f"import {module} loaded {done.stdout.strip()}"
+
+
+def effml_imports(path: Path) -> list[str]:
+    """What ``path`` imports from effml_lib anywhere (functions included) but its ``__main__`` block."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    main = [n for n in tree.body if isinstance(n, ast.If) and ast.unparse(n.test) == "__name__ == '__main__'"]
+    skip = {id(n) for block in main for n in ast.walk(block)}
+    found = []
+    for node in ast.walk(tree):
+        if id(node) in skip:
+            continue
+        if isinstance(node, ast.Import):
+            found += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            module = "effml_lib" + (f".{node.module}" if node.module else "") if node.level else node.module
+            found += [f"{module}.{a.name}" for a in node.names]
+    return [m for m in found if m.split(".")[0] == "effml_lib"]
+
+
+def test_tokenizer_imports_nothing_of_effml_lib():
+    # Not even inside a function: the corpus-reading command lives in data (data.tokenizer_cli);
+    # only the __main__ block of ``python -m effml_lib.tokenizer`` hands over to it.
+    found = effml_imports(Path(tokenizer.__file__))
+    assert found == [], f"effml_lib/tokenizer.py imports {found}: data imports the tokenizer, so this is a circle"
+
+
+def test_tokenizer_command_runs_the_data_cli():
+    done = subprocess.run([sys.executable, "-m", "effml_lib.tokenizer", "train", "--help"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "usage: python -m effml_lib.tokenizer train" in done.stdout and "--vocab-size" in done.stdout
