@@ -23,7 +23,7 @@ from torch import nn
 
 from .device import resolve_impl
 from .grading import guard
-from .rope import apply_rope_qk
+from .rope import apply_rope_qk_unchecked
 
 ATTENTION_IMPLS = ("auto", "torch", "sdpa")
 
@@ -170,16 +170,28 @@ def attention(q, k, v, causal: bool = True, mask: torch.Tensor | None = None, im
     return attention_reference(q, k, v, causal=causal, mask=mask)
 
 
+DECODE_IMPLS = ("auto", "torch", "sdpa", "triton")
+# Query rows (G = H / Hkv heads x Tq queries) up to which "auto" gives a step to the Triton kernel: it
+# holds all of a group's rows in one tile, which suits decode (a few new tokens), not a long prefill.
+TRITON_MAX_ROWS = 64
+
+
 def decode_attention(q, k, v, context_lens=None, impl: str = "auto") -> torch.Tensor:
     """A decode step's attention: q ``(B, H, Tq, D)`` (a few new tokens) against a cache k/v
     ``(B, Hkv, S, D)`` of which sequence b fills the first ``context_lens[b]`` positions (all S if None).
 
     Causal and end-aligned per sequence: query i of sequence b sits at ``context_lens[b] - Tq + i``
-    (the new tokens are already written to the cache) and sees keys up to it. ``impl``: ``"torch"``
-    (``attention_reference`` with a per-sequence mask), ``"triton"`` (the split-K kernel of
-    ``kernels/decode_attention.py``, head_dim >= 16), ``"auto"`` (Triton on CUDA when it applies).
+    (the new tokens are already written to the cache) and sees keys up to it; keys past
+    ``context_lens[b]`` are masked out, whatever (finite) values they hold, and the Triton kernel
+    does not even read them. ``impl``: ``"torch"`` (``attention_reference``
+    with a per-sequence mask), ``"sdpa"`` (PyTorch's fused kernel with that mask), ``"triton"`` (the
+    split-K kernel of ``kernels/decode_attention.py``, head_dim >= 16), ``"auto"``: Triton on CUDA for
+    up to ``TRITON_MAX_ROWS`` query rows per KV head, else SDPA where it groups heads natively, else
+    the reference.
     """
     guard("attention.attention")
+    if impl not in DECODE_IMPLS:
+        raise ValueError(f"impl must be one of {DECODE_IMPLS}, got {impl!r}")
     _check_qkv(q, k, v, None)
     b, _, tq, d = q.shape
     s = k.shape[2]
@@ -193,17 +205,41 @@ def decode_attention(q, k, v, context_lens=None, impl: str = "auto") -> torch.Te
         if low < tq or high > s:
             raise ValueError(f"context_lens must lie in [Tq={tq}, S={s}] (the new tokens are in the cache), "
                              f"got values from {low} to {high}")
-    impl = resolve_impl(impl, q.device)
-    if impl == "triton" and d < 16:
-        raise ValueError(f"the Triton decode kernel needs head_dim >= 16, got {d}; use impl='torch'")
     if impl == "triton":
-        from .kernels.decode_attention import decode_attention_triton  # imports Triton, so only when used
+        resolve_impl("triton", q.device)  # a clear error where Triton cannot run
+        if d < 16:
+            raise ValueError(f"the Triton decode kernel needs head_dim >= 16, got {d}; use impl='torch'")
+    return decode_attention_unchecked(q, k, v, context_lens, impl)
 
-        return decode_attention_triton(q, k, v, context_lens)
+
+def _pick_decode_impl(q, k) -> str:
+    """What ``impl="auto"`` means for these shapes and this device (no data is looked at)."""
+    rows = q.shape[1] // k.shape[1] * q.shape[2]
+    if resolve_impl("auto", q.device) == "triton" and q.shape[-1] >= 16 and rows <= TRITON_MAX_ROWS:
+        return "triton"
+    return "sdpa" if _SDPA_HAS_GQA or q.shape[1] == k.shape[1] else "torch"
+
+
+def decode_attention_unchecked(q, k, v, context_lens, impl: str = "auto") -> torch.Tensor:
+    """:func:`decode_attention` without its checks (``context_lens`` an int32 ``(B,)`` tensor on q's
+    device, each in ``[Tq, S]``), for the model, which checks positions once per forward: no
+    per-layer device sync, and nothing that stops ``torch.compile`` from capturing the whole step."""
+    guard("attention.attention")
+    if impl == "auto":
+        impl = _pick_decode_impl(q, k)
+    if impl == "triton":
+        from .kernels.decode_attention import decode_attention_op  # imports Triton, so only when used
+
+        return decode_attention_op(q, k, v, context_lens)
+    tq, s = q.shape[2], k.shape[2]
     key_pos = torch.arange(s, device=q.device)  # (S,)
     query_pos = context_lens[:, None] - tq + torch.arange(tq, device=q.device)  # (B, Tq)
-    mask = key_pos[None, None, :] <= query_pos[:, :, None]  # (B, Tq, S)
-    return attention_reference(q, k, v, causal=False, mask=mask[:, None])
+    visible = (key_pos[None, None, :] <= query_pos[:, :, None])[:, None]  # (B, 1, Tq, S)
+    if impl == "sdpa":
+        # Every query sees at least key 0 (context_lens >= Tq), so no row is fully masked and SDPA
+        # computes exactly the reference's function.
+        return _attention_sdpa(q, k, v, causal=False, mask=visible)
+    return attention_reference(q, k, v, causal=False, mask=visible)
 
 
 class Attention(nn.Module):
@@ -240,27 +276,24 @@ class Attention(nn.Module):
         self.wv = nn.Linear(dim, n_kv_heads * head_dim, bias=qkv_bias)
         self.wo = nn.Linear(n_heads * head_dim, dim, bias=out_bias)
 
-    def forward(self, x, rope_cos, rope_sin, layer_cache=None, mask=None):
-        """x (B, T, dim); rope_cos/rope_sin (T, D/2): the rotation of each of x's positions.
+    def forward(self, x, cos, sin, positions=None, cache=None, layer: int = 0):
+        """x (B, T, dim) -> (B, T, dim). cos/sin: the model's RoPE tables (max_seq_len, D/2).
 
-        ``layer_cache`` is a callable ``(k, v) -> (k_all, v_all)`` that stores this step's keys/values
-        and returns everything visible so far (see ``kvcache.StaticKVCache.write``). ``mask`` is the
-        model's static-cache mask: it carries causality and leaves every query at least key 0, which
-        is what lets ``impl="auto"`` hand it to SDPA (whose rows with no key would be NaN).
+        Without a cache the T tokens sit at positions 0..T-1 and attend causally to each other.
+        With one, ``positions`` (B, T) says where each sequence's tokens sit (consecutive in a row);
+        the cache stores this step's keys and values and decides what the queries attend to, through
+        the cache protocol (``kvcache.KVCache``): ``update`` then ``attention``.
         """
         b, t, _ = x.shape
         q = self.wq(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = self.wk(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
         v = self.wv(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
-        q, k = apply_rope_qk(q, k, rope_cos, rope_sin)  # one Triton kernel on a GPU
-        if layer_cache is not None:
-            k, v = layer_cache(k, v)  # (B, Hkv, Tk, D)
-        impl = self.impl
-        if mask is not None and impl == "auto":
-            # A cache attended in full: the mask carries causality and always allows key 0, so no
-            # row is fully masked and SDPA computes exactly the reference's function.
-            impl = "sdpa"
-        out = attention(q, k, v, causal=mask is None, mask=mask, impl=impl)  # (B, H, T, D)
+        q, k = apply_rope_qk_unchecked(q, k, cos, sin, positions)  # one Triton kernel on a GPU
+        if cache is None:
+            out = attention(q, k, v, causal=True, impl=self.impl)  # (B, H, T, D)
+        else:
+            keys, values, context_lens = cache.update(layer, k, v, positions)
+            out = cache.attention(q, keys, values, context_lens, impl=self.impl)  # (B, H, T, D)
         return self.wo(out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
 
 

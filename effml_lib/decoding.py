@@ -1,13 +1,15 @@
-"""Text generation with the static KV cache: greedy, temperature, top-k, top-p; seeded.
+"""Text generation with a KV cache: greedy, temperature, top-k, top-p; seeded; ragged batches.
 
 Decoding runs in two phases:
   prefill  the whole prompt in one forward pass, filling the cache;          (B, T_prompt)
   decode   one token per step, each attending to everything cached so far.   (B, 1)
 
-``compile=True`` wraps the decode step in ``torch.compile(mode="reduce-overhead")``: the step runs
-over the whole preallocated cache under a mask, so every step has the same shapes and the compiled
-kernels replay as one CUDA graph, removing the per-kernel launch overhead that dominates small-batch
-decoding.
+Each sequence of a batch has its own length: the model takes per-sequence start positions and the
+cache tells attention how many positions of each sequence to read. ``compile=True`` wraps the decode
+step in ``torch.compile`` with CUDA graphs: positions are a tensor and attention reads the
+preallocated cache up to each sequence's length, so every step has the same shapes and addresses
+and the compiled kernels replay as one CUDA graph, removing the per-kernel launch overhead that
+dominates small-batch decoding.
 """
 
 from __future__ import annotations
@@ -54,26 +56,43 @@ def sample_next(
     return torch.multinomial(probs.to(gen_device), 1, generator=generator).squeeze(-1).to(logits.device)
 
 
-def _as_prompt(prompt, device) -> torch.Tensor:
+def _as_prompts(prompt, device) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """A prompt as ``(tokens (B, T_max) right-padded with 0, lengths (B,), ragged)``.
+
+    Accepts token ids (T,), a (B, T) tensor, or a list of B token lists of any lengths (``ragged``:
+    then ``generate`` returns one tensor per sequence).
+    """
+    if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(p, (list, tuple, torch.Tensor)) for p in prompt):
+        if any(len(p) == 0 for p in prompt):
+            raise ValueError("each prompt of a list of prompts needs at least one token (T >= 1)")
+        rows = [_as_prompts(p, "cpu")[0] for p in prompt]  # each (1, T_b), checked
+        if any(r.shape[0] != 1 for r in rows):
+            raise ValueError("each prompt of a list of prompts must be one sequence of token ids")
+        lengths = torch.tensor([r.shape[1] for r in rows])
+        tokens = torch.zeros(len(rows), int(lengths.max()), dtype=torch.long)
+        for b, r in enumerate(rows):
+            tokens[b, : r.shape[1]] = r[0]
+        return tokens.to(device), lengths.to(device), True
     if isinstance(prompt, (list, tuple)):
         try:
             prompt = torch.tensor(prompt)  # no dtype: a list of floats must fail below, not be truncated
         except (TypeError, ValueError) as e:
-            raise TypeError(f"prompt must be a list of int token ids (or a list of equal-length lists): {e}") from None
+            raise TypeError(f"prompt must be a list of int token ids or a list of such lists: {e}") from None
     if not isinstance(prompt, torch.Tensor):
-        raise TypeError(f"prompt must be a list of token ids or a (B, T) tensor, got {type(prompt).__name__}")
+        raise TypeError(f"prompt must be token ids, a (B, T) tensor or a list of token lists, got {type(prompt).__name__}")
     if prompt.is_floating_point() or prompt.is_complex() or prompt.dtype == torch.bool:
         raise TypeError(f"prompt must hold integer token ids, got dtype {prompt.dtype}")
     if prompt.dim() == 1:
         prompt = prompt.unsqueeze(0)
     if prompt.dim() != 2 or prompt.shape[1] == 0:
         raise ValueError(f"prompt must have shape (T,) or (B, T) with T >= 1, got {tuple(prompt.shape)}")
-    return prompt.to(device)
+    lengths = torch.full((prompt.shape[0],), prompt.shape[1], device=device)
+    return prompt.to(device=device, dtype=torch.long), lengths, False
 
 
-def decode_step(model, cache: StaticKVCache, token: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-    """One decode step over the whole static cache: token (B, 1), pos (1,) int tensor -> logits (B, V)."""
-    return model.forward_unchecked(token, cache, pos)[:, -1]
+def decode_step(model, cache, token: torch.Tensor, start_pos: torch.Tensor) -> torch.Tensor:
+    """One decode step: token (B, 1), start_pos (B,) each sequence's position -> logits (B, V)."""
+    return model.forward_unchecked(token, cache, start_pos)[:, -1]
 
 
 _compiled_decode_step = None
@@ -106,16 +125,27 @@ def generate(
     eos_id: int | None = None,
     use_cache: bool = True,
     compile: bool = False,
-    cache: StaticKVCache | None = None,
-) -> torch.Tensor:
-    """Continue ``prompt`` ((T,) or (B, T) token ids) by ``max_new_tokens``; returns (B, T + new).
+    cache=None,
+):
+    """Continue ``prompt`` by ``max_new_tokens`` tokens.
 
-    Sequences that emit ``eos_id`` are padded with it afterwards; generation stops early when all did.
-    ``use_cache=False`` recomputes the whole sequence every step (what module 03 measures against).
-    ``seed`` makes sampling reproducible on any device. With ``compile=True``, pass the same ``cache``
-    to every call: a new cache has new addresses, which costs a new CUDA-graph recording.
+    ``prompt``: token ids (T,) or a (B, T) tensor -> returns (B, T + new); or a list of B token lists
+    of different lengths -> returns a list of B tensors, each prompt followed by its new tokens. A
+    batch decodes together, each sequence at its own positions in one cache (see below), and each
+    sequence's greedy tokens are those it would get alone.
+
+    Sequences that emit ``eos_id`` are padded with it afterwards (a ragged batch's sequences end at
+    their own ``eos_id``); generation stops early when all did. ``use_cache=False`` recomputes the
+    whole sequence every step (what module 03 measures against). ``seed`` makes sampling reproducible
+    on any device. With ``compile=True``, pass the same ``cache`` to every call: a new cache has new
+    addresses, which costs a new CUDA-graph recording.
+
+    How a ragged batch works: prompts are right-padded to the longest and prefilled together at
+    positions 0..T_max-1; sequence b's first new token comes from the logits of its last real token,
+    and goes to position len_b, overwriting the padding there before anything attends to it; padding
+    further right is past the sequence's length, which attention never reads.
     """
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be a non-negative int, got {max_new_tokens!r}")
     _check_sampling(temperature, top_k, top_p)
     vocab_size = model.config.vocab_size
@@ -124,61 +154,71 @@ def generate(
     if not use_cache and (compile or cache is not None):
         raise ValueError("compile=True and cache= need use_cache=True")
     device = model.tok_embeddings.weight.device
-    tokens = _as_prompt(prompt, device)
-    batch, prompt_len = tokens.shape
-    total = prompt_len + max_new_tokens
+    tokens, lengths, ragged = _as_prompts(prompt, device)
+    batch, longest = tokens.shape
+    total = longest + max_new_tokens  # columns of the output buffer; sequence b uses len_b + new of them
     if total > model.config.max_seq_len:
         raise ValueError(
-            f"prompt ({prompt_len}) + max_new_tokens ({max_new_tokens}) = {total} exceeds max_seq_len "
+            f"prompt ({longest}) + max_new_tokens ({max_new_tokens}) = {total} exceeds max_seq_len "
             f"{model.config.max_seq_len}"
         )
     model._check_tokens(tokens)
     generator = None
     if seed is not None:
         generator = torch.Generator(device="cpu").manual_seed(seed)
-    if max_new_tokens == 0:
-        return tokens
 
-    out = torch.empty(batch, total, dtype=torch.long, device=device)
-    out[:, :prompt_len] = tokens
+    out = torch.zeros(batch, total, dtype=torch.long, device=device)
+    out[:, :longest] = tokens
+    rows = torch.arange(batch, device=device)
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
 
-    def emit(logits, t):
+    def finish(n_new):
+        """The output: each sequence's prompt and its first ``n_new`` new tokens."""
+        if not ragged:
+            return out[:, : longest + n_new]
+        return [out[b, : int(lengths[b]) + n_new] for b in range(batch)]
+
+    def emit(logits, step):
+        """Sample each sequence's next token from its logits (B, V); it goes to position len_b + step."""
         nonlocal finished
         nxt = sample_next(logits, temperature, top_k, top_p, generator)
         if eos_id is not None:
             nxt = torch.where(finished, torch.full_like(nxt, eos_id), nxt)
             finished = finished | (nxt == eos_id)
-        out[:, t] = nxt
+        out[rows, lengths + step] = nxt
+        return eos_id is not None and bool(finished.all())
+
+    if max_new_tokens == 0:
+        return finish(0)
 
     if not use_cache:
-        for t in range(prompt_len, total):
-            emit(model.forward_unchecked(out[:, :t])[:, -1], t)
-            if eos_id is not None and bool(finished.all()):
-                return out[:, : t + 1]
-        return out
+        for step in range(max_new_tokens):
+            logits = model.forward_unchecked(out[:, : longest + step])  # causal: padding never looks back
+            if emit(logits[rows, lengths + step - 1], step):
+                return finish(step + 1)
+        return finish(max_new_tokens)
 
     if cache is None:
         cache = StaticKVCache.for_model(model, batch, max_seq_len=total)
-    else:
-        model._check_positions(tokens, cache, 0)
-        if cache.max_seq_len < total:
-            raise ValueError(f"cache max_seq_len {cache.max_seq_len} < prompt + max_new_tokens = {total}")
+    model._check_positions(tokens, cache, 0)
+    model._check_positions(tokens[:, :1], cache, total - 1)  # the last step fits too
 
-    emit(model.forward_unchecked(tokens, cache, 0)[:, -1], prompt_len)  # prefill
+    logits = model.forward_unchecked(tokens, cache, 0)  # prefill: (B, T_max, V)
+    if emit(logits[rows, lengths - 1], 0):
+        return finish(1)
     if compile:
-        step = compiled_decode_step()
-        pos = torch.empty(1, dtype=torch.long, device=device)
+        step_fn = compiled_decode_step()
+        # fixed-address inputs, positions as a tensor: one CUDA graph serves every step
+        start_pos = torch.empty(batch, dtype=torch.long, device=device)
         token = torch.empty(batch, 1, dtype=torch.long, device=device)
-    for t in range(prompt_len + 1, total):
+    for step in range(1, max_new_tokens):
+        positions = lengths + step - 1  # (B,): where each sequence's latest token goes
         if compile:
-            # fixed-address inputs, position as a tensor: one graph serves every step
-            pos.fill_(t - 1)
-            token.copy_(out[:, t - 1 : t])
-            logits = step(model, cache, token, pos)
+            start_pos.copy_(positions)
+            token.copy_(out[rows, positions][:, None])
+            logits = step_fn(model, cache, token, start_pos)
         else:
-            logits = model.forward_unchecked(out[:, t - 1 : t], cache, t - 1)[:, -1]  # sees t entries
-        emit(logits, t)
-        if eos_id is not None and bool(finished.all()):
-            return out[:, : t + 1]
-    return out
+            logits = model.forward_unchecked(out[rows, positions][:, None], cache, positions)[:, -1]
+        if emit(logits, step):
+            return finish(step + 1)
+    return finish(max_new_tokens)

@@ -8,9 +8,12 @@ them each step costs O(T^2) work over a generation; caching them costs memory in
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 from torch import nn
 
+from .attention import decode_attention_unchecked
 from .grading import guard
 
 
@@ -85,6 +88,27 @@ def kv_cache_bytes_per_token(name: str, bytes_per_elem=2) -> int:
     return kv_cache_bytes(1, 1, s["n_layers"], s["n_kv_heads"], head_dim, bytes_per_elem)
 
 
+class KVCache(Protocol):
+    """What the model needs of a KV cache (static, paged, sink/window caches all implement it).
+
+    A forward pass with a cache gives each sequence b of the batch its own positions: row b of
+    ``positions`` (B, T) holds the consecutive positions of its T new tokens. Every layer then calls
+    ``update`` to store its keys and values there and get back what attention must see, and
+    ``attention`` to attend the queries to it; ``validate`` runs once per checked forward pass.
+    """
+
+    def validate(self, model, batch_size: int, end: int, dtype: torch.dtype, device: torch.device) -> None:
+        """Raise a clear error unless the cache fits ``model``, ``batch_size`` sequences, positions
+        below ``end`` (the largest position of the step + 1), and k/v of ``dtype`` on ``device``."""
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor):
+        """Store k/v ``(B, Hkv, T, D)`` of ``layer`` at ``positions`` ``(B, T)``; return
+        ``(keys, values, context_lens)``: what attention reads, and each sequence's length (B,) int32."""
+
+    def attention(self, q: torch.Tensor, keys, values, context_lens: torch.Tensor, impl: str = "auto") -> torch.Tensor:
+        """Attention of q ``(B, H, T, D)`` to what ``update`` returned: ``(B, H, T, D)``."""
+
+
 class StaticKVCache(nn.Module):
     """A preallocated cache: for each layer, K and V of shape (B, Hkv, max_seq_len, D).
 
@@ -156,10 +180,29 @@ class StaticKVCache(nn.Module):
     def nbytes(self) -> int:
         return sum(b.numel() * b.element_size() for b in self.buffers())
 
-    def update(self, layer: int, k_new, v_new, positions: torch.Tensor, visible: int | None):
-        """Store k/v_new (B, Hkv, T, D) at ``positions`` (T,) of ``layer``, after checking them all:
-        a clear error for a wrong shape or dtype, or a position outside [0, max_seq_len) (on a GPU
-        that check waits for the device). Returns what :meth:`write` returns.
+    def validate(self, model, batch_size: int, end: int, dtype: torch.dtype, device: torch.device) -> None:
+        """The cache protocol's once-per-forward check (see :class:`KVCache`)."""
+        cfg = model.config
+        expected = (cfg.n_layers, batch_size, cfg.n_kv_heads, cfg.head_dim)
+        got = (self.n_layers, self.batch_size, self.k0.shape[1], self.k0.shape[3])
+        if got != expected:
+            raise ValueError(
+                f"cache has (n_layers, batch, n_kv_heads, head_dim) = {got}, the model and tokens need {expected}"
+            )
+        if self.dtype != dtype:
+            raise TypeError(f"cache dtype {self.dtype} differs from the model's {dtype}")
+        if self.device != torch.device(device):
+            raise ValueError(f"cache ({self.device}) and model ({device}) must be on one device")
+        if end > self.max_seq_len:
+            raise ValueError(f"cache overflow: positions up to {end - 1} do not fit the cache's max_seq_len={self.max_seq_len}")
+
+    def update(self, layer: int, k_new, v_new, positions: torch.Tensor):
+        """Store k/v_new ``(B, Hkv, T, D)`` at ``positions`` ``(B, T)`` (each row consecutive) of ``layer``.
+
+        Returns ``(K, V, context_lens)``: the layer's whole buffers ``(B, Hkv, max_seq_len, D)`` and,
+        per sequence, how many of their positions attention may see (``positions[:, -1] + 1``, int32).
+        Shapes and dtypes are checked on every call; positions' values only when they are on the CPU
+        (on a GPU that would wait for the device every layer: ``Transformer.forward`` checks them once).
         """
         if k_new.shape != v_new.shape:
             raise ValueError(f"k and v must have the same shape, got {tuple(k_new.shape)} and {tuple(v_new.shape)}")
@@ -169,28 +212,35 @@ class StaticKVCache(nn.Module):
             raise ValueError(f"k/v must have shape ({b}, {h_kv}, T, {d}) for this cache, got {tuple(k_new.shape)}")
         if k_new.dtype != k_layer.dtype:
             raise TypeError(f"k/v dtype {k_new.dtype} differs from the cache's {k_layer.dtype}")
-        if positions.dim() != 1 or positions.shape[0] != k_new.shape[2]:
-            raise ValueError(f"positions must have shape ({k_new.shape[2]},), got {tuple(positions.shape)}")
-        if positions.numel() and not torch.compiler.is_compiling():
+        t = k_new.shape[2]
+        if not isinstance(positions, torch.Tensor) or positions.is_floating_point() or positions.shape != (b, t):
+            raise ValueError(f"positions must be an integer tensor of shape ({b}, {t}), got {positions!r:.80}")
+        if t == 0:
+            raise ValueError("a step must store at least one token (T >= 1)")
+        if positions.device.type == "cpu" and not torch.compiler.is_compiling():
             low, high = int(positions.min()), int(positions.max())
             if low < 0 or high >= s:
                 raise ValueError(f"cache overflow: positions must lie in [0, max_seq_len={s}), got {low} to {high}")
-        return self.write(layer, k_new, v_new, positions, visible)
+            if t > 1 and not bool((positions.diff(dim=1) == 1).all()):
+                raise ValueError("each row of positions must be consecutive (one step's tokens of one sequence)")
+        return self.write(layer, k_new, v_new, positions)
 
-    def write(self, layer: int, k_new, v_new, positions: torch.Tensor, visible: int | None):
-        """:meth:`update` without its checks, for ``Transformer.forward``, which has checked its positions
-        once for all layers: no per-layer checks and no device sync in the decode loop.
-
-        Returns the keys and values attention should see: the first ``visible`` positions, or the
-        whole buffer when ``visible`` is None (the caller then masks the unwritten tail).
-        """
+    def write(self, layer: int, k_new, v_new, positions: torch.Tensor):
+        """:meth:`update` without its checks: one indexed store per buffer, every sequence at its
+        own positions. Returns what :meth:`update` returns."""
         guard("kvcache.StaticKVCache")
         k_layer, v_layer = getattr(self, f"k{layer}"), getattr(self, f"v{layer}")  # (B, Hkv, S, D)
-        k_layer.index_copy_(2, positions, k_new)
-        v_layer.index_copy_(2, positions, v_new)
-        if visible is None:
-            return k_layer, v_layer
-        return k_layer[:, :, :visible], v_layer[:, :, :visible]
+        rows = torch.arange(k_layer.shape[0], device=positions.device)[:, None]  # (B, 1)
+        # Indexing dims 0 and 2 by (B, T) index tensors addresses a (B, T, Hkv, D) block.
+        k_layer[rows, :, positions] = k_new.transpose(1, 2)
+        v_layer[rows, :, positions] = v_new.transpose(1, 2)
+        context_lens = (positions[:, -1] + 1).to(torch.int32)  # (B,)
+        return k_layer, v_layer, context_lens
+
+    def attention(self, q, keys, values, context_lens, impl: str = "auto") -> torch.Tensor:
+        """Each sequence's queries attend to its first ``context_lens[b]`` positions:
+        :func:`attention.decode_attention` (the Triton split-K kernel on a GPU)."""
+        return decode_attention_unchecked(q, keys, values, context_lens, impl)
 
     def reset(self) -> None:
         for buffer in self.buffers():

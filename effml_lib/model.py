@@ -22,7 +22,7 @@ from torch import nn
 
 from .attention import Attention
 from .grading import guard
-from .kvcache import StaticKVCache
+from .kvcache import KVCache
 from .rope import rope_frequencies
 
 
@@ -113,21 +113,27 @@ class FeedForward(nn.Module):
 
 
 class Block(nn.Module):
-    """One pre-norm decoder block: x + attn(norm(x)), then h + ffn(norm(h))."""
+    """One pre-norm decoder block: x + attn(norm(x)), then h + ffn(norm(h)).
 
-    def __init__(self, cfg: ModelConfig):
+    ``ffn`` replaces the SwiGLU feed-forward by any module mapping (B, T, dim) to (B, T, dim): a
+    mixture of experts (module 09) is a block with another feed-forward, not another model.
+    """
+
+    def __init__(self, cfg: ModelConfig, ffn: nn.Module | None = None):
         super().__init__()
+        if ffn is not None and not isinstance(ffn, nn.Module):
+            raise TypeError(f"ffn must be an nn.Module mapping (B, T, dim) to (B, T, dim), got {type(ffn).__name__}")
         self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.attention = Attention(
             cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim,
             qkv_bias=cfg.qkv_bias, out_bias=cfg.attn_out_bias, impl=cfg.attn_impl,
         )
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.feed_forward = FeedForward(cfg.dim, cfg.hidden_dim, bias=cfg.mlp_bias)
+        self.feed_forward = FeedForward(cfg.dim, cfg.hidden_dim, bias=cfg.mlp_bias) if ffn is None else ffn
 
-    def forward(self, x, rope_cos, rope_sin, layer_cache=None, mask=None):
+    def forward(self, x, cos, sin, positions=None, cache=None, layer: int = 0):
         guard("model.Block")
-        h = x + self.attention(self.attention_norm(x), rope_cos, rope_sin, layer_cache, mask)
+        h = x + self.attention(self.attention_norm(x), cos, sin, positions, cache, layer)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -184,43 +190,28 @@ class Transformer(nn.Module):
             self._rope = (self._rope[0].to(device), self._rope[1].to(device))
         return self._rope
 
-    def forward(self, tokens: torch.Tensor, cache: StaticKVCache | None = None, start_pos: int = 0) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, cache: KVCache | None = None, start_pos=0) -> torch.Tensor:
         """tokens (B, T) int -> logits (B, T, vocab_size).
 
-        With a ``cache``, the tokens sit at positions ``start_pos .. start_pos+T-1``; their keys and
-        values are stored and the tokens attend to everything cached before them.
+        With a ``cache`` (any ``kvcache.KVCache``), sequence b's tokens sit at positions
+        ``start_pos[b] .. start_pos[b] + T - 1``; their keys and values are stored and each token
+        attends to everything its own sequence has cached before it. ``start_pos`` is an int (the
+        same for every sequence) or an integer tensor of B (or 1) start positions, so a batch of
+        sequences of different lengths decodes together.
         """
         self._check_tokens(tokens)
         self._check_positions(tokens, cache, start_pos)
         return self.forward_unchecked(tokens, cache, start_pos)
 
     def forward_unchecked(self, tokens, cache=None, start_pos=0):
-        """``forward`` without argument checks: no host-device syncs, so it can be compiled/graphed.
-
-        ``start_pos`` may be an int (attend to the cache's first start_pos+T entries) or a 0-d/1-element
-        integer tensor (attend to the whole preallocated cache under a mask: fixed shapes every step).
-        """
-        _, t = tokens.shape
-        device = tokens.device
-        cos, sin = self.rope_tables(device)
-        mask = None
-        if isinstance(start_pos, torch.Tensor):
-            positions = start_pos.reshape(1).to(device) + torch.arange(t, device=device)  # (T,)
-            if cache is not None:
-                key_pos = torch.arange(cache.max_seq_len, device=device)
-                mask = (key_pos[None, :] <= positions[:, None])[None, None]  # (1, 1, T, S)
-            visible = None
-        else:
-            positions = torch.arange(start_pos, start_pos + t, device=device)  # (T,)
-            visible = start_pos + t
-
-        rope_cos, rope_sin = cos[positions], sin[positions]  # (T, D/2): gathered once, used by every layer
+        """``forward`` without argument checks: no host-device syncs, so it can be compiled/graphed
+        (a tensor ``start_pos`` keeps the same shapes and addresses at every decode step)."""
+        b, t = tokens.shape
+        cos, sin = self.rope_tables(tokens.device)
+        positions = None if cache is None else step_positions(start_pos, b, t, tokens.device)  # (B, T)
         x = self.tok_embeddings(tokens)  # (B, T, dim)
         for i, layer in enumerate(self.layers):
-            layer_cache = None
-            if cache is not None:
-                layer_cache = lambda k, v, i=i: cache.write(i, k, v, positions, visible)  # noqa: E731
-            x = layer(x, rope_cos, rope_sin, layer_cache, mask)
+            x = layer(x, cos, sin, positions, cache, i)
         return self.output(self.norm(x))  # (B, T, vocab_size)
 
     def _check_tokens(self, tokens):
@@ -239,38 +230,40 @@ class Transformer(nn.Module):
     def _check_positions(self, tokens, cache, start_pos):
         b, t = tokens.shape
         if isinstance(start_pos, torch.Tensor):
-            if start_pos.numel() != 1 or start_pos.is_floating_point():
-                raise ValueError(f"a tensor start_pos must hold one integer, got {start_pos!r}")
-            start_pos = int(start_pos.reshape(-1)[0])
-        if not isinstance(start_pos, int) or start_pos < 0:
-            raise ValueError(f"start_pos must be a non-negative int, got {start_pos!r}")
-        if start_pos + t > self.config.max_seq_len:
+            if start_pos.is_floating_point() or start_pos.dtype == torch.bool or start_pos.numel() not in (1, b) \
+                    or start_pos.dim() > 1:
+                raise ValueError(f"a tensor start_pos must hold 1 or B={b} integers (one per sequence), got {start_pos!r:.80}")
+            first, last = int(start_pos.min()), int(start_pos.max())
+        elif isinstance(start_pos, int) and not isinstance(start_pos, bool):
+            first = last = start_pos
+        else:
+            raise ValueError(f"start_pos must be an int or an integer tensor of start positions, got {start_pos!r}")
+        if first < 0:
+            raise ValueError(f"start_pos must be >= 0, got {first}")
+        if last + t > self.config.max_seq_len:
             raise ValueError(
-                f"sequence of {start_pos + t} tokens (start_pos={start_pos} + {t}) exceeds the model's "
+                f"sequence of {last + t} tokens (start_pos={last} + {t}) exceeds the model's "
                 f"max_seq_len={self.config.max_seq_len}"
             )
         if cache is None:
-            if start_pos:
+            if last:
                 raise ValueError("start_pos > 0 needs a cache holding the earlier tokens")
             return
-        if not isinstance(cache, StaticKVCache):
-            raise TypeError(f"cache must be a kvcache.StaticKVCache, got {type(cache).__name__}")
-        cfg = self.config
-        expected = (cfg.n_layers, b, cfg.n_kv_heads, cfg.head_dim)
-        got = (cache.shape[0], cache.shape[1], cache.shape[2], cache.shape[4])
-        if got != expected:
-            raise ValueError(
-                f"cache has (n_layers, batch, n_kv_heads, head_dim) = {got}, the model and tokens need {expected}"
-            )
-        weight = self.layers[0].attention.wk.weight
-        if cache.dtype != weight.dtype:
-            raise TypeError(f"cache dtype {cache.dtype} differs from the model's {weight.dtype}")
-        if cache.device != tokens.device or weight.device != tokens.device:
-            raise ValueError(
-                f"cache ({cache.device}), model ({weight.device}) and tokens ({tokens.device}) must be on one device"
-            )
-        if start_pos + t > cache.max_seq_len:
-            raise ValueError(
-                f"cache overflow: {start_pos + t} tokens (start_pos={start_pos} + {t}) do not fit the cache's "
-                f"max_seq_len={cache.max_seq_len}"
-            )
+        for method in ("validate", "update", "attention"):
+            if not callable(getattr(cache, method, None)):
+                raise TypeError(f"cache must implement the kvcache.KVCache protocol (validate, update, attention); "
+                                f"{type(cache).__name__} has no {method}()")
+        weight = self.tok_embeddings.weight
+        if weight.device != tokens.device:
+            raise ValueError(f"model ({weight.device}) and tokens ({tokens.device}) must be on one device")
+        cache.validate(self, b, last + t, self.layers[0].attention.wk.weight.dtype, tokens.device)
+
+
+def step_positions(start_pos, batch_size: int, seq_len: int, device) -> torch.Tensor:
+    """(B, T) positions of a step's tokens: row b is ``start_pos[b] .. start_pos[b] + T - 1``."""
+    offsets = torch.arange(seq_len, device=device)  # (T,)
+    if isinstance(start_pos, torch.Tensor):
+        start = start_pos.reshape(-1, 1).to(device=device, dtype=torch.long)  # (B or 1, 1)
+    else:
+        start = torch.full((1, 1), start_pos, dtype=torch.long, device=device)
+    return (start + offsets).expand(batch_size, seq_len)

@@ -177,7 +177,12 @@ def apply_rope_qk(
             raise ValueError(f"q and k must be on one device, got {q.device} and {k.device}")
     _check_tables(cos, sin, q.shape[-1])
     _check_positions(positions, q.shape[0], q.shape[2], cos.shape[0])
+    return apply_rope_qk_unchecked(q, k, cos, sin, positions, interleaved, impl)
 
+
+def apply_rope_qk_unchecked(q, k, cos, sin, positions=None, interleaved=False, impl="auto"):
+    """:func:`apply_rope_qk` without its checks, for ``Transformer.forward``, which has checked its
+    positions once for all layers: no per-layer device sync in the decode loop."""
     impl = resolve_impl(impl, q.device) if not (impl == "auto" and torch.compiler.is_compiling()) else "torch"
     cos, sin = cos.to(q.device, torch.float32), sin.to(q.device, torch.float32)
     if positions is not None:

@@ -118,3 +118,43 @@ def test_gpu_tile_sizes_fit_shared_memory(dtype, head_dim, q_len, gen):
     got = decode_attention(q, k, v, context_lens, impl="triton")
     expected = decode_attention(q.double(), k.double(), v.double(), context_lens, impl="torch")
     assert_close(got, expected, dtype, what=f"kernel at head_dim {head_dim}, {q_len} queries")
+
+
+@pytest.mark.parametrize("h,h_kv,tq", [(4, 4, 1), (8, 2, 3)], ids=["mha", "gqa_3_queries"])
+def test_sdpa_impl_matches_reference(h, h_kv, tq, gen):
+    q, k, v = make(3, h, h_kv, tq, 40, 16, torch.float32, gen)
+    context_lens = torch.tensor([40, tq, 17])
+    assert_close(decode_attention(q, k, v, context_lens, impl="sdpa"),
+                 slow_decode_attention(q, k, v, context_lens), torch.float32, what="decode attention through SDPA")
+
+
+class TritonDecodeCache:
+    """The static cache, its attention forced onto the Triton kernel (the interpreter on a CPU)."""
+
+    def __new__(cls, *args, **kwargs):
+        from effml_lib.kvcache import StaticKVCache
+
+        class _Cache(StaticKVCache):
+            def attention(self, q, keys, values, context_lens, impl="auto"):
+                return super().attention(q, keys, values, context_lens, "triton")
+
+        return _Cache.for_model(*args, **kwargs)
+
+
+@kernel
+def test_model_decodes_a_ragged_batch_through_the_kernel(gen):
+    """Prefill and per-sequence decode steps of the model, attention by the Triton kernel (through
+    the custom operator the compiled decode step uses), equal the model's own logits of each sequence."""
+    from test_model import small_model
+
+    model = small_model(dim=64, n_heads=4, n_kv_heads=2).to(DEVICE)  # head_dim 16, the kernel's minimum
+    long, short = (torch.randint(0, 97, (1, n), generator=gen).to(DEVICE) for n in (9, 6))
+    cache = TritonDecodeCache(model, batch_size=2, max_seq_len=12)
+    with torch.no_grad():
+        # right-padded prefill (sequence 1's real tokens are its first 5), then one step each at its own position
+        padded = torch.cat([long[:, :8], torch.cat([short[:, :5], torch.zeros(1, 3, dtype=torch.long, device=DEVICE)], 1)])
+        model(padded, cache, 0)
+        token = torch.stack([long[0, 8], short[0, 5]])[:, None]
+        step = model(token, cache, torch.tensor([8, 5], device=DEVICE))[:, 0]  # (2, V)
+        assert_close(step[0], model(long)[0, 8], what="sequence 0's step through the kernel")
+        assert_close(step[1], model(short)[0, 5], what="sequence 1's step through the kernel")

@@ -23,11 +23,42 @@ def test_greedy_with_cache_equals_naive_loop(n_kv_heads, gen):
     assert torch.equal(generate(model, prompt, 25, use_cache=False), naive_greedy(model, prompt, 25))
 
 
-@pytest.mark.slow
-def test_compiled_decode_equals_eager(gen):
+RAGGED = [[5, 17, 90, 3, 12, 40, 8], [60, 14], [7, 7, 7, 7], [33]]
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_ragged_batch_greedy_equals_each_prompt_alone(use_cache):
+    model = small_model(n_kv_heads=2)
+    got = generate(model, RAGGED, 12, use_cache=use_cache)
+    assert isinstance(got, list) and len(got) == len(RAGGED), "a list of prompts gives a list of sequences"
+    for prompt, seq in zip(RAGGED, got):
+        alone = naive_greedy(model, torch.tensor([prompt]), 12)[0]
+        assert torch.equal(seq, alone), f"prompt of length {len(prompt)}: batched {seq.tolist()} != alone {alone.tolist()}"
+
+
+def test_ragged_batch_sampling_is_seeded_and_each_sequence_ends_at_its_eos():
     model = small_model()
-    prompt = torch.randint(0, 97, (1, 5), generator=gen)
-    assert torch.equal(generate(model, prompt, 12, compile=True), generate(model, prompt, 12))
+    a = generate(model, RAGGED, 10, temperature=1.0, seed=3)
+    assert all(torch.equal(x, y) for x, y in zip(a, generate(model, RAGGED, 10, temperature=1.0, seed=3)))
+    greedy = generate(model, RAGGED, 10)
+    eos = int(greedy[1][len(RAGGED[1]) + 2])  # sequence 1's third new token
+    out = generate(model, RAGGED, 10, eos_id=eos)
+    for prompt, full, ended in zip(RAGGED, greedy, out):
+        new = full[len(prompt):].tolist()
+        if eos in new:  # stops at its first eos, padded with it afterwards
+            first = new.index(eos)
+            assert ended[len(prompt):len(prompt) + first + 1].tolist() == new[: first + 1]
+            assert (ended[len(prompt) + first:] == eos).all()
+        else:
+            assert ended.tolist()[: len(full)] == full.tolist()[: len(ended)]
+
+
+@pytest.mark.slow
+def test_compiled_decode_equals_eager():
+    """torch.compile of the decode step (CUDA graphs on a GPU) gives the eager tokens, ragged batch included."""
+    model = small_model()
+    compiled = generate(model, RAGGED, 8, compile=True)
+    assert all(torch.equal(c, e) for c, e in zip(compiled, generate(model, RAGGED, 8)))
 
 
 def test_seeded_sampling_is_reproducible_and_varies_with_seed(gen):
@@ -95,8 +126,10 @@ def test_sampling_argument_errors():
     model = small_model()
     with pytest.raises(TypeError, match="integer token ids"):
         generate(model, [1.7, 2.9], 2)
-    with pytest.raises(TypeError, match="list of int token ids"):
-        generate(model, [[1, 2], [3]], 2)
+    with pytest.raises(TypeError, match="integer token ids"):
+        generate(model, [[1, 2], [3.5]], 2)
+    with pytest.raises(ValueError, match="T >= 1"):
+        generate(model, [[1, 2], []], 2)
     with pytest.raises(ValueError, match="eos_id"):
         generate(model, [1, 2], 2, eos_id=999)
     with pytest.raises(ValueError, match="temperature"):

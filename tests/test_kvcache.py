@@ -62,13 +62,17 @@ def test_lecture_figures():
         kv_cache_bytes_per_token("gpt-5")
 
 
-def test_update_writes_at_positions_and_returns_visible_prefix(gen):
-    cache = StaticKVCache(n_layers=2, batch_size=1, max_seq_len=6, n_kv_heads=1, head_dim=2)
-    k = torch.randn(1, 1, 3, 2, generator=gen)
-    k_all, v_all = cache.update(1, k, -k, torch.tensor([0, 1, 2]), visible=3)
-    assert torch.equal(k_all, k) and torch.equal(v_all, -k)
-    k_all, _ = cache.update(1, k[:, :, :1] * 5, k[:, :, :1], torch.tensor([3]), visible=4)
-    assert torch.equal(k_all[:, :, 3], 5 * k[:, :, 0]) and k_all.shape[2] == 4
+def test_update_writes_each_sequence_at_its_positions_and_returns_lengths(gen):
+    cache = StaticKVCache(n_layers=2, batch_size=2, max_seq_len=8, n_kv_heads=1, head_dim=2)
+    k = torch.randn(2, 1, 3, 2, generator=gen)
+    k_all, v_all, lens = cache.update(1, k, -k, torch.tensor([[0, 1, 2], [4, 5, 6]]))
+    assert k_all.shape == (2, 1, 8, 2), "update returns the layer's whole buffers"
+    assert torch.equal(k_all[0, :, :3], k[0]) and torch.equal(v_all[0, :, :3], -k[0])
+    assert torch.equal(k_all[1, :, 4:7], k[1]) and k_all[1, :, :4].abs().sum() == 0, "sequence 1 sits at 4..6"
+    assert lens.dtype == torch.int32 and lens.tolist() == [3, 7], "each sequence's length: last position + 1"
+    k_all, _, lens = cache.update(1, k[:, :, :1] * 5, k[:, :, :1], torch.tensor([[3], [7]]))
+    assert torch.equal(k_all[0, :, 3], 5 * k[0, :, 0]) and torch.equal(k_all[1, :, 7], 5 * k[1, :, 0])
+    assert lens.tolist() == [4, 8]
     assert cache.layer(0)[0].abs().sum() == 0, "another layer must stay untouched"
 
 
@@ -84,17 +88,21 @@ def test_bad_arguments():
     cache = StaticKVCache(2, 1, 4, 1, 2)
     k = torch.zeros(1, 1, 1, 2)
     with pytest.raises(ValueError, match=r"layer must be an int in \[0, 2\)"):
-        cache.update(5, k, k, torch.tensor([0]), visible=1)
+        cache.update(5, k, k, torch.tensor([[0]]))
     with pytest.raises(ValueError, match="shape"):
-        cache.update(0, torch.zeros(1, 3, 1, 2), torch.zeros(1, 3, 1, 2), torch.tensor([0]), visible=1)
+        cache.update(0, torch.zeros(1, 3, 1, 2), torch.zeros(1, 3, 1, 2), torch.tensor([[0]]))
     with pytest.raises(TypeError, match="dtype"):
-        cache.update(0, k.half(), k.half(), torch.tensor([0]), visible=1)
+        cache.update(0, k.half(), k.half(), torch.tensor([[0]]))
+    with pytest.raises(ValueError, match=r"positions must be an integer tensor of shape \(1, 1\)"):
+        cache.update(0, k, k, torch.tensor([0]))  # (T,) is not per sequence
+    with pytest.raises(ValueError, match="consecutive"):
+        cache.update(0, torch.zeros(1, 1, 2, 2), torch.zeros(1, 1, 2, 2), torch.tensor([[0, 2]]))
 
 
 def test_update_past_the_end_is_a_clear_error():
     cache = StaticKVCache(n_layers=1, batch_size=1, max_seq_len=4, n_kv_heads=1, head_dim=2)
     k = torch.zeros(1, 1, 2, 2)
     with pytest.raises(ValueError, match=r"cache overflow: positions must lie in \[0, max_seq_len=4\), got 3 to 4"):
-        cache.update(0, k, k, torch.tensor([3, 4]), visible=None)
+        cache.update(0, k, k, torch.tensor([[3, 4]]))
     with pytest.raises(ValueError, match="cache overflow"):
-        cache.update(0, k, k, torch.tensor([-1, 0]), visible=None)
+        cache.update(0, k, k, torch.tensor([[-1, 0]]))

@@ -46,16 +46,77 @@ def test_cached_forward_equals_full_forward(n_kv_heads, gen):
     torch.testing.assert_close(stepped, full, atol=1e-5, rtol=1e-5)
 
 
-def test_tensor_start_pos_over_full_cache_matches(gen):
-    """The compile-friendly path (whole cache under a mask) equals the sliced path."""
+def test_per_sequence_start_positions_equal_each_sequence_alone(gen):
+    """Two sequences of different lengths in one cache, each at its own positions, give each
+    sequence's own logits (as computed alone, without a cache)."""
     model = small_model()
-    tokens = torch.randint(0, 97, (1, 12), generator=gen)
-    cache = StaticKVCache.for_model(model, batch_size=1)
+    long, short = torch.randint(0, 97, (1, 14), generator=gen), torch.randint(0, 97, (1, 9), generator=gen)
+    cache = StaticKVCache.for_model(model, batch_size=2, max_seq_len=20)
+    with torch.no_grad():
+        prompts = torch.cat([long[:, :10], torch.cat([short[:, :5], torch.zeros(1, 5, dtype=torch.long)], 1)])
+        model(prompts, cache, 0)  # prefill, right-padded: row 1's real tokens are its first 5
+        steps = []
+        for i in range(4):  # row 0 decodes positions 10..13, row 1 positions 5..8
+            token = torch.stack([long[0, 10 + i], short[0, 5 + i]])[:, None]  # (2, 1)
+            steps.append(model(token, cache, torch.tensor([10 + i, 5 + i]))[:, 0])
+        stepped = torch.stack(steps, dim=1)  # (2, 4, V)
+        torch.testing.assert_close(stepped[0], model(long)[0, 10:14], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(stepped[1], model(short)[0, 5:9], atol=1e-5, rtol=1e-5)
+
+
+def test_stale_cache_entries_past_a_sequence_are_ignored(gen):
+    """Attention reads each sequence's cache only up to its own length: what lies past it (padding,
+    an earlier longer generation) changes nothing."""
+    model = small_model()
+    tokens = torch.randint(0, 97, (1, 8), generator=gen)
+    clean = StaticKVCache.for_model(model, batch_size=1, max_seq_len=16)
+    stale = StaticKVCache.for_model(model, batch_size=1, max_seq_len=16)
+    for buffer in stale.buffers():
+        buffer.normal_(0, 100.0, generator=gen)
+    with torch.no_grad():
+        expected = model(tokens, clean, 0)
+        got = model(tokens, stale, 0)
+    torch.testing.assert_close(got, expected)
+
+
+def test_tensor_start_pos_of_one_element_applies_to_every_sequence(gen):
+    model = small_model()
+    tokens = torch.randint(0, 97, (2, 12), generator=gen)
+    cache = StaticKVCache.for_model(model, batch_size=2)
     with torch.no_grad():
         full = model(tokens)
         model(tokens[:, :8], cache, 0)
         rows = [model.forward_unchecked(tokens[:, t : t + 1], cache, torch.tensor([t])) for t in range(8, 12)]
     torch.testing.assert_close(torch.cat(rows, 1), full[:, 8:], atol=1e-5, rtol=1e-5)
+
+
+class RecordingCache(StaticKVCache):
+    """A cache that records what the model asks of it through the protocol."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.calls = []
+
+    def update(self, layer, k, v, positions):
+        self.calls.append(("update", layer, positions.clone()))
+        return super().update(layer, k, v, positions)
+
+    def attention(self, q, keys, values, context_lens, impl="auto"):
+        self.calls.append(("attention", q.shape[2], context_lens.clone()))
+        return super().attention(q, keys, values, context_lens, impl)
+
+
+def test_model_uses_the_cache_only_through_its_protocol(gen):
+    model = small_model()
+    cache = RecordingCache(2, 2, 16, 2, 8)
+    with torch.no_grad():
+        model(torch.randint(0, 97, (2, 1), generator=gen), cache, torch.tensor([3, 6]))
+    updates = [c for c in cache.calls if c[0] == "update"]
+    attends = [c for c in cache.calls if c[0] == "attention"]
+    assert [c[1] for c in updates] == [0, 1], "one update per layer, in order"
+    assert all(torch.equal(c[2], torch.tensor([[3], [6]])) for c in updates), "positions (B, T) per sequence"
+    assert all(torch.equal(c[2], torch.tensor([4, 7], dtype=torch.int32)) for c in attends), \
+        "each sequence attends to its own length: its position + 1"
 
 
 def test_tied_embeddings_share_one_tensor_and_count_once():
@@ -103,8 +164,12 @@ def test_wrong_cache_raises():
         model(tokens, StaticKVCache.for_model(model, batch_size=2, dtype=torch.float16))
     with pytest.raises(ValueError, match="overflow"):
         model(tokens, StaticKVCache.for_model(model, batch_size=2, max_seq_len=4), start_pos=2)
-    with pytest.raises(TypeError, match="StaticKVCache"):
+    with pytest.raises(TypeError, match="KVCache protocol"):
         model(tokens, cache={"k": None})
+    with pytest.raises(ValueError, match="overflow"):
+        model(tokens, StaticKVCache.for_model(model, batch_size=2, max_seq_len=8), start_pos=torch.tensor([0, 6]))
+    with pytest.raises(ValueError, match="one per sequence"):
+        model(tokens, StaticKVCache.for_model(model, batch_size=2), start_pos=torch.tensor([0, 1, 2]))
     if torch.device("meta") != tokens.device:
         with pytest.raises(ValueError, match="one device"):
             model(tokens, StaticKVCache.for_model(model, batch_size=2, device="meta"))

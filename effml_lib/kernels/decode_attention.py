@@ -203,3 +203,17 @@ def decode_attention_triton(
         GROUP=group, HEAD_DIM=head_dim, BLOCK_S=min(32, triton.next_power_of_2(splits)), BLOCK_D=block_d,
     )
     return out
+
+
+# torch.compile cannot trace into a Python launcher that asks the device for its SM count, so the
+# model calls the kernel as an opaque custom operator: compiled code (and its CUDA graph) launches
+# it as it is, and the compiler only needs its output's shape, which the "fake" below gives.
+@torch.library.custom_op("effml::decode_attention", mutates_args=())
+def decode_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, context_lens: torch.Tensor) -> torch.Tensor:
+    """``decode_attention_triton`` with its default tuning, as a custom operator."""
+    return decode_attention_triton(q, k, v, context_lens)
+
+
+@decode_attention_op.register_fake
+def _(q, k, v, context_lens):
+    return torch.empty_like(q)
