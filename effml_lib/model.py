@@ -13,6 +13,7 @@ course's own ``effml-tiny`` models (``checkpoints.pretrained``).
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import math
 from dataclasses import dataclass
 
@@ -267,3 +268,39 @@ def step_positions(start_pos, batch_size: int, seq_len: int, device) -> torch.Te
     else:
         start = torch.full((1, 1), start_pos, dtype=torch.long, device=device)
     return (start + offsets).expand(batch_size, seq_len)
+
+
+def replace_linears(model: nn.Module, replace, targets=None) -> list[str]:
+    """Swap chosen ``nn.Linear`` layers of ``model`` for other modules, in place; returns their names.
+
+    ``replace(name, linear) -> nn.Module`` builds each replacement (a quantized linear, a linear with
+    a LoRA adapter, ...), which must map the same (..., in_features) inputs to (..., out_features).
+    ``targets``: None means every linear layer of the decoder blocks (attention and feed-forward
+    projections; not the LM head, whose weight may be the tied embedding). Otherwise an iterable of
+    patterns, each matched against a module's full name (``fnmatch``, e.g. ``"layers.*.attention.wq"``)
+    or its last part (``"wq"``); a pattern that matches no linear layer is an error, so a typo
+    cannot silently leave a model unchanged.
+    """
+    if not callable(replace):
+        raise TypeError(f"replace must be a callable (name, linear) -> nn.Module, got {type(replace).__name__}")
+    if isinstance(targets, str):
+        targets = (targets,)
+    linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    if targets is None:
+        chosen = [name for name in linears if name.startswith("layers.")]
+    else:
+        patterns = list(targets)
+        chosen = [name for name in linears
+                  if any(fnmatch.fnmatchcase(name, p) or name.rsplit(".", 1)[-1] == p for p in patterns)]
+        for p in patterns:
+            if not any(fnmatch.fnmatchcase(name, p) or name.rsplit(".", 1)[-1] == p for name in linears):
+                examples = sorted({name.rsplit(".", 1)[-1] for name in linears})
+                raise ValueError(f"target {p!r} matches no nn.Linear of the model; its linear layers are named "
+                                 f"{examples} (last part) or like {next(iter(linears), '-')!r} (full name)")
+    for name in chosen:
+        new = replace(name, linears[name])
+        if not isinstance(new, nn.Module):
+            raise TypeError(f"replace({name!r}, linear) must return an nn.Module, got {type(new).__name__}")
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, new)
+    return chosen

@@ -194,3 +194,66 @@ def test_set_rope_changes_positions_not_weights(gen):
         torch.testing.assert_close(model(tokens), before)  # undone: same weights, same logits
     with pytest.raises(ValueError, match="factor"):
         model.set_rope(scaling={"type": "ntk", "factor": 0.5})
+
+
+class Doubled(torch.nn.Module):
+    """Twice what the wrapped module gives: a swap whose effect is known exactly."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return 2 * self.inner(x)
+
+
+def test_block_takes_its_feed_forward_as_a_module(gen):
+    from effml_lib.model import Block, FeedForward
+
+    cfg = small_model().config
+    plain = Block(cfg)
+    swapped = Block(cfg, ffn=Doubled(plain.feed_forward))
+    swapped.load_state_dict({k.replace("feed_forward.", "feed_forward.inner."): v for k, v in plain.state_dict().items()})
+    x = torch.randn(2, 5, cfg.dim, generator=gen)
+    cos, sin = small_model().rope_tables("cpu")
+    with torch.no_grad():
+        h = x + plain.attention(plain.attention_norm(x), cos, sin)
+        expected = h + 2 * plain.feed_forward(plain.ffn_norm(h))
+        torch.testing.assert_close(swapped(x, cos, sin), expected)
+    assert isinstance(Block(cfg).feed_forward, FeedForward), "without ffn, the SwiGLU feed-forward"
+    with pytest.raises(TypeError, match="ffn must be an nn.Module"):
+        Block(cfg, ffn=lambda x: x)
+
+
+def test_replace_linears_by_pattern_on_the_course_model(gen):
+    from effml_lib.checkpoints import pretrained
+    from effml_lib.model import replace_linears
+
+    model = pretrained("effml-tiny")
+    tokens = torch.randint(0, model.config.vocab_size, (1, 16), generator=gen)
+    with torch.no_grad():
+        before = model(tokens)
+    n = model.config.n_layers
+    names = replace_linears(model, lambda name, linear: Doubled(linear), targets=("wq", "layers.*.attention.wv"))
+    assert names == [f"layers.{i}.attention.{w}" for i in range(n) for w in ("wq", "wv")]
+    assert all(isinstance(b.attention.wq, Doubled) and isinstance(b.attention.wk, torch.nn.Linear) for b in model.layers)
+    with torch.no_grad():
+        assert not torch.allclose(model(tokens), before, atol=1e-3), "doubled q and v projections change the logits"
+    with pytest.raises(ValueError, match="'wq' matches no nn.Linear"):
+        replace_linears(model, lambda name, linear: linear, targets=("wq",))  # every wq is a Doubled now
+
+
+def test_replace_linears_defaults_to_every_block_projection_and_checks_its_arguments():
+    from effml_lib.model import replace_linears
+
+    model = small_model(tie_embeddings=True)
+    seen = replace_linears(model, lambda name, linear: linear)  # identity: only the names matter
+    per_layer = ["attention.wq", "attention.wk", "attention.wv", "attention.wo",
+                 "feed_forward.w1", "feed_forward.w2", "feed_forward.w3"]
+    assert seen == [f"layers.{i}.{p}" for i in range(2) for p in per_layer], "not the (tied) LM head"
+    with pytest.raises(ValueError, match="'wqq' matches no nn.Linear"):
+        replace_linears(model, lambda name, linear: linear, targets=["wqq"])
+    with pytest.raises(TypeError, match="must return an nn.Module"):
+        replace_linears(model, lambda name, linear: None, targets="output")
+    with pytest.raises(TypeError, match="replace must be a callable"):
+        replace_linears(model, None)
