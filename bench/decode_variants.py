@@ -1,11 +1,19 @@
-"""Exploration: which compiled-decode variant gets closest to the bandwidth bound (GPU only).
+"""Exploration: which compiled-decode variant gets closest to the bandwidth bound, and where a
+decode step's time goes (GPU only).
 
-    python bench/decode_variants.py --variants base,cdt
+    python bench/decode_variants.py --variants kernel,sdpa,fused
 
-Builds a Llama-2-7B-shaped model with random bf16 weights and times ``generate(compile=True)``
-under each variant (base: inductor defaults; cdt: coordinate-descent tuning of the generated
-kernels, the library's default), then profiles the last one and prints its top kernels.
-Variants tried and dropped: concatenating q/k/v and gate/up weights (no gain once tuned).
+Builds a Llama-2-7B-shaped model with random bf16 weights and times ``generate(compile=True)`` under
+each variant:
+  kernel  the library's default: attention by the split-K Triton decode kernel (a custom op that
+          the CUDA graph launches as it is), inductor with coordinate-descent tuning
+  sdpa    attention by SDPA under a per-sequence mask over the whole static cache (the path before
+          the cache protocol), everything else the same
+  fused   the default with q/k/v and gate/up weights concatenated: one matrix-vector product each
+          instead of three and two (fewer, larger kernels per layer)
+Then it profiles 32 compiled steps of each and reports the GPU time of kernels per token against
+the wall time per token (the rest is the GPU idle between kernels) and the top kernels.
+Results: bench/results/<device>/decode_variants.json.
 """
 
 from __future__ import annotations
@@ -13,19 +21,22 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import types
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from decode import bytes_per_token, decode_rate, device_slug  # noqa: E402
 
-from effml_lib import decoding  # noqa: E402
+from effml_lib import attention, decoding  # noqa: E402
 from effml_lib.kvcache import MODEL_SHAPES, StaticKVCache  # noqa: E402
 from effml_lib.measure import copy_bandwidth, save_result  # noqa: E402
 from effml_lib.model import ModelConfig, Transformer  # noqa: E402
+from effml_lib.rope import apply_rope_qk_unchecked  # noqa: E402
 
 
 def random_model(config, device, dtype):
@@ -42,50 +53,108 @@ def random_model(config, device, dtype):
     return model.eval()
 
 
-def set_variant(name):
-    """Install the compiled decode step for a variant: the library's options, with or without tuning."""
-    import torch._inductor.config as inductor
+def _fused_attention_forward(self, x, cos, sin, positions=None, cache=None, layer=0):
+    b, t, _ = x.shape
+    q, k, v = F.linear(x, self.wqkv).split(self.qkv_sizes, dim=-1)
+    q = q.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
+    k = k.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+    v = v.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+    q, k = apply_rope_qk_unchecked(q, k, cos, sin, positions)
+    keys, values, lens = cache.update(layer, k, v, positions)
+    out = cache.attention(q, keys, values, lens, impl=self.impl)
+    return self.wo(out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
 
+
+def _fused_ffn_forward(self, x):
+    gate, up = F.linear(x, self.w13).chunk(2, dim=-1)
+    return self.w2(F.silu(gate) * up)
+
+
+def fuse_projections(model):
+    """A decode-only variant: each layer's q/k/v (and gate/up) weights as one concatenated matrix."""
+    for block in model.layers:
+        att, ffn = block.attention, block.feed_forward
+        att.wqkv = torch.cat([att.wq.weight, att.wk.weight, att.wv.weight]).detach()
+        att.qkv_sizes = [att.wq.out_features, att.wk.out_features, att.wv.out_features]
+        att.forward = types.MethodType(_fused_attention_forward, att)
+        ffn.w13 = torch.cat([ffn.w1.weight, ffn.w3.weight]).detach()
+        ffn.forward = types.MethodType(_fused_ffn_forward, ffn)
+    return model
+
+
+def compile_step():
+    """A fresh compiled decode step with the library's options."""
     torch._dynamo.reset()
-    inductor.triton.unique_kernel_names = True
-    options = {"triton.cudagraphs": True, "coordinate_descent_tuning": name == "cdt"}
-    decoding._compiled_decode_step = torch.compile(decoding.decode_step, fullgraph=True, options=options)
+    decoding._compiled_decode_step = None
+    return decoding.compiled_decode_step()
+
+
+def profile_step(run, n_tokens: int) -> dict:
+    """Kernels' GPU time per token vs wall time per token, over ``n_tokens`` compiled steps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+        start = time.perf_counter()
+        run(n_tokens)
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - start
+    events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    gpu_us = sum(e.self_device_time_total for e in events)
+    top = sorted(events, key=lambda e: -e.self_device_time_total)[:12]
+    return {
+        "wall_us_per_token": wall / n_tokens * 1e6,
+        "kernel_us_per_token": gpu_us / n_tokens,
+        "top_kernels": [{"name": e.key[:90], "us_per_token": e.self_device_time_total / n_tokens,
+                         "calls_per_token": e.count / n_tokens} for e in top],
+    }
 
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--variants", default="base,cdt")
+    p.add_argument("--variants", default="kernel,sdpa,fused")
     p.add_argument("--new-tokens", type=int, default=256)
     p.add_argument("--prompt-len", type=int, default=32)
+    p.add_argument("--reps", type=int, default=3)
     p.add_argument("--out", default=None, help="default: bench/results/<device>")
     args = p.parse_args()
     device = torch.device("cuda")
     config = ModelConfig(**MODEL_SHAPES["llama-2-7b"], max_seq_len=args.prompt_len + args.new_tokens, norm_eps=1e-5)
     bandwidth = copy_bandwidth(device, nbytes=2 * 2**30)
-    model = random_model(config, device, torch.bfloat16)
+    print(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s", flush=True)
     prompt = torch.randint(0, config.vocab_size, (1, args.prompt_len), device=device)
-    cache = StaticKVCache.for_model(model, 1)
-    b = bytes_per_token(config, 2, 0, cached_len=config.max_seq_len)["total"]
-    results = {}
+    b = bytes_per_token(config, 2, args.prompt_len + args.new_tokens / 2)["total"]
+    results, reference = {}, None
     for name in args.variants.split(","):
-        set_variant(name)
+        model = random_model(config, device, torch.bfloat16)
+        if name == "fused":
+            fuse_projections(model)
+        attention.TRITON_MAX_ROWS = 0 if name == "sdpa" else 64  # 0: auto never picks the kernel
+        cache = StaticKVCache.for_model(model, 1)
+        compile_step()
+        run = lambda n: decoding.generate(model, prompt, n, cache=cache, compile=True)  # noqa: E731
         start = time.perf_counter()
-        r = decode_rate(lambda n: decoding.generate(model, prompt, n, cache=cache, compile=True), args.new_tokens, device, 3)
+        r = decode_rate(run, args.new_tokens, device, args.reps)
+        tokens = run(64)
+        reference = tokens if reference is None else reference
+        r["same_tokens_as_first_variant"] = bool(torch.equal(tokens, reference))
         r["fraction_of_copy_bandwidth"] = r["tokens_per_s"] * b / bandwidth
+        r["profile"] = profile_step(run, 64)
         r["seconds"] = time.perf_counter() - start
         results[name] = r
-        print(f"{name:8s} {r['tokens_per_s']:7.1f} tok/s {100 * r['fraction_of_copy_bandwidth']:5.1f}% ({r['seconds']:.0f} s)", flush=True)
-
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        decoding.generate(model, prompt, 32, cache=cache, compile=True)
-        torch.cuda.synchronize()
-    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=60)
-    print(table)
+        prof = r["profile"]
+        print(f"{name:8s} {r['tokens_per_s']:7.1f} tok/s {100 * r['fraction_of_copy_bandwidth']:5.1f}% of copy; "
+              f"per token: wall {prof['wall_us_per_token']:.0f} us, kernels {prof['kernel_us_per_token']:.0f} us "
+              f"({r['seconds']:.0f} s)", flush=True)
+        for k in prof["top_kernels"][:8]:
+            print(f"    {k['us_per_token']:8.1f} us/token  x{k['calls_per_token']:5.1f}  {k['name']}")
+        del model, cache
+        torch.cuda.empty_cache()
+    attention.TRITON_MAX_ROWS = 64
     out = Path(args.out) if args.out else ROOT / "bench" / "results" / device_slug(device)
     save_result(out / "decode_variants.json",
-                {"bandwidth": bandwidth, "bytes_per_token": b, "variants": results, "profile_top": table}, device=device)
+                {"bandwidth": bandwidth, "bytes_per_token": b, "weights_bf16": True, "variants": results}, device=device)
+    print(f"wrote {out / 'decode_variants.json'}")
 
 
 if __name__ == "__main__":
