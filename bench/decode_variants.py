@@ -1,7 +1,7 @@
 """Exploration: which compiled-decode variant gets closest to the bandwidth bound, and where a
 decode step's time goes (GPU only).
 
-    python bench/decode_variants.py --variants kernel,sdpa,fused
+    python bench/decode_variants.py --variants kernel,sdpa,fused,kernel#2,sdpa#2
 
 Builds a Llama-2-7B-shaped model with random bf16 weights and times ``generate(compile=True)`` under
 each variant:
@@ -11,7 +11,8 @@ each variant:
           the cache protocol), everything else the same
   fused   the default with q/k/v and gate/up weights concatenated: one matrix-vector product each
           instead of three and two (fewer, larger kernels per layer)
-Then it profiles 32 compiled steps of each and reports the GPU time of kernels per token against
+A variant named twice (``kernel#2``) is compiled and tuned afresh, which shows how far inductor's
+tuning moves the result between compilations. Then it profiles 64 compiled steps of each and reports the GPU time of kernels per token against
 the wall time per token (the rest is the GPU idle between kernels) and the top kernels.
 Results: bench/results/<device>/decode_variants.json.
 """
@@ -89,8 +90,8 @@ def compile_step():
     return decoding.compiled_decode_step()
 
 
-def profile_step(run, n_tokens: int) -> dict:
-    """Kernels' GPU time per token vs wall time per token, over ``n_tokens`` compiled steps."""
+def _profiled(run, n_tokens: int):
+    """(wall seconds, {kernel: (GPU us, calls)}) of one ``run(n_tokens)``."""
     from torch.profiler import ProfilerActivity, profile
 
     torch.cuda.synchronize()
@@ -99,14 +100,24 @@ def profile_step(run, n_tokens: int) -> dict:
         run(n_tokens)
         torch.cuda.synchronize()
         wall = time.perf_counter() - start
-    events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
-    gpu_us = sum(e.self_device_time_total for e in events)
-    top = sorted(events, key=lambda e: -e.self_device_time_total)[:12]
+    kernels = {e.key: (e.self_device_time_total, e.count) for e in prof.key_averages()
+               if e.device_type == torch.autograd.DeviceType.CUDA}
+    return wall, kernels
+
+
+def profile_step(run, n_tokens: int) -> dict:
+    """Where a decode step's time goes: kernels' GPU time and wall time per token, from the
+    difference of ``run(n_tokens)`` and ``run(1)`` (so prefill and setup cancel, as in decode.py)."""
+    wall_n, kernels_n = _profiled(run, n_tokens)
+    wall_1, kernels_1 = _profiled(run, 1)
+    steps = n_tokens - 1
+    per_token = {name: ((us - kernels_1.get(name, (0, 0))[0]) / steps, (calls - kernels_1.get(name, (0, 0))[1]) / steps)
+                 for name, (us, calls) in kernels_n.items()}
+    top = sorted(per_token.items(), key=lambda item: -item[1][0])[:12]
     return {
-        "wall_us_per_token": wall / n_tokens * 1e6,
-        "kernel_us_per_token": gpu_us / n_tokens,
-        "top_kernels": [{"name": e.key[:90], "us_per_token": e.self_device_time_total / n_tokens,
-                         "calls_per_token": e.count / n_tokens} for e in top],
+        "wall_us_per_token": (wall_n - wall_1) / steps * 1e6,
+        "kernel_us_per_token": sum(us for us, _ in per_token.values()),
+        "top_kernels": [{"name": name[:90], "us_per_token": us, "calls_per_token": calls} for name, (us, calls) in top],
     }
 
 
@@ -125,7 +136,8 @@ def main():
     prompt = torch.randint(0, config.vocab_size, (1, args.prompt_len), device=device)
     b = bytes_per_token(config, 2, args.prompt_len + args.new_tokens / 2)["total"]
     results, reference = {}, None
-    for name in args.variants.split(","):
+    for label in args.variants.split(","):
+        name = label.split("#")[0]  # "kernel#2": the same variant again, compiled afresh
         model = random_model(config, device, torch.bfloat16)
         if name == "fused":
             fuse_projections(model)
@@ -141,9 +153,9 @@ def main():
         r["fraction_of_copy_bandwidth"] = r["tokens_per_s"] * b / bandwidth
         r["profile"] = profile_step(run, 64)
         r["seconds"] = time.perf_counter() - start
-        results[name] = r
+        results[label] = r
         prof = r["profile"]
-        print(f"{name:8s} {r['tokens_per_s']:7.1f} tok/s {100 * r['fraction_of_copy_bandwidth']:5.1f}% of copy; "
+        print(f"{label:9s} {r['tokens_per_s']:7.1f} tok/s {100 * r['fraction_of_copy_bandwidth']:5.1f}% of copy; "
               f"per token: wall {prof['wall_us_per_token']:.0f} us, kernels {prof['kernel_us_per_token']:.0f} us "
               f"({r['seconds']:.0f} s)", flush=True)
         for k in prof["top_kernels"][:8]:
