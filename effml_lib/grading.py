@@ -150,14 +150,32 @@ def sdpa_unavailable():
         yield
 
 
+HIDDEN_TESTS_ENV = "EFFML_HIDDEN_TESTS"
+
+
 def hidden_tests_dir() -> Path:
-    """``$EFFML_HIDDEN_TESTS`` if set, else ``grading/hidden`` of the checkout effml_lib runs from."""
-    env = os.environ.get("EFFML_HIDDEN_TESTS")
-    path = Path(env) if env else Path(__file__).resolve().parents[1] / "grading" / "hidden"
+    """The folder of the labs' hidden suites (``<lab>/test_<part>.py``): ``$EFFML_HIDDEN_TESTS`` if set,
+    else ``grading/hidden`` of the course repository, found beside ``effml_lib`` when the package runs
+    from a clone (``pip install -e .``). A plain ``pip install`` ships no hidden tests: graders outside
+    the repository set the variable. Raises ``FileNotFoundError`` saying which folder is missing and how
+    to point at one."""
+    env = os.environ.get(HIDDEN_TESTS_ENV)
+    if env:
+        path = Path(env).expanduser()
+        if not path.is_dir():
+            raise FileNotFoundError(
+                f"{HIDDEN_TESTS_ENV} is set to {env!r}, which is not a folder: point it at a folder laid out "
+                f"like the course repository's grading/hidden (lab01/test_attention.py, ...)")
+        return path
+    package = Path(__file__).resolve().parent
+    path = package.parent / "grading" / "hidden"
     if not path.is_dir():
         raise FileNotFoundError(
-            f"hidden tests not found at {path}; set EFFML_HIDDEN_TESTS to the course's grading/hidden folder"
-        )
+            f"cannot find the labs' hidden tests: effml_lib runs from {package}, which has no "
+            f"grading/hidden beside it ({path}); a plain `pip install` of the package does not ship them. "
+            f"Set {HIDDEN_TESTS_ENV} to a folder laid out like the course repository's grading/hidden, or "
+            f"grade from a clone of the course repository with the package installed from it in editable "
+            f"mode (pip install -e .).")
     return path
 
 

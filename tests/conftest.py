@@ -1,7 +1,11 @@
-"""Shared test helpers: seeded inputs, per-dtype tolerances, and the labs' solved namespaces."""
+"""Shared test helpers: seeded inputs, per-dtype tolerances, the labs' solved namespaces, and the package
+installed as a user installs it."""
 
 import os
 import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -71,3 +75,30 @@ def assert_part_fails(lab: str, part: str, namespace: dict, mistake: str) -> Non
         assert "hidden test" in str(failure), f"{part}: failed for another reason than its tests: {failure}"
         return
     pytest.fail(f"{lab} {part}: the hidden tests passed a submission with this mistake: {mistake}")
+
+
+# What a clone of the repository has that a user's copy would not: left out of the copy pip builds from.
+_NOT_IN_A_CLONE = {".git", ".venv", "build", "dist", "graded", ".pytest_cache"}
+
+
+@pytest.fixture(scope="session")
+def installed_package(tmp_path_factory) -> Path:
+    """effml-lib installed the way Colab or a user's venv gets it, ``pip install <repo>`` (a wheel, not
+    the editable install the venv has), into a folder outside the repository; once per test session.
+
+    Returns that folder: a Python started with it first on ``PYTHONPATH``, in a working directory
+    outside the repository, imports this copy of ``effml_lib``, with only what the wheel ships. pip
+    builds from a fresh copy of the working tree, so no build/ left over from an earlier build (which
+    could still hold a deleted module) reaches the wheel, and nothing is written into the checkout."""
+    tmp = tmp_path_factory.mktemp("pip-install")
+    source, target = tmp / "source", tmp / "site-packages"
+    shutil.copytree(ROOT, source, ignore=lambda folder, names: [
+        n for n in names if n in ("__pycache__", ".ipynb_checkpoints") or n.endswith(".egg-info")
+        or (Path(folder) == ROOT and n in _NOT_IN_A_CLONE)])
+    run = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--no-index",
+         "--target", str(target), str(source)],
+        capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, f"pip install of the package failed:\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}"
+    assert (target / "effml_lib" / "__init__.py").is_file(), f"pip installed no effml_lib into {target}"
+    return target
