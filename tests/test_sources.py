@@ -7,6 +7,9 @@ text, tags and nbgrader metadata.
 """
 
 import importlib.util
+import subprocess
+import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -70,3 +73,29 @@ def test_a_mistake_in_a_source_stops_the_build(tmp_path, header, message):
     source.write_text(f"# %% [markdown]\n# # Title\n\n{header}\n")
     with pytest.raises(ValueError, match=message):
         build_notebooks.build(source)
+
+
+def test_the_colab_cell_installs_once_on_colab_and_does_nothing_elsewhere(monkeypatch):
+    """Plain Python (the labs' namespace is built by exec-ing their cells), a non-editable install of the
+    repository named in pyproject.toml without the dev extra, and harmless to run again."""
+    url = build_notebooks.repository_url()
+    cell = compile(build_notebooks.shared_cell("colab_setup", repository=url), "colab_setup", "exec")
+    pip_calls, installed = [], {"effml_lib": False}
+    real_find_spec = importlib.util.find_spec
+
+    def fake_run(command, **kwargs):
+        pip_calls.append(command)
+        installed["effml_lib"] = True
+        return types.SimpleNamespace(returncode=0, stderr="")
+
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: (object() if installed["effml_lib"] else None) if name == "effml_lib"
+                        else real_find_spec(name, *a))
+    exec(cell, {})
+    assert pip_calls == [], "off Colab the cell must do nothing"
+
+    monkeypatch.setitem(sys.modules, "google.colab", types.ModuleType("google.colab"))
+    exec(cell, {})
+    exec(cell, {})  # run again: already installed
+    assert pip_calls == [[sys.executable, "-m", "pip", "install", "--quiet", f"git+{url}"]], pip_calls

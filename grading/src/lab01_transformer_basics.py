@@ -10,6 +10,8 @@
 # your code is graded, the library's own versions of what you implement are unavailable, so call your
 # own functions, not `effml_lib`'s. Do not edit or delete the read-only cells.
 
+# %% shared="colab_setup" nbgrader={"grade_id": "colab_setup", "locked": true}
+
 # %% nbgrader={"grade_id": "imports", "locked": true}
 import math
 

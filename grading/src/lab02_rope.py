@@ -12,6 +12,8 @@
 # your code is graded, the library's own RoPE (`effml_lib.rope`) is unavailable, so call your own
 # functions. Do not edit or delete the read-only cells.
 
+# %% shared="colab_setup" nbgrader={"grade_id": "colab_setup", "locked": true}
+
 # %% nbgrader={"grade_id": "imports", "locked": true}
 import math
 

@@ -11,6 +11,8 @@
 # your code is graded, the library's own `kv_cache_bytes` and its cache (`effml_lib.kvcache`) are
 # unavailable, so call your own. Do not edit or delete the read-only cells.
 
+# %% shared="colab_setup" nbgrader={"grade_id": "colab_setup", "locked": true}
+
 # %% nbgrader={"grade_id": "imports", "locked": true}
 import math
 

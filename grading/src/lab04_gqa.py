@@ -11,6 +11,8 @@
 # your code is graded, the library's attention and its conversion (`effml_lib.attention`) are
 # unavailable, and so is PyTorch's fused attention. Do not edit or delete the read-only cells.
 
+# %% shared="colab_setup" nbgrader={"grade_id": "colab_setup", "locked": true}
+
 # %% nbgrader={"grade_id": "imports", "locked": true}
 import math
 

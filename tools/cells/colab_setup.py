@@ -1,7 +1,16 @@
-# On Google Colab: fetch the course (code, shipped weights, benchmark results) and install it.
-# Elsewhere `make lab` has already done this and the cell does nothing.
+# On Google Colab: install the course's package (its code, the shipped weights and benchmark results)
+# from the course repository. Anywhere else, `make lab` or `pip install` has done it, and this cell does
+# nothing; once the package is installed, running the cell again does nothing either.
+# The address is written in from pyproject.toml's [project.urls]: a fork sets its own there and rebuilds
+# (notebooks/README.md).
+import importlib.util
+import subprocess
 import sys
-if "google.colab" in sys.modules:
-    !git clone -q --depth 1 https://github.com/effml/effml /content/effml
-    %pip install -q -e "/content/effml[dev]"
-    sys.path.insert(0, "/content/effml")  # the editable install is visible without a restart
+
+REPOSITORY = "${repository}"
+if "google.colab" in sys.modules and importlib.util.find_spec("effml_lib") is None:
+    pip = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", f"git+{REPOSITORY}"],
+                         capture_output=True, text=True)
+    if pip.returncode != 0:
+        raise RuntimeError(f"could not install the course from {REPOSITORY}:\n{pip.stderr}")
+    importlib.invalidate_caches()  # so this running kernel finds the package pip has just added
