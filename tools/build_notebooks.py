@@ -8,8 +8,8 @@ whose lines are written as comments), and options after the marker become the ce
 
 Options this tool reads, besides ordinary metadata such as `tags=["parameters"]`:
 
-    shared="colab_setup"                 the cell's code is tools/cells/colab_setup.py, one copy for every
-                                         notebook and lab (leave the cell empty in the source)
+    shared="colab_setup"                 the cell's code is tools/cells/colab_setup.py: cells that many
+                                         notebooks share live there once (leave the cell empty)
     nbgrader={"grade_id": "p1_solution", "solution": true}
                                          nbgrader's cell metadata; fields left out take the values below
     graded={"part": "rmsnorm", "points": 2}
@@ -154,7 +154,20 @@ def execute(nb: nbformat.NotebookNode, timeout: int = 600) -> float:
     with tempfile.TemporaryDirectory() as scratch:
         NotebookClient(nb, timeout=timeout, kernel_name=KERNELSPEC["name"], record_timing=False,
                        resources={"metadata": {"path": scratch}}).execute()
+    tidy_streams(nb)
     return time.perf_counter() - start
+
+
+def tidy_streams(nb) -> None:
+    """Keep what a reader would see of printed output. A progress bar prints each state over the last
+    one, after a carriage return: coalescing keeps only the finished bar. Its closing newline can arrive
+    as an output of its own, after later prints: a stream of nothing but whitespace is dropped."""
+    from nbconvert.preprocessors import CoalesceStreamsPreprocessor
+
+    CoalesceStreamsPreprocessor().preprocess(nb, {})
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            cell.outputs = [o for o in cell.outputs if o.output_type != "stream" or o.text.strip()]
 
 
 def main(argv=None) -> None:
@@ -162,7 +175,7 @@ def main(argv=None) -> None:
     parser.add_argument("sources", nargs="*", type=Path, help="source files (default: every source)")
     parser.add_argument("--execute", action="store_true", help="run each notebook and keep its outputs")
     args = parser.parse_args(argv)
-    for source in args.sources or all_sources():
+    for source in [s.resolve() for s in args.sources] or all_sources():
         out, nb = target(source), build(source)
         took = f", executed in {execute(nb):.0f} s" if args.execute else ""
         nbformat.write(nb, out)

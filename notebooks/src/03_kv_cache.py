@@ -22,14 +22,15 @@
 # 6. look at how a GPU kernel for decode attention splits the keys across programs and merges the
 #    pieces exactly (flash-decoding), checked on the CPU in plain PyTorch.
 #
-# Runs in under a minute on a 2-core laptop CPU.
+# Runs in about two minutes on a busy 2-core CPU.
 
 # %% shared="colab_setup"
 
 # %% tags=["parameters"]
 # parameters: sizes for the measurements (raise them on a GPU)
 contexts = [128, 256, 512, 1024, 2048]  # tokens attended by one decode step in the latency sweep (effml-tiny stops at 2048)
-reps = 5                                # timed repetitions per point (the median is reported)
+reps = 5                                # timed repetitions per point (the fastest is reported)
+uncached_reps = 3                       # fewer for the uncached steps: at 2048 tokens each takes seconds on a CPU
 check_new_tokens = 48                   # tokens generated greedily with and without the cache, then compared
 memory_batches = [1, 4, 16]             # sequences per batch in the peak-memory sweep
 memory_contexts = [256, 512, 1024, 2048]  # cached tokens per sequence in the peak-memory sweep
@@ -37,10 +38,10 @@ split_batches = [1, 4]                  # batch sizes of the attention-vs-matmul
 split_contexts = [128, 512, 1024, 2048]  # cached tokens at which that split is measured
 lse_context, lse_chunks = 4096, 8       # keys and chunks of the split-softmax check (section 6)
 
+# %% shared="notebook_setup"
+
 # %%
 import ast
-import inspect
-import json
 import math
 import time
 from pathlib import Path
@@ -51,25 +52,16 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 import torch
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from IPython.display import display
 
 import effml_lib
-from effml_lib.plots import human_bytes, set_style
+from effml_lib.measure import load_result  # benchmark results (bench/results/), shipped with the package
+from effml_lib.plots import human_bytes
 
-set_style()
-torch.manual_seed(0)
-torch.set_grad_enabled(False)  # this notebook only runs forward passes, it never trains
-
-ROOT = Path(effml_lib.__file__).resolve().parents[1]  # the course repository
-H100 = ROOT / "bench/results/nvidia-h100-80gb-hbm3"   # results committed by the benchmark scripts
-KiB, MiB, GiB = 2**10, 2**20, 2**30                   # binary units, as memory is allocated
-
-
-def show_source(obj):
-    """Print the source of a library function or class: the reference code, not hidden."""
-    print(inspect.getsource(obj))
+H100, H200 = "nvidia-h100-80gb-hbm3", "nvidia-h200"  # where bench/ measured what this notebook shows precomputed
+KiB, MiB, GiB = 2**10, 2**20, 2**30                  # binary units, as memory is allocated
 
 
 # %% [markdown]
@@ -80,7 +72,7 @@ def show_source(obj):
 # the bytes each step reads and the arithmetic it does:
 
 # %%
-decode_run = json.loads((H100 / "decode.json").read_text())["results"]
+decode_run = load_result(H100, "decode")["results"]
 compiled = decode_run["decoders"]["ours-compiled"]
 tokens_per_s = compiled["tokens_per_s"]
 flops_per_token = 2 * decode_run["parameters"]  # one multiply and one add per weight (the embedding lookup does none: an overestimate)
@@ -190,6 +182,7 @@ for ridge, name, ls, ha in ((H200_FLOPS / H200_BYTES_PER_S, "H200", ":", "right"
     ax.text(ridge, 1.01, f" {name} ridge: {ridge:.0f} ", transform=ax.get_xaxis_transform(), ha=ha, va="bottom", fontsize=9)
 ax.xaxis.set_major_formatter(lambda v, _: f"{v:g}")
 ax.set_xlabel("arithmetic intensity (FLOP/byte, log scale)")
+ax.set_ylabel("work (Llama-2-7B, bf16)")
 ax.set_title("Left of a ridge, memory sets the time; right of it, math does", pad=22)
 ax.legend(handles=[plt.Rectangle((0, 0), 1, 1, color=c) for c in colors.values()], labels=list(colors),
           loc="center right")
@@ -315,10 +308,10 @@ print(f"  both cache {mixtral['KV cache per token (KiB)']:.0f} KiB per token, so
 
 # %%
 DTYPE_BYTES = {"fp32": 4, "bf16 / fp16": 2, "fp8": 1, "int8": 1, "int4": 0.5}
-GPU_BYTES = {  # usable memory: torch.cuda.get_device_properties(...).total_memory on the course's GPUs
+GPU_BYTES = {  # usable memory: what torch reported on the course's GPUs, recorded in each result's env
     "consumer card (24 GiB)": 24 * GiB,
-    "H100 80GB": 85_017_493_504,  # bench/results/nvidia-h100-80gb-hbm3/decode.json, env
-    "H200": 150_109_880_320,      # bench/results/nvidia-h200/decode_attention_sweep.json, env (sold as 141 GB)
+    "H100 80GB": load_result(H100, "decode")["env"]["device_memory_bytes"],
+    "H200": load_result(H200, "decode_attention")["env"]["device_memory_bytes"],  # sold as 141 GB
 }
 
 
@@ -338,6 +331,7 @@ def memory_budget(model="llama-2-7b", batch=16, context=4096, cache_dtype="bf16 
         ax.axhline(capacity / GiB, color=color, ls=ls, lw=1.5, label=f"{gpu}: {capacity / GiB:.1f} GiB")
     ax.set_ylim(0, 1.08 * max(weights + cache, max(GPU_BYTES.values())) / GiB)
     ax.set_ylabel("memory (GiB)")
+    ax.set_xlabel("what the GPU must hold")
     ax.set_title(f"{model}: batch {batch} × {context:,} tokens", fontsize=11)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1))
     plt.show()
@@ -404,7 +398,7 @@ tiny_per_token = kv_cache_bytes(1, 1, cfg.n_layers, cfg.n_kv_heads, cfg.head_dim
 tiny_weights = model.num_parameters() * elem
 
 info = env_info(device)
-print(f"device {info['device_name']}, torch {info['torch']}, {info['torch_threads']} threads")
+print(f"device {info['device_name']}, torch {info['torch']}, torch threads: {info['torch_threads']}")
 print(f"effml-tiny: {cfg.n_layers} layers × {cfg.n_kv_heads} KV heads × {cfg.head_dim}, {str(model.tok_embeddings.weight.dtype).removeprefix('torch.')}")
 print(f"  KV cache {human_bytes(tiny_per_token)} per token, {human_bytes(tiny_per_token * cfg.max_seq_len)} "
       f"for one {cfg.max_seq_len}-token sequence; weights {human_bytes(tiny_weights)}")
@@ -507,25 +501,32 @@ for b, n in enumerate(lens.tolist()):
 #
 # Token ids are random: the time does not depend on which tokens they are.
 
+# %% shared="fastest_in_turns"
+
 # %%
+from functools import partial
+
 tokens = torch.randint(0, cfg.vocab_size, (1, max(contexts)), generator=gen).to(device)  # (1, T_max)
 cache = StaticKVCache.for_model(model, batch_size=1, max_seq_len=max(contexts))
 model(tokens[:, : max(contexts) - 1], cache, start_pos=0)  # prefill: the cache holds K/V of the first T_max - 1 tokens
 
+# The cached steps at every context take turns (each rewrites position T - 1 with the K/V it already holds),
+# so a busy moment of the machine slows them alike; the uncached steps take seconds, so each is timed alone.
+cached_ms = fastest_in_turns({T: partial(model, tokens[:, T - 1 : T], cache, T - 1) for T in contexts}, rounds=4 * reps)
 rows = []
-for T in tqdm(contexts, desc="contexts"):
-    uncached = benchmark(model, tokens[:, :T], warmup=1, reps=reps)
-    cached = benchmark(model, tokens[:, T - 1 : T], cache, T - 1, warmup=2, reps=4 * reps)  # rewrites position T-1 with the same K/V
-    rows.append({"context": T, "decoding": "without cache: whole prefix", **uncached.to_dict()})
-    rows.append({"context": T, "decoding": "with KV cache: one token", **cached.to_dict()})
+for T in tqdm(contexts, desc="uncached steps"):
+    uncached = benchmark(model, tokens[:, :T], warmup=1, reps=uncached_reps)
+    rows.append({"context": T, "decoding": "without cache: whole prefix", "min_ms": uncached.min_s * 1e3})
+    rows.append({"context": T, "decoding": "with KV cache: one token", "min_ms": cached_ms[T]})
 latency = pd.DataFrame(rows)
-latency.pivot(index="context", columns="decoding", values="median_ms").round(2)
+latency.pivot(index="context", columns="decoding", values="min_ms").round(2)
 
 # %%
 from effml_lib.plots import latency_vs_size
 
-ax = latency_vs_size(latency, x="context", y="median_ms", hue="decoding",
-                     xlabel="context (tokens attended by the new token)", ylabel="time per generated token (ms)",
+ax = latency_vs_size(latency, x="context", y="min_ms", hue="decoding",
+                     xlabel="context (tokens attended by the new token)",
+                     ylabel="time per generated token (ms, fastest run)",
                      title=f"One decode step of effml-tiny, batch 1, on {describe(device)}")
 ax.yaxis.set_major_locator(mticker.LogLocator(subs=(1, 2, 5)))  # 10, 20, 50, 100, ...: readable on both lines
 ax.yaxis.set_major_formatter(lambda v, _: f"{v:g}")
@@ -534,7 +535,7 @@ ax.figure.set_size_inches(8, 4.5)
 plt.show()
 
 # %%
-by = latency.pivot(index="context", columns="decoding", values="median_ms")
+by = latency.pivot(index="context", columns="decoding", values="min_ms")
 slow, fast = by["without cache: whole prefix"], by["with KV cache: one token"]
 T_max = max(contexts)
 grid = np.arange(1, T_max + 1)
@@ -543,21 +544,24 @@ total_fast = np.interp(grid, by.index, fast).sum() / 1e3
 print(f"at {T_max} tokens a step costs {slow[T_max]:.0f} ms without the cache and {fast[T_max]:.1f} ms with it "
       f"({slow[T_max] / fast[T_max]:.0f}x)")
 print(f"generating {T_max} tokens one by one (interpolating the measured steps): {total_slow:.0f} s without, {total_fast:.0f} s with")
+T_min = min(contexts)
+print(f"a step at {T_max} tokens takes {fast[T_max] / fast[T_min]:.1f}x the time of one at {T_min} with the cache, "
+      f"{slow[T_max] / slow[T_min]:.0f}x without")
 print(f"the uncached step is a prefill of {T_max} tokens: {slow[T_max] / T_max:.3g} ms per token processed, "
       f"{fast[T_max] / (slow[T_max] / T_max):.0f}x less than a cached decode step spends on its one token")
 
 
 # %% [markdown]
-# The plot (log–log, median of the timed runs, shaded between the quartiles) shows the cost of one
-# generated token. Without a cache it grows about in proportion to the context (a slope near 1 on these
-# axes, a little less at short contexts where fixed costs count, a little more at the longest, where
-# attention's own $T^2$ work starts to show): each step redoes the projections and the MLP for every earlier
-# token. Summed over a generation that is quadratic, which is where the gap in total time comes from. With the cache the step processes one
-# token, and its time barely moves: at these contexts it is mostly reading the weights, with a small
-# term for the cache that grows with $T$ (section 5 measures it). (On a GPU, effml-tiny is so small that
-# every step is paced by launching its hundred-odd kernels, a few milliseconds whatever the context; both
-# lines stay flat until the uncached prefix is long enough to occupy the GPU. The difference shows with a
-# real model.)
+# The plot (log–log, the fastest of the timed runs) shows the cost of one generated token. Without a cache
+# it grows about in proportion to the context (a slope near 1 on these axes, a little more at the longest
+# contexts, where attention's own $T^2$ work starts to show): each step redoes the projections and the MLP
+# for every earlier token. Summed over a generation that is quadratic, which is where the gap in total
+# time comes from. With the cache the step processes one token, and its time changes far less with the
+# context (the third line above): most of it is reading every weight once and the fixed cost of running
+# the layers from Python, the same at any context; reading the cache adds a part that grows with $T$
+# (section 5 measures it). (On a GPU, effml-tiny is so small that every step is paced by launching its
+# hundred-odd kernels, a few milliseconds whatever the context; both lines stay flat until the uncached
+# prefix is long enough to occupy the GPU. The difference shows with a real model.)
 #
 # The last line is section 1 measured: the uncached step is also a prefill, and processing 2048 tokens
 # at once costs far less *per token* than one cached decode step, because the matmuls reuse each weight
@@ -633,12 +637,12 @@ print(f"measured peak − formula: {extra.min():.2f} to {extra.max():.2f} MiB "
 #   the step's), exactly as `Attention.forward` calls them;
 # - the weight matmuls alone: the seven projections of each layer and the output head, on one token per sequence.
 #
-# Whatever is left (norms, RoPE, writing the cache, Python) is "rest". For reference, the share of the
-# step's bytes that are cache bytes is what attention's share would be if both ran at the same bytes per second.
+# Whatever is left (norms, RoPE, writing the cache, Python) is "rest". The three are timed in turns, so a
+# busy moment of the machine slows all of them alike. For reference, the cache's share of the bytes that
+# attention and the matmuls read is what attention's share of their time would be if both moved bytes
+# equally fast.
 
 # %%
-from effml_lib.attention import attention
-
 weight_bytes_read = (model.num_parameters() - model.tok_embeddings.weight.numel()) * elem  # the embedding: one row per token
 rows = []
 with tqdm(total=len(split_batches) * len(split_contexts), desc="decode steps") as progress:
@@ -652,11 +656,12 @@ with tqdm(total=len(split_batches) * len(split_contexts), desc="decode steps") a
             q = torch.randn(batch, cfg.n_heads, 1, cfg.head_dim, device=device)            # (B, H, 1, D)
             x = torch.randn(batch, 1, cfg.dim, device=device)                              # (B, 1, dim)
             hidden = torch.randn(batch, 1, cfg.hidden_dim, device=device)                  # (B, 1, hidden_dim)
+            lens = torch.full((batch,), T, dtype=torch.int32, device=device)                # every slot filled
 
             def attention_only():
                 for i in range(cfg.n_layers):
                     k, v = cache.layer(i)                # (B, Hkv, T, D): this layer's cache
-                    attention(q, k, v, causal=True)      # what Attention.forward calls in a decode step
+                    cache.attention(q, k, v, lens)       # what Attention.forward calls in a decode step
 
             def matmuls_only():
                 for layer in model.layers:
@@ -664,12 +669,12 @@ with tqdm(total=len(split_batches) * len(split_contexts), desc="decode steps") a
                     a.wq(x), a.wk(x), a.wv(x), a.wo(x), f.w1(x), f.w3(x), f.w2(hidden)
                 model.output(x)
 
-            step = benchmark(model, token, cache, T - 1, warmup=2, reps=4 * reps).median_ms
-            attn = benchmark(attention_only, warmup=2, reps=4 * reps, device=device).median_ms
-            mm = benchmark(matmuls_only, warmup=2, reps=4 * reps, device=device).median_ms
+            ms = fastest_in_turns({"step": lambda: model(token, cache, T - 1), "attention": attention_only,
+                                   "matmuls": matmuls_only}, rounds=4 * reps)
+            step, attn, mm = ms["step"], ms["attention"], ms["matmuls"]
             cache_read = kv_cache_bytes(batch, T, cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, elem)
             rows.append({"batch": batch, "context": T, "step (ms)": step, "attention (ms)": attn, "matmuls (ms)": mm,
-                         "rest (ms)": max(step - attn - mm, 0.0), "attention share": attn / step,
+                         "rest (ms)": max(step - attn - mm, 0.0), "attention share": attn / (attn + mm),
                          "cache share of bytes read": cache_read / (cache_read + weight_bytes_read),
                          "attention GB/s": cache_read / attn / 1e6, "matmuls GB/s": weight_bytes_read / mm / 1e6})
             progress.update()
@@ -697,27 +702,31 @@ right.set_xscale("log", base=2)
 right.xaxis.set_major_formatter(lambda v, _: f"{v:g}")
 right.set_ylim(0, 100)
 right.set_xlabel("context (cached tokens per sequence)")
-right.set_ylabel("attention's share of the step (%)")
+right.set_ylabel("attention's share of attention + matmuls (%)")
 right.set_title("Attention's share grows with context and batch", fontsize=11)
 right.legend(fontsize=9)
 fig.suptitle(f"effml-tiny decode step on {describe(device)}", fontweight="bold")
 fig.tight_layout()
 plt.show()
-last = split.iloc[-1]  # the largest batch at the longest context
-print(f"batch {last['batch']:.0f}, {last['context']:.0f} cached tokens: attention {last['attention (ms)']:.1f} ms, "
-      f"weight matmuls {last['matmuls (ms)']:.1f} ms, step {last['step (ms)']:.1f} ms "
-      f"({last['attention share']:.0%} of it in attention)")
+for batch, part in split.groupby("batch"):
+    first, last = part.iloc[0], part.iloc[-1]
+    print(f"batch {batch}: weight matmuls {part['matmuls (ms)'].min():.1f} to {part['matmuls (ms)'].max():.1f} ms; "
+          f"attention {first['attention (ms)']:.1f} ms at {first['context']:.0f} tokens, "
+          f"{last['attention (ms)']:.1f} ms at {last['context']:.0f} ({last['attention share']:.0%} of attention + "
+          f"matmuls; the cache is {last['cache share of bytes read']:.0%} of their bytes)")
 
 # %% [markdown]
-# Left: one step's time at the largest batch, split into attention, weight matmuls and the rest; right:
-# attention's share of the step for each batch (solid), next to the cache's share of the bytes the step
-# reads (dashed). The weight matmuls cost about the same at every context, as they must: the weights do not
-# change. Attention starts as a sliver and grows in proportion to the context, and faster with a larger
-# batch, since every sequence reads its own cache: at a batch of 4 and 2048 tokens it takes about as long
-# as all the weight matmuls together, or longer (the line under the plot gives the saved run's numbers). Its share stays below the dashed prediction
-# because on this CPU the two kinds of work do not move bytes equally fast: the table's last two columns
-# give each one's bytes per second, and the matmuls (57 separate matrix-vector products per step, each
-# paying its own call overhead) are the slower. The trend is the one the bytes predict.
+# Left: one step's time at the largest batch, split into attention, weight matmuls and the rest (norms,
+# RoPE, the cache write and the Python between them); right: attention's share of the time that attention
+# and the matmuls take together (solid), next to the cache's share of the bytes they read (dashed). The
+# weight matmuls cost about the same at every context, as they must: the weights do not change (the lines
+# under the plot give their range). Attention grows with the context, and faster with a larger batch,
+# since every sequence reads its own cache: at the largest batch and context it takes longer than all the
+# weight matmuls together. The solid lines follow the dashed ones, the prediction from bytes alone, but not
+# exactly: where a solid line runs above its dashed one, attention moved its bytes more slowly than the
+# matmuls moved theirs, and below it, faster (the table's last two columns give each one's bytes per
+# second). On a CPU both are small separate operations, 57 matrix–vector products and 8 attention calls
+# per step, each paying its own call overhead, so neither streams at the memory's full speed.
 #
 # On a GPU with a real model the same crossover happens where section 2's table says: for Llama-2-7B,
 # once batch × context passes about 26 000 cached tokens, a decode step reads more bytes of cache than of
@@ -746,7 +755,7 @@ print(f"batch {last['batch']:.0f}, {last['context']:.0f} cached tokens: attentio
 # below one tile of keys:
 
 # %%
-kernel_file = ROOT / "effml_lib/kernels/decode_attention.py"  # read, not imported: importing it needs Triton
+kernel_file = Path(effml_lib.__file__).parent / "kernels/decode_attention.py"  # read, not imported: it needs Triton
 source = kernel_file.read_text()
 node = next(n for n in ast.parse(source).body if getattr(n, "name", None) == "_num_splits")
 print(ast.get_source_segment(source, node, padded=True))
@@ -832,6 +841,13 @@ print(f"library decode_attention(impl='torch') vs the chunked merge: max |differ
 # device-to-device copy bandwidth: decode attention reads the cache once, so 100% is the limit.
 
 # %%
+# One look per implementation. SDPA's automatic choice is cuDNN here, so its hollow squares sit on the cuDNN line.
+IMPL_STYLE = {"triton kernel": dict(color="black", marker="o", ls="-", lw=2.5),
+              "sdpa cudnn": dict(color=sns.color_palette()[0], marker="^", ls="--", lw=1.5),
+              "sdpa (auto)": dict(color=sns.color_palette()[0], marker="s", ls="none", markerfacecolor="none", ms=9),
+              "sdpa flash": dict(color=sns.color_palette()[3], marker="D", ls=":", lw=1.5)}
+
+
 def plot_decode_attention(run, device_name):
     """The benchmark's rows: fraction of copy bandwidth vs context, one panel per batch, one line per implementation."""
     rows = pd.DataFrame([r for r in run["rows"] if "graph_us" in r])
@@ -839,43 +855,35 @@ def plot_decode_attention(run, device_name):
     fig, axes = plt.subplots(1, len(batches), figsize=(3.6 * len(batches), 4), sharey=True, squeeze=False)
     for ax, batch in zip(axes[0], batches):
         part = rows[rows["batch"] == batch]
-        for impl, color in zip(part["impl"].unique(), sns.color_palette()):
+        for impl, style in IMPL_STYLE.items():
             line = part[part["impl"] == impl].sort_values("context")
-            ax.plot(line["context"], 100 * line["graph_fraction_of_copy"], marker="o", color=color, label=impl,
-                    lw=2.5 if impl == "triton kernel" else 1.2)
-        ax.axhline(100, color="black", ls="--", lw=1)
+            ax.plot(line["context"], 100 * line["graph_fraction_of_copy"], label=impl, **style)
+        ax.axhline(100, color="0.4", ls="-.", lw=1)
         ax.set_xscale("log", base=2)
         ax.xaxis.set_major_formatter(lambda v, _: f"{v / 1024:g}k")
         ax.set_xlabel("context (cached tokens)")
         ax.set_title(f"batch {batch}", fontsize=11)
-    axes[0, 0].set_ylabel("K/V bytes read, % of copy bandwidth")
+    axes[0, 0].set_ylabel("K/V read speed (% of copy bandwidth)")
     axes[0, 0].set_ylim(0, max(110, 105 * rows["graph_fraction_of_copy"].max()))
-    axes[0, -1].legend(fontsize=8, loc="lower right")
+    axes[0, 0].legend(fontsize=8, loc="lower right")
     fig.suptitle(f"Decode attention, precomputed on {device_name} by bench/decode_attention.py "
-                 f"(copy {run['copy_bandwidth_bytes_per_s'] / 1e12:.2f} TB/s)", fontweight="bold")
+                 f"(copy {run['copy_bandwidth_bytes_per_s'] / 1e12:.2f} TB/s = 100%)", fontweight="bold")
     fig.tight_layout()
     plt.show()
 
 
-gpu_runs = sorted(ROOT.glob("bench/results/*/decode_attention.json"))
-if not gpu_runs:
-    print("No GPU results for decode attention are committed yet (bench/results/<device>/decode_attention.json).\n"
-          "To produce them, run `python bench/decode_attention.py` on a CUDA GPU with Triton; "
-          "re-run this notebook afterwards and they appear here.")
-for path in gpu_runs:
-    saved = json.loads(path.read_text())
-    run, gpu_name = saved["results"], saved["env"]["device_name"]
-    plot_decode_attention(run, gpu_name)
-    summary = pd.DataFrame(run["summary"])
-    if not summary.empty:
-        print(f"precomputed on {gpu_name}: the Triton kernel per shape (CUDA-graph time), against the fastest SDPA backend")
-        display(summary.set_index(["batch", "context"]).round(2))
+saved = load_result(H200, "decode_attention")
+run, gpu_name = saved["results"], saved["env"]["device_name"]
+plot_decode_attention(run, gpu_name)
+print(f"precomputed on {gpu_name}: the Triton kernel per shape (CUDA-graph time), against the fastest SDPA backend")
+pd.DataFrame(run["summary"]).set_index(["batch", "context"]).round(2)
 
 # %% [markdown]
-# How to read the plot when results are there: each panel is one batch size, each line one implementation,
-# and the height is how fast it read the cache compared with a copy. Small shapes sit low for every
+# Each panel is one batch size, each line one implementation, and the height is how fast it read the cache
+# compared with a device-to-device copy (the dash-dotted line at 100%); `sdpa (auto)` chose cuDNN, so its
+# hollow squares sit on the cuDNN line. Small shapes sit low for every
 # implementation, because a few microseconds of fixed cost per call dominate; large ones should approach the
-# dashed line, and may pass it, since a copy both reads and writes while attention almost only reads. The
+# copy line, and may pass it, since a copy both reads and writes while attention almost only reads. The
 # table gives the kernel's time at each shape and its speed-up over the fastest SDPA backend in the same run.
 #
 # If CUDA and Triton are available where you run this notebook, the cell below also times the library's
@@ -925,9 +933,9 @@ else:
 #   26 k tokens for Llama-2-7B, beyond 100 k for GQA models, beyond 700 k for Mixtral, whose experts
 #   multiply its weights but not its cache.
 # - The memory of a GPU minus the weights, divided by the cache per sequence, caps the batch.
-# - On your device, with the cache, effml-tiny chose identical tokens and spent a roughly constant time per
-#   token, instead of a time growing with the context; peak memory matched the formula to within the
-#   activations of one step.
+# - On your device, with the cache, effml-tiny chose identical tokens, and its time per token changed far
+#   less with the context than without it; peak memory matched the formula to within the activations of
+#   one step.
 # - As batch × context grows, attention takes a growing share of a step, because it reads the cache.
 #   At small batch a GPU kernel has to split the keys across programs to use the whole chip, and merges
 #   the pieces exactly with their log-sum-exps.
