@@ -409,8 +409,11 @@ print(f"  one sequence's cache = the weights at {tiny_weights / tiny_per_token:,
 # ### The code: a static cache and a step that uses it
 #
 # `StaticKVCache` preallocates, for every layer, K and V buffers of shape `(batch, n_kv_heads, max_seq_len,
-# head_dim)`. Each forward pass writes its new keys and values at their positions and hands attention the
-# filled part:
+# head_dim)`. The model talks to it through a small protocol that a paged cache (module 07) will also
+# implement: each layer calls `cache.update(layer, k, v, positions)`, which stores the step's keys and values
+# with `write` (every sequence at its own positions) and returns the buffers with each sequence's length,
+# then `cache.attention(...)`, which attends each sequence's queries to its first `context_lens[b]`
+# positions (`decode_attention`; on a GPU our split-K kernel of section 6):
 
 # %%
 from effml_lib.attention import Attention
@@ -421,9 +424,8 @@ show_source(Attention.forward)
 
 # %% [markdown]
 # `Transformer.forward(tokens, cache, start_pos)` puts the `T` tokens at positions `start_pos …
-# start_pos + T - 1`, checks once that they fit the cache, and lets each layer's attention call
-# `cache.write` through `layer_cache` (`cache.update` is the same write with checks on every call, for
-# code that fills a cache directly). Decoding
+# start_pos + T - 1`, where `start_pos` is an int or one start per sequence (so prompts of different lengths
+# share one cache), and checks once that they fit the cache. Decoding
 # is then two phases: a **prefill** runs the whole prompt once (`start_pos = 0`), filling the cache, and
 # each **decode step** runs one token (`T = 1`) against everything cached. `decoding.generate` does this;
 # with `use_cache=False` it instead re-runs the whole sequence at every step. Both must choose the same
