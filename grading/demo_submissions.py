@@ -5,7 +5,17 @@
 `make grade-demo` grades lab 01's zip, and tests/test_autograde.py checks the exact scores each
 student of every lab's class gets. Every submission starts from the released notebook, as a
 student's would, with its solution cells filled in. ``CLASSES[lab]["expected"]`` is what each must
-score, part by part; the cases are the same for every lab, only the code that breaks differs.
+score, part by part. A class holds two kinds of cases:
+
+- ``LAB_CASES``, in every lab's class: what depends on the lab's own code and hidden tests. The
+  solution scores full marks, the blank release zero, a realistic wrong answer loses the parts that
+  use it (with its hidden test's message), and an answer that calls the library's own implementation
+  loses every part that runs it.
+- ``GRADER_CASES``, in lab 01's class only (``GRADER_LAB``): the grader's guarantees, which hold
+  whatever the lab, because the code that keeps them never looks at the lab: a cell that never
+  returns, a kernel that dies, edited, deleted and forged test cells, stray files beside the
+  notebook, warnings and stderr, a file that is no notebook, no notebook at all. One lab proves them;
+  grading them for every lab would cost minutes per lab and could catch nothing more.
 """
 
 import json
@@ -25,16 +35,28 @@ FULL_LAB03 = {"p1_tests": 3, "p2_tests": 3, "p3_tests": 3, "p4_tests": 3, "p5_te
 FULL_LAB04 = {"p1_tests": 3, "p2_tests": 2, "p3_tests": 3, "p4_tests": 2}
 ZERO = dict.fromkeys(FULL_LAB01, 0)
 
+LAB_CASES = ("solution", "blank", "wrong_*", "library_call")  # wrong_<what the mistake is>
+GRADER_CASES = ("infinite_loop", "kernel_crash", "edited_tests", "stray_files", "noisy_warnings",
+                "not_a_notebook", "only_a_pdf")
+GRADER_LAB = "lab01_transformer_basics"
+
 # For each lab: student -> points per graded cell (the reasons are the point of each case), and the
-# answers that make each hostile case. "edited" names the cells the edited_tests student tampers with.
+# answers that make each case: "wrong" and "library_call" for every lab, and for GRADER_LAB also
+# "infinite_loop", "kernel_crash", "noisy" (the cell and the line after which the noise goes) and
+# "edited" (the cells the edited_tests student tampers with).
 CLASSES = {
     "lab01_transformer_basics": {
         "expected": {
+            # -- LAB_CASES
             "solution": FULL_LAB01,
             "blank": ZERO,
             # LayerNorm instead of RMSNorm: part 2 fails, and so does the block built on it.
             "wrong_rmsnorm": {**FULL_LAB01, "p2_tests": 0, "p4_tests": 0},
-            # The block never returns: only part 4 is lost, after the per-cell timeout.
+            # Attention that calls the library's: every part that runs it (1, 4 and 5) scores zero.
+            "library_call": {**FULL_LAB01, "p1_tests": 0, "p4_tests": 0, "p5_tests": 0},
+            # -- GRADER_CASES (this lab only)
+            # The block never returns: only part 4 is lost (its visible test and its graded cell both
+            # hang, each until the per-cell timeout).
             "infinite_loop": {**FULL_LAB01, "p4_tests": 0},
             # swiglu kills the kernel: parts 3 and 4 (which calls swiglu) are lost; the rest still counts.
             "kernel_crash": {**FULL_LAB01, "p3_tests": 0, "p4_tests": 0},
@@ -42,8 +64,6 @@ CLASSES = {
             "edited_tests": FULL_LAB01,
             # A torch.py and an effml_lib/ beside the notebook must not be imported.
             "stray_files": FULL_LAB01,
-            # Attention that calls the library's: every part that runs it (1, 4 and 5) scores zero.
-            "library_call": {**FULL_LAB01, "p1_tests": 0, "p4_tests": 0, "p5_tests": 0},
             # Warnings and stderr output cost nothing.
             "noisy_warnings": FULL_LAB01,
             # Nothing gradable: still a row in the CSV, with zero and a reason.
@@ -67,17 +87,8 @@ CLASSES = {
             "blank": ZERO,
             # The interleaved pairing ignored (always half-split): only part 2 checks it.
             "wrong_pairing": {**FULL_LAB02, "p2_tests": 0},
-            # The conversion never returns: only part 3 is lost.
-            "infinite_loop": {**FULL_LAB02, "p3_tests": 0},
-            # score_by_distance kills the kernel: part 4 is lost, the rest still counts.
-            "kernel_crash": {**FULL_LAB02, "p4_tests": 0},
-            "edited_tests": FULL_LAB02,
-            "stray_files": FULL_LAB02,
             # apply_rope that calls the library's: every part that runs it (2, 4 and 5) scores zero.
             "library_call": {**FULL_LAB02, "p2_tests": 0, "p4_tests": 0, "p5_tests": 0},
-            "noisy_warnings": FULL_LAB02,
-            "not_a_notebook": ZERO,
-            "only_a_pdf": ZERO,
         },
         "wrong": {"p2_solution": (
             "def apply_rope(x, cos, sin, positions=None, interleaved=False):\n"
@@ -86,35 +97,21 @@ CLASSES = {
             "    if positions.dim() == 2:\n        c, s = c[:, None], s[:, None]\n"
             "    x1, x2 = x.float().chunk(2, dim=-1)  # always half-split: interleaved is ignored\n"
             "    return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).to(x.dtype)")},
-        "infinite_loop": {"p3_solution": "def interleaved_to_half_split(weight, n_heads):\n    while True:\n        pass"},
-        "kernel_crash": {"p4_solution": "import os\n\ndef score_by_distance(q, k, cos, sin):\n    os._exit(1)"},
         "library_call": {"p2_solution": (
             "from effml_lib.rope import apply_rope as library_apply_rope\n\n"
             "def apply_rope(x, cos, sin, positions=None, interleaved=False):\n"
             "    return library_apply_rope(x, cos, sin, positions, interleaved)")},
-        "noisy": ("p2_solution", "def apply_rope(x, cos, sin, positions=None, interleaved=False):\n"),
-        "edited": {"forged": "p1_tests", "visible": "p1_visible", "renamed": "p4_tests", "deleted": ("p2_tests", "p3_visible")},
     },
     "lab03_kv_cache": {
         "expected": {
             "solution": FULL_LAB03,
-            "blank": ZERO,
+            "blank": dict.fromkeys(FULL_LAB03, 0),
             # Every sequence written at sequence 0's positions: the cache fails, and so does batched
             # decoding of different-length prompts; part 3 runs on the tests' own cache and part 5 on one
             # sequence, so both still count.
             "wrong_positions": {**FULL_LAB03, "p2_tests": 0, "p4_tests": 0},
-            # A search for the answer that never ends (0 bytes per element): the cell times out once, the
-            # answer stays None and only part 1 is lost.
-            "infinite_loop": {**FULL_LAB03, "p1_tests": 0},
-            # generate_greedy kills the kernel: parts 4 and 5 (which times it) are lost; the rest counts.
-            "kernel_crash": {**FULL_LAB03, "p4_tests": 0, "p5_tests": 0},
-            "edited_tests": FULL_LAB03,
-            "stray_files": FULL_LAB03,
             # Decoding with the library's cache and the model's own cached forward: parts 4 and 5 score zero.
             "library_call": {**FULL_LAB03, "p4_tests": 0, "p5_tests": 0},
-            "noisy_warnings": FULL_LAB03,
-            "not_a_notebook": ZERO,
-            "only_a_pdf": ZERO,
         },
         "wrong": {"p2_solution": (
             "class KVCache:\n"
@@ -132,15 +129,6 @@ CLASSES = {
             "        self.k[layer][:, :, where] = k_new\n"
             "        self.v[layer][:, :, where] = v_new\n"
             "        return self.k[layer], self.v[layer]")},
-        "infinite_loop": {"p1_solution": (
-            "def kv_cache_bytes(batch_size, seq_len, n_layers, n_kv_heads, head_dim, bytes_per_elem=2):\n"
-            "    return int(2 * batch_size * seq_len * n_layers * n_kv_heads * head_dim * bytes_per_elem)\n\n"
-            "free = 80 * 2**30 - 2 * MODEL_PARAMS['llama-3-8b']['total']\n"
-            "count = 0\n"
-            "while kv_cache_bytes(count + 1, 4096, 32, 8, 128, bytes_per_elem=0) <= free:  # 0 bytes: never full\n"
-            "    count += 1\n"
-            "sequences_that_fit = count")},
-        "kernel_crash": {"p4_solution": "import os\n\ndef generate_greedy(model, prompts, max_new_tokens):\n    os._exit(1)"},
         "library_call": {"p4_solution": (
             "from effml_lib.kvcache import StaticKVCache\n\n"
             "def generate_greedy(model, prompts, max_new_tokens):\n"
@@ -154,8 +142,6 @@ CLASSES = {
             "                new.append(int(logits[0, -1].argmax()))\n"
             "            out.append(new)\n"
             "    return out")},
-        "noisy": ("p1_solution", "def kv_cache_bytes(batch_size, seq_len, n_layers, n_kv_heads, head_dim, bytes_per_elem=2):\n"),
-        "edited": {"forged": "p1_tests", "visible": "p1_visible", "renamed": "p4_tests", "deleted": ("p2_tests", "p3_visible")},
     },
     "lab04_gqa": {
         "expected": {
@@ -164,17 +150,8 @@ CLASSES = {
             # Query head h reads KV head h % Hkv (interleaved groups): part 1 fails; part 4 runs MQA, where
             # every grouping is the same, so it still counts.
             "wrong_groups": {**FULL_LAB04, "p1_tests": 0},
-            # The conversion never returns: only part 3 is lost.
-            "infinite_loop": {**FULL_LAB04, "p3_tests": 0},
-            # grouped_attention kills the kernel: parts 1 and 4 (which measures it) are lost.
-            "kernel_crash": {**FULL_LAB04, "p1_tests": 0, "p4_tests": 0},
-            "edited_tests": FULL_LAB04,
-            "stray_files": FULL_LAB04,
             # The conversion is the library's mha_to_gqa: part 3 scores zero.
             "library_call": {**FULL_LAB04, "p3_tests": 0},
-            "noisy_warnings": FULL_LAB04,
-            "not_a_notebook": dict.fromkeys(FULL_LAB04, 0),
-            "only_a_pdf": dict.fromkeys(FULL_LAB04, 0),
         },
         "wrong": {"p1_solution": (
             "def grouped_attention(q, k, v, causal=True):\n"
@@ -189,19 +166,9 @@ CLASSES = {
             "        scores = scores.view(b, h_kv, g, tq, tk).masked_fill(~visible, float('-inf')).view(b, h_kv, g * tq, tk)\n"
             "    out = scores.softmax(-1) @ v.float()\n"
             "    return out.view(b, h_kv, g, tq, d).transpose(1, 2).reshape(b, h, tq, d).to(q.dtype)")},
-        "infinite_loop": {"p3_solution": (
-            "import copy\nimport dataclasses\n\n"
-            "def convert_to_gqa(model, n_kv_heads):\n"
-            "    converted = copy.deepcopy(model)\n"
-            "    while converted.config.n_kv_heads != n_kv_heads:  # never updated: loops for ever\n"
-            "        pass\n"
-            "    return converted")},
-        "kernel_crash": {"p1_solution": "import os\n\ndef grouped_attention(q, k, v, causal=True):\n    os._exit(1)"},
         "library_call": {"p3_solution": (
             "from effml_lib.attention import mha_to_gqa\n\n"
             "def convert_to_gqa(model, n_kv_heads):\n    return mha_to_gqa(model, n_kv_heads)")},
-        "noisy": ("p2_solution", "def pool_heads(weight, head_dim, n_groups):\n"),
-        "edited": {"forged": "p1_tests", "visible": "p1_visible", "renamed": "p4_tests", "deleted": ("p2_tests", "p3_visible")},
     },
 }
 EXPECTED = CLASSES[LAB]["expected"]
@@ -247,33 +214,41 @@ def edited_tests(lab: str = LAB):
     return nb
 
 
+def wrong_case(lab: str = LAB) -> str:
+    """The name of the lab's wrong answer, e.g. "wrong_rmsnorm"."""
+    return next(s for s in CLASSES[lab]["expected"] if s.startswith("wrong_"))
+
+
 def submissions(lab: str = LAB) -> dict[str, dict[str, bytes]]:
-    """Student -> {file name: bytes}."""
-    spec, sol = CLASSES[lab], solution_code(lab)
-    as_bytes = lambda nb: nbformat.writes(nb).encode()  # noqa: E731
+    """Student -> {file name: bytes}, for each student of the lab's class."""
+    spec = CLASSES[lab]
     nb_name = f"{lab}.ipynb"
-    noisy_cell, noisy_def = spec["noisy"]
-    wrong = next(s for s in spec["expected"] if s.startswith("wrong_"))
-    return {
-        "solution": {nb_name: as_bytes(filled(lab=lab))},
-        "blank": {nb_name: as_bytes(release(lab))},
-        wrong: {nb_name: as_bytes(filled(spec["wrong"], lab))},
-        "infinite_loop": {nb_name: as_bytes(filled(spec["infinite_loop"], lab))},
-        "kernel_crash": {nb_name: as_bytes(filled(spec["kernel_crash"], lab))},
-        "edited_tests": {nb_name: as_bytes(edited_tests(lab))},
-        "stray_files": {
-            nb_name: as_bytes(filled(lab=lab)),
+
+    def notebook(nb, **beside):
+        return {nb_name: nbformat.writes(nb).encode(), **beside}
+
+    def noisy():
+        noisy_cell, noisy_def = spec["noisy"]
+        return filled({noisy_cell: "import sys, warnings\n" + solution_code(lab)[noisy_cell].replace(
+            noisy_def, noisy_def + "    warnings.warn('this warning costs nothing')\n"
+            "    print('noise on stderr', file=sys.stderr)\n")}, lab)
+
+    make = {  # built only for the students the class has: GRADER_CASES' answers exist for GRADER_LAB only
+        "solution": lambda: notebook(filled(lab=lab)),
+        "blank": lambda: notebook(release(lab)),
+        wrong_case(lab): lambda: notebook(filled(spec["wrong"], lab)),
+        "library_call": lambda: notebook(filled(spec["library_call"], lab)),
+        "infinite_loop": lambda: notebook(filled(spec["infinite_loop"], lab)),
+        "kernel_crash": lambda: notebook(filled(spec["kernel_crash"], lab)),
+        "edited_tests": lambda: notebook(edited_tests(lab)),
+        "stray_files": lambda: notebook(filled(lab=lab), **{
             "torch.py": b'raise SystemExit("a stray torch.py beside the notebook was imported")\n',
-            "effml_lib/__init__.py": b'raise SystemExit("a stray effml_lib beside the notebook was imported")\n',
-        },
-        "library_call": {nb_name: as_bytes(filled(spec["library_call"], lab))},
-        "noisy_warnings": {nb_name: as_bytes(filled({
-            noisy_cell: "import sys, warnings\n" + sol[noisy_cell].replace(
-                noisy_def, noisy_def + "    warnings.warn('this warning costs nothing')\n"
-                "    print('noise on stderr', file=sys.stderr)\n")}, lab))},
-        "not_a_notebook": {nb_name: b"{ this is not json"},
-        "only_a_pdf": {"report.pdf": b"%PDF-1.4 not really"},
+            "effml_lib/__init__.py": b'raise SystemExit("a stray effml_lib beside the notebook was imported")\n'}),
+        "noisy_warnings": lambda: notebook(noisy()),
+        "not_a_notebook": lambda: {nb_name: b"{ this is not json"},
+        "only_a_pdf": lambda: {"report.pdf": b"%PDF-1.4 not really"},
     }
+    return {student: make[student]() for student in spec["expected"]}
 
 
 def write_zip(path: Path, lab: str = LAB) -> Path:

@@ -1,8 +1,10 @@
 """The grading chain end to end, offline: a class's LMS zip -> autograde -> feedback -> grades CSV.
 
-Each lab's class (grading/demo_submissions.py) holds the solution, the blank release, a wrong answer,
-an infinite loop, a kernel crash, edited and deleted test cells, stray files, a call to the library's
-own implementation, noisy warnings and two ungradable submissions; each must get its exact score.
+Each lab's class (grading/demo_submissions.py) holds what depends on the lab: the solution, the blank
+release, a wrong answer and a call to the library's own implementation. Lab 01's class also holds the
+grader's own cases, graded once because the grader handles them alike whatever the lab: an infinite
+loop, a kernel crash, edited and deleted test cells, stray files, noisy warnings and two ungradable
+submissions. Each student must get its exact score.
 """
 
 import csv
@@ -39,6 +41,7 @@ autograde = load("autograde")
 
 LABS = list(demo.CLASSES)
 CASES = [(lab, student) for lab in LABS for student in demo.CLASSES[lab]["expected"]]
+GRADER_LAB = demo.GRADER_LAB
 # What the wrong answer's feedback must say: the hidden test's message about that mistake.
 WRONG_ANSWER_MESSAGE = {"lab01_transformer_basics": "LayerNorm", "lab02_rope": "interleaved=True",
                         "lab03_kv_cache": "must go to its own positions", "lab04_gqa": "uses KV head i // 4"}
@@ -109,29 +112,67 @@ def test_feedback_does_not_reveal_hidden_tests(graded, lab):
 
 
 @pytest.mark.parametrize("lab", LABS)
-def test_feedback_explains_what_went_wrong(graded, lab):
-    out, rows, _ = graded(lab)
-    wrong = next(s for s in demo.CLASSES[lab]["expected"] if s.startswith("wrong_"))
+def test_feedback_explains_the_lab_s_mistakes(graded, lab):
+    out, _, _ = graded(lab)
+    explanations = {demo.wrong_case(lab): WRONG_ANSWER_MESSAGE[lab], "library_call": "unavailable while this part is graded"}
+    for student, phrase in explanations.items():
+        page = (out / "feedback" / sid(student, lab) / f"{lab}.html").read_text()
+        assert phrase in page, f"{lab} {student}: the feedback should say {phrase!r}"
+
+
+@pytest.mark.parametrize("lab", LABS)
+def test_the_solution_runs_clean_and_every_graded_cell_reports(graded, lab):
+    """Not only full marks: the visible tests pass too (an error there costs no points, so the score
+    alone would not show it), and each graded cell printed that all its hidden tests passed."""
+    out, _, _ = graded(lab)
+    nb = nbformat.read(out / "autograded" / sid("solution", lab) / f"{lab}.ipynb", as_version=4)
+    errors = [(c.metadata.get("nbgrader", {}).get("grade_id") or f"cell {i + 1}", o.get("ename"), o.get("evalue"))
+              for i, c in enumerate(nb.cells) if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
+    assert not errors, f"{lab}: the solution's notebook has errors: {errors}"
+    for cell in nb.cells:
+        if cell.metadata.get("nbgrader", {}).get("grade"):
+            text = "".join(o.get("text", "") for o in cell.outputs if o.output_type == "stream")
+            reported = autograde.PASSED_LINE.search(text)
+            assert reported and reported[1] == reported[2], f"{lab} {cell.metadata.nbgrader.grade_id}: {text!r}"
+
+
+def test_every_lab_s_class_holds_the_lab_cases_and_one_the_grader_s():
+    for lab in LABS:
+        students = list(demo.CLASSES[lab]["expected"])
+        assert students[:4] == ["solution", "blank", demo.wrong_case(lab), "library_call"], f"{lab}: {students}"
+        assert students[4:] == (list(demo.GRADER_CASES) if lab == GRADER_LAB else []), f"{lab}: {students}"
+        assert lab in WRONG_ANSWER_MESSAGE, f"{lab}: say what its wrong answer's feedback must say"
+        parts = demo.CLASSES[lab]["expected"]["solution"]
+        assert all(set(points) == set(parts) for points in demo.CLASSES[lab]["expected"].values()), (
+            f"{lab}: every student's expected scores must name every graded cell")
+
+
+def test_feedback_explains_what_the_grader_did(graded):
+    out, rows, _ = graded(GRADER_LAB)
     explanations = {
         "infinite_loop": "timed out",
         "kernel_crash": "crashed the kernel",
         "edited_tests": "restored",
+        "stray_files": "file(s) other than notebooks were ignored",
         "not_a_notebook": "not a readable notebook",
         "only_a_pdf": "no notebook",
-        "library_call": "unavailable while this part is graded",
-        wrong: WRONG_ANSWER_MESSAGE[lab],
     }
     for student, phrase in explanations.items():
-        page = (out / "feedback" / sid(student, lab) / f"{lab}.html").read_text()
-        assert phrase in page, f"{lab} {student}: the feedback should say {phrase!r}"
-    assert "timed out" in rows[sid("infinite_loop", lab)]["notes"]
-    assert rows[sid("not_a_notebook", lab)]["status"] == "not graded"
+        page = (out / "feedback" / sid(student, GRADER_LAB) / f"{GRADER_LAB}.html").read_text()
+        assert phrase in page, f"{GRADER_LAB} {student}: the feedback should say {phrase!r}"
+    assert "timed out" in rows[sid("infinite_loop", GRADER_LAB)]["notes"]
+    assert "crashed the kernel" in rows[sid("kernel_crash", GRADER_LAB)]["notes"]
+    assert rows[sid("infinite_loop", GRADER_LAB)]["status"] == "graded, some cells failed"
+    assert rows[sid("noisy_warnings", GRADER_LAB)]["status"] == "graded"
+    assert rows[sid("not_a_notebook", GRADER_LAB)]["status"] == "not graded"
+    assert rows[sid("only_a_pdf", GRADER_LAB)]["status"] == "not graded"
 
 
 @pytest.mark.parametrize("lab", LABS)
-def test_the_graded_notebooks_are_kept_for_the_instructor(graded, lab):
-    out, rows, _ = graded(lab)
-    for student in ("solution", "kernel_crash", "edited_tests"):
+def test_the_graded_notebook_is_kept_for_the_instructor(graded, lab):
+    out, _, _ = graded(lab)
+    students = ("solution", "kernel_crash", "edited_tests") if lab == GRADER_LAB else ("solution",)
+    for student in students:
         nb = nbformat.read(out / "autograded" / sid(student, lab) / f"{lab}.ipynb", as_version=4)
         ids = [c.metadata.get("nbgrader", {}).get("grade_id") for c in nb.cells]
         assert all(gid in ids for gid in demo.CLASSES[lab]["expected"]["solution"]), (
@@ -178,3 +219,10 @@ def test_restore_cells_puts_back_deleted_cells_in_place():
     assert restored == ["p1_visible", "p3_tests"]
     assert [c.metadata.get("nbgrader", {}).get("grade_id") for c in student.cells] == [*ids, None], (
         "restored cells must return to their place, and a forged graded cell must lose its nbgrader metadata")
+
+
+def test_a_byte_order_mark_does_not_make_a_notebook_unreadable():
+    data = (ROOT / "labs" / LAB / f"{LAB}.ipynb").read_bytes()
+    assert autograde.read_notebook(b"\xef\xbb\xbf" + data) == autograde.read_notebook(data)
+    with pytest.raises(Exception):
+        autograde.read_notebook(b"{ this is not json")

@@ -1,4 +1,8 @@
-"""The labs: each nbgrader source runs clean with its solutions, and the committed release is current."""
+"""The labs: the committed release is current and hides what it must, and a student's loop works.
+
+That each lab's solution runs clean (visible tests included) and passes every hidden test is checked
+where it is graded end to end, by nbgrader, in tests/test_autograde.py (the solution student of each
+lab's class): running the source notebook here as well would cost a second full run per lab."""
 
 import filecmp
 import os
@@ -18,17 +22,6 @@ SOURCES = sorted(p for p in (ROOT / "solutions").glob("lab*/*.ipynb"))
 
 def test_there_are_labs():
     assert SOURCES, "solutions/ holds no lab"
-
-
-@pytest.mark.parametrize("source", SOURCES, ids=[p.stem for p in SOURCES])
-def test_solution_passes_its_visible_and_hidden_tests(source, tmp_path):
-    nb = nbformat.read(source, as_version=4)
-    NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
-    graded = [c for c in nb.cells if c.metadata.get("nbgrader", {}).get("grade")]
-    assert graded, "a lab needs graded cells"
-    for cell in graded:
-        text = "".join(o.get("text", "") for o in cell.outputs if o.output_type == "stream")
-        assert "hidden tests passed" in text and "FAILED" not in text, f"{cell.metadata.nbgrader.grade_id}: {text}"
 
 
 @pytest.mark.parametrize("source", SOURCES, ids=[p.stem for p in SOURCES])
