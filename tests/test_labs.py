@@ -5,6 +5,7 @@ where it is graded end to end, by nbgrader, in tests/test_autograde.py (the solu
 lab's class): running the source notebook here as well would cost a second full run per lab."""
 
 import filecmp
+import importlib
 import os
 import re
 import subprocess
@@ -29,8 +30,8 @@ def test_committed_release_is_regenerated_from_the_source(source, tmp_path):
     name = source.parent.name
     bin_dir = Path(sys.executable).parent
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
-    subprocess.run(
-        [str(bin_dir / "nbgrader"), "generate_assignment", name, "--force", "--log-level=WARN",
+    subprocess.run(  # `nbgrader generate_assignment`, as `make labs` runs it (the grader's quicker start)
+        [*grading_module("autograde").NBGRADER, "generate_assignment", name, "--force", "--log-level=WARN",
          f"--CourseDirectory.release_directory={tmp_path}", f"--CourseDirectory.db_url=sqlite:///{tmp_path}/gradebook.db"],
         cwd=ROOT / "grading", env=env, check=True, capture_output=True,
     )
@@ -74,14 +75,18 @@ STUDENT_LOOPS = {
 }
 
 
-def demo_class_wrong_answer(lab: str, grade_id: str) -> str:
-    """The wrong answer the lab's demo class (grading/demo_submissions.py) gives to ``grade_id``."""
+def grading_module(name: str):
+    """A module of grading/ (``demo_submissions``, ``autograde``), imported from there."""
     sys.path.insert(0, str(ROOT / "grading"))
     try:
-        import demo_submissions
+        return importlib.import_module(name)
     finally:
         sys.path.pop(0)
-    return demo_submissions.CLASSES[lab]["wrong"][grade_id]
+
+
+def demo_class_wrong_answer(lab: str, grade_id: str) -> str:
+    """The wrong answer the lab's demo class (grading/demo_submissions.py) gives to ``grade_id``."""
+    return grading_module("demo_submissions").CLASSES[lab]["wrong"][grade_id]
 
 
 @pytest.mark.parametrize("name", list(STUDENT_LOOPS))
