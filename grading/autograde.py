@@ -24,6 +24,7 @@ import argparse
 import concurrent.futures
 import csv
 import html
+import json
 import os
 import re
 import resource
@@ -184,26 +185,22 @@ def restore_cells(submitted, release) -> list[str]:
 NBGRADER_CONFIG = """\
 import sys
 sys.path.insert(0, {grading!r})
-from resilient_execute import ResilientExecute
 from hide_test_code import ShortenTestTracebacks
-from nbgrader.preprocessors import (IgnorePattern, LimitOutput, SaveAutoGrades, AssignLatePenalties,
-                                    CheckCellMetadata, GetGrades, ClearHiddenTests)
-from nbconvert.preprocessors import CSSHTMLHeaderPreprocessor
-from nbconvert.preprocessors import ClearMetadataPreprocessor
+from nbgrader.preprocessors import (LimitOutput, SaveAutoGrades, AssignLatePenalties, CheckCellMetadata, GetGrades,
+                                    ClearHiddenTests, DeduplicateIds, OverwriteKernelspec, OverwriteCells)
+from nbconvert.preprocessors import CSSHTMLHeaderPreprocessor, ClearMetadataPreprocessor
 
 c = get_config()
 c.CourseDirectory.root = {root!r}
 c.CourseDirectory.course_id = "effml"
 c.CourseDirectory.db_url = "sqlite:///" + {root!r} + "/gradebook.db"
-c.Autograde.autograde_preprocessors = [ResilientExecute, IgnorePattern, ClearMetadataPreprocessor,
-                                       LimitOutput, SaveAutoGrades, AssignLatePenalties, CheckCellMetadata]
+# nbgrader runs nothing here: the notebook was run in the sandbox and the hidden tests outside it
+# (grading/trusted.py); the outputs it reads, graded cells' included, are the ones this driver wrote.
+c.Autograde.sanitize_preprocessors = [DeduplicateIds, OverwriteKernelspec, OverwriteCells, CheckCellMetadata]
+c.Autograde.autograde_preprocessors = [ClearMetadataPreprocessor, LimitOutput, SaveAutoGrades, AssignLatePenalties,
+                                       CheckCellMetadata]
 c.Autograde.create_student = True
-# Feedback shows each graded cell's results, not the code between its hidden-test markers, not even
-# as quoted in a traceback.
 c.GenerateFeedback.preprocessors = [GetGrades, CSSHTMLHeaderPreprocessor, ClearHiddenTests, ShortenTestTracebacks]
-c.ResilientExecute.timeout = {cell_timeout}
-c.ResilientExecute.startup_timeout = 120
-c.ResilientExecute.kernel_name = "python3"
 c.OverwriteKernelspec.enabled = True
 c.OverwriteCells.add_missing_cells = True
 c.ClearSolutions.code_stub = {{"python": "# YOUR CODE HERE\\nraise NotImplementedError()"}}
@@ -213,8 +210,7 @@ c.ClearSolutions.code_stub = {{"python": "# YOUR CODE HERE\\nraise NotImplemente
 def write_course(root: Path, lab: str, cell_timeout: int) -> None:
     (root / "source").mkdir(parents=True, exist_ok=True)
     shutil.copytree(ROOT / "solutions" / lab, root / "source" / lab, dirs_exist_ok=True)
-    (root / "nbgrader_config.py").write_text(NBGRADER_CONFIG.format(
-        grading=str(ROOT / "grading"), root=str(root), cell_timeout=cell_timeout))
+    (root / "nbgrader_config.py").write_text(NBGRADER_CONFIG.format(grading=str(ROOT / "grading"), root=str(root)))
 
 
 # nbgrader's command line, run as `nbgrader ARGS` runs it, less a needless cost. nbgrader imports
@@ -289,27 +285,28 @@ def grade_one(sub: Submission, lab: str, template: Path, work: Path, out: Path, 
     restored = restore_cells(nb, release)
     if restored:
         notes.append(f"deleted or altered cells were restored from the lab: {', '.join(restored)}")
-    submitted = course / "submitted" / sub.student / lab
-    submitted.mkdir(parents=True)
-    nbformat.write(nb, submitted / f"{lab}.ipynb")
 
-    home = course / "home"  # the kernel's HOME: nothing it writes there reaches another student
-    home.mkdir()
-    env = {**os.environ, "HOME": str(home), "IPYTHONDIR": str(home / ".ipython"), "MPLCONFIGDIR": str(home / ".mpl"),
-           "EFFML_HIDDEN_TESTS": os.environ.get("EFFML_HIDDEN_TESTS", str(ROOT / "grading" / "hidden")), "OMP_NUM_THREADS": str(opts.threads),
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}", "PYTHONNOUSERSITE": "1"}
-    env.pop("PYTHONPATH", None)
     with open(log_path, "w") as log:
-        problem = nbgrader(["autograde", lab, "--student", sub.student, "--force"], course, env,
-                           opts.student_timeout, log, opts.memory_gb)
+        result = run_trusted(nb, lab, course, opts, log)
+        if result is None:
+            notes.append("the grader could not finish this notebook in time (see the log); nothing was scored")
+            return finish("not graded")
+        compose(nb, result, lab)
+        if result.get("isolated") is False:
+            notes.append("graded WITHOUT a sandbox (no working bubblewrap on the grading machine)")
+        notes.extend(result.get("notes", []))
+        submitted = course / "submitted" / sub.student / lab
+        submitted.mkdir(parents=True)
+        nbformat.write(nb, submitted / f"{lab}.ipynb")
+        env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+        problem = nbgrader(["autograde", lab, "--student", sub.student, "--force"], course, env, 600, log)
         autograded = course / "autograded" / sub.student / lab / f"{lab}.ipynb"
         if problem or not autograded.is_file():
             notes.append(problem or "nbgrader wrote no graded notebook")
             return finish("not graded")
         graded_nb = nbformat.read(autograded, as_version=4)
         scores.update(read_scores(course, lab, sub.student, graded_nb, parts, notes))
-        problem = nbgrader(["generate_feedback", lab, "--student", sub.student, "--force"], course, env,
-                           600, log)
+        problem = nbgrader(["generate_feedback", lab, "--student", sub.student, "--force"], course, env, 600, log)
         if problem:
             notes.append(problem)
     (out / "autograded" / sub.student).mkdir(parents=True, exist_ok=True)
@@ -317,6 +314,149 @@ def grade_one(sub: Submission, lab: str, template: Path, work: Path, out: Path, 
     broken = describe_broken_cells(graded_nb)
     notes.extend(broken)
     return finish("graded, some cells failed" if broken else "graded")
+
+
+# --- the sandboxed run and what it left --------------------------------------------------------
+
+def sandbox_cells(nb, lab_id: str) -> list[dict]:
+    """The code cells to run, in order; a graded cell becomes a marker where its part's names are kept."""
+    from parts import PARTS
+
+    part_of_cell = {p["grade_id"]: p["part"] for p in PARTS[lab_id]["parts"]}
+    cells = []
+    for index, cell in enumerate(nb.cells):
+        if cell.get("cell_type") != "code":
+            continue
+        gid = _grade_id(cell)
+        if gid in part_of_cell and cell.metadata.get("nbgrader", {}).get("grade"):
+            cells.append({"index": index, "part": part_of_cell[gid]})
+        else:
+            source = cell.get("source", "")
+            cells.append({"index": index, "source": source if isinstance(source, str) else "".join(source)})
+    return cells
+
+
+def run_trusted(nb, lab: str, course: Path, opts, log) -> dict | None:
+    """grading/trusted.py for one student, in a process of its own (pytest's state is per process);
+    the sandbox it starts dies with it. None if it did not finish."""
+    from parts import PARTS, lab_of
+
+    lab_id = lab_of(lab)
+    job_path, result_path = course / "job.json", course / "result.json"
+    job = {"lab": lab_id, "cells": sandbox_cells(nb, lab_id), "work": str(opts.sandbox_work), "cell_timeout": opts.cell_timeout,
+           "threads": opts.threads, "limits": {"cpu_seconds": opts.student_timeout,
+                                               "memory_bytes": int(opts.memory_gb * 2**30) if opts.memory_gb else 0},
+           "hide": [str(p) for p in opts.secrets]}
+    job_path.write_text(json.dumps(job))
+    log.write(f"$ trusted.py (lab {lab_id}, {len(job['cells'])} code cells)\n")
+    log.flush()
+    env = {**os.environ, "OMP_NUM_THREADS": str(opts.threads)}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "grading" / "trusted.py"), str(job_path), str(result_path)],
+                            cwd=course, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        proc.wait(timeout=opts.student_timeout)
+    except subprocess.TimeoutExpired:
+        log.write(f"trusted.py ran past --student-timeout ({opts.student_timeout} s) and was stopped\n")
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+    if proc.returncode != 0 or not result_path.is_file():
+        return None
+    result = json.loads(result_path.read_text())
+    log.write(f"sandboxed: {result.get('isolated')}; {result.get('seconds', 0):.0f} s\n")
+    return result
+
+
+# Error names written into cells that hung or crashed; describe_broken_cells looks for them.
+TIMEOUT_ENAME, CRASH_ENAME = "CellTimeoutError", "KernelDied"
+MAX_TEXT = 20_000  # characters of one stream or plain-text output kept in the graded notebook
+MAX_IMAGE = 2 * 2**20  # bytes of one base64 PNG
+MAX_OUTPUTS = 30  # outputs of one cell
+MAX_NOTEBOOK_OUTPUT = 8 * 2**20  # characters of all outputs together
+
+
+def _cut(text, limit: int) -> str:
+    text = text if isinstance(text, str) else ""
+    return text if len(text) <= limit else text[:limit] + f"\n[… {len(text) - limit:,} more characters cut by the grader]"
+
+
+def clean_output(output: dict) -> dict | None:
+    """One output of the student's cell, as the feedback may show it: text cut to size, images
+    checked to be PNGs, and nothing that a browser would run (HTML, JavaScript) kept."""
+    kind = output.get("output_type") if isinstance(output, dict) else None
+    if kind == "stream":
+        return nbformat.v4.new_output("stream", name="stderr" if output.get("name") == "stderr" else "stdout",
+                                      text=_cut(output.get("text"), MAX_TEXT))
+    if kind == "display_data":
+        data, kept = output.get("data") if isinstance(output.get("data"), dict) else {}, {}
+        png = data.get("image/png")
+        if isinstance(png, str) and len(png) <= MAX_IMAGE and re.fullmatch(r"[A-Za-z0-9+/=\s]+", png) and png.lstrip().startswith("iVBOR"):
+            kept["image/png"] = png
+        if isinstance(data.get("text/plain"), str):
+            kept["text/plain"] = _cut(data["text/plain"], MAX_TEXT)
+        return nbformat.v4.new_output("display_data", data=kept) if kept else None
+    if kind == "error":
+        trace = output.get("traceback") if isinstance(output.get("traceback"), list) else []
+        return nbformat.v4.new_output("error", ename=_cut(output.get("ename"), 100), evalue=_cut(output.get("evalue"), 2000),
+                                      traceback=[_cut(line, 1000) for line in trace[-20:] if isinstance(line, str)])
+    return None
+
+
+def compose(nb, result: dict, lab: str) -> None:
+    """Put the sandbox's outputs into the student's cells and the hidden tests' results into the
+    graded cells, which nbgrader then scores (an error output there: zero)."""
+    from parts import PARTS, lab_of
+
+    lab_id = lab_of(lab)
+    part_of_cell = {p["grade_id"]: p["part"] for p in PARTS[lab_id]["parts"]}
+    cell_outputs, broken, parts = result.get("cells", {}), result.get("broken", {}), result.get("parts", {})
+    budget = MAX_NOTEBOOK_OUTPUT
+    for index, cell in enumerate(nb.cells):
+        if cell.get("cell_type") != "code":
+            continue
+        cell["execution_count"] = None
+        gid = _grade_id(cell)
+        if gid in part_of_cell and cell.metadata.get("nbgrader", {}).get("grade"):
+            cell["outputs"] = graded_outputs(lab_id, part_of_cell[gid], parts.get(part_of_cell[gid]))
+            continue
+        outputs = [o for o in (clean_output(o) for o in cell_outputs.get(str(index), [])[:MAX_OUTPUTS]) if o is not None]
+        size = len(json.dumps(outputs))
+        if size > budget:
+            outputs = [nbformat.v4.new_output("stream", name="stdout", text="[outputs left out: the notebook's outputs "
+                                              "are over the grader's size limit]")]
+        budget -= min(size, budget)
+        what = broken.get(str(index))
+        if what == "timeout":
+            outputs.append(nbformat.v4.new_output("error", ename=TIMEOUT_ENAME, evalue="this cell ran longer than the time "
+                                                  "allowed and was stopped; the notebook was then run again without it",
+                                                  traceback=[]))
+        elif what == "crash":
+            outputs.append(nbformat.v4.new_output("error", ename=CRASH_ENAME, evalue="the Python process died while running "
+                                                  "this cell (os._exit, a crash or out of memory); the notebook was then run "
+                                                  "again without it", traceback=[]))
+        cell["outputs"] = outputs
+
+
+def graded_outputs(lab_id: str, part: str, outcome: dict | None) -> list:
+    """A graded cell's outputs, all written here: the count, each failed test's name and message, the
+    part's figure, and an error when it did not pass (which is what makes nbgrader give zero)."""
+    outcome = outcome or {"ok": False, "passed": 0, "total": 0, "failures": [], "error": "the part was not run"}
+    lines = [f"{lab_id} / {part}: {outcome.get('passed', 0)} of {outcome.get('total', 0)} hidden tests passed"]
+    lines += [f"  FAILED {name}: {message}" for name, message in outcome.get("failures", [])]
+    if outcome.get("error"):
+        lines.append(f"  {outcome['error']}")
+    outputs = [nbformat.v4.new_output("stream", name="stdout", text="\n".join(lines) + "\n")]
+    for png in outcome.get("figures", []):
+        outputs.append(nbformat.v4.new_output("display_data", data={"image/png": png, "text/plain": "<the part's timing plot>"}))
+    if not outcome.get("ok"):
+        failed = len(outcome.get("failures", []))
+        why = f"{failed} hidden test(s) failed" if failed else outcome.get("error") or "the hidden tests did not pass"
+        outputs.append(nbformat.v4.new_output("error", ename="AssertionError", evalue=f"{lab_id} / {part}: {why}",
+                                              traceback=[f"AssertionError: {lab_id} / {part}: {why}"]))
+    return outputs
 
 
 def read_scores(course: Path, lab: str, student: str, graded_nb, parts, notes) -> dict[str, float]:
@@ -342,13 +482,11 @@ def read_scores(course: Path, lab: str, student: str, graded_nb, parts, notes) -
 
 
 def describe_broken_cells(graded_nb) -> list[str]:
-    from resilient_execute import CRASH_ENAME, TIMEOUT_ENAME
-
     notes = []
     for index, cell in enumerate(graded_nb.cells):
         for out in cell.get("outputs", []):
             if out.get("output_type") == "error" and out.get("ename") in (TIMEOUT_ENAME, CRASH_ENAME):
-                what = "timed out" if out["ename"] == TIMEOUT_ENAME else "crashed the kernel"
+                what = "timed out" if out["ename"] == TIMEOUT_ENAME else "crashed its process"
                 notes.append(f"cell {index + 1} ({_grade_id(cell) or 'your code'}) {what}")
     return notes
 
@@ -441,7 +579,20 @@ def main(argv=None) -> int:
     subs = collect(opts.submissions, opts.lab)
     print(f"{len(subs)} submissions from {opts.submissions}; grading {opts.jobs} at a time")
     work = Path(tempfile.mkdtemp(prefix="effml-autograde-"))
+    opts.sandbox_work = work / "sandbox"
+    # What no sandbox may see even where it lies under a folder the sandbox is given.
+    opts.secrets = [ROOT / "grading", ROOT / "solutions", opts.submissions.resolve(), out, work, ROOT / "gradebook.db"]
+    if os.environ.get("EFFML_HIDDEN_TESTS"):
+        opts.secrets.append(Path(os.environ["EFFML_HIDDEN_TESTS"]).resolve())
     try:
+        from parts import lab_of, library_names
+        from sandbox import bubblewrap, library_without
+
+        library_without(library_names(lab_of(opts.lab)), opts.sandbox_work / "lib")
+        if bubblewrap() is None:
+            print("WARNING: no working bubblewrap (bwrap) on this machine: students' code will run WITHOUT a sandbox, "
+                  "with your user's rights. Install it (Debian/Ubuntu: sudo apt-get install bubblewrap) before grading "
+                  "a class you do not trust.", file=sys.stderr, flush=True)
         template, release, parts = prepare(opts.lab, work, opts.cell_timeout)
         with concurrent.futures.ThreadPoolExecutor(opts.jobs) as pool:
             futures = {pool.submit(grade_one, s, opts.lab, template, work, out, release, parts, opts): s for s in subs}

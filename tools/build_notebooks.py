@@ -12,9 +12,9 @@ Options this tool reads, besides ordinary metadata such as `tags=["parameters"]`
                                          notebooks share live there once (leave the cell empty)
     nbgrader={"grade_id": "p1_solution", "solution": true}
                                          nbgrader's cell metadata; fields left out take the values below
-    graded={"part": "rmsnorm", "points": 2}
-                                         a lab's graded cell: tools/cells/graded.py, which runs the hidden
-                                         tests of that part (leave the cell empty)
+    graded={"part": "rmsnorm"}           a lab's graded cell (leave it empty): tools/cells/graded.py, worth
+                                         the points grading/parts.py gives that part; grading puts the
+                                         results of the part's hidden tests in its output
 
 Usage:
     python tools/build_notebooks.py SOURCE...            write each notebook, unexecuted
@@ -97,21 +97,29 @@ def expand(cell, where: str, lab: str | None):
     if "shared" in meta:
         cell.source = shared_cell(meta.pop("shared"), repository=repository_url())
     if "graded" in meta:
-        cell.source, grading = graded_cell(meta.pop("graded"), where, lab)
+        cell.source, grading = graded_cell(meta.pop("graded"), where, lab, meta.get("nbgrader", {}).get("grade_id"))
         meta["nbgrader"] = {**meta.get("nbgrader", {}), **grading}
     if "nbgrader" in meta:
         meta["nbgrader"] = nbgrader_metadata(meta["nbgrader"], where)
     return cell
 
 
-def graded_cell(graded: dict, where: str, lab: str | None) -> tuple[str, dict]:
-    """A graded cell's code (the call to its part's hidden tests) and its nbgrader fields."""
+def graded_cell(graded: dict, where: str, lab: str | None, grade_id: str | None) -> tuple[str, dict]:
+    """A graded cell's text and its nbgrader fields; its points come from grading/parts.py's table."""
     if lab is None:
         raise ValueError(f"{where}: graded cells belong in labs (grading/src/labNN_*.py)")
-    if not isinstance(graded, dict) or set(graded) != {"part", "points"}:
-        raise ValueError(f'{where}: graded must be {{"part": <hidden suite part>, "points": <int>}}, got {graded!r}')
-    source = shared_cell("graded", lab=lab, part=graded["part"], points=graded["points"])
-    return source, {"grade": True, "locked": True, "points": graded["points"]}
+    if not isinstance(graded, dict) or set(graded) != {"part"}:
+        raise ValueError(f'{where}: graded must be {{"part": <hidden suite part>}} (points are in grading/parts.py), '
+                         f'got {graded!r}')
+    sys.path.insert(0, str(ROOT / "grading"))
+    from parts import PARTS
+
+    table = {p["part"]: p for p in PARTS.get(lab, {}).get("parts", [])}
+    part = table.get(graded["part"])
+    if part is None or part["grade_id"] != grade_id:
+        raise ValueError(f"{where}: grading/parts.py has no part {graded['part']!r} of {lab} with grade_id {grade_id!r}")
+    source = shared_cell("graded", lab=lab, part=part["part"], points=part["points"])
+    return source, {"grade": True, "locked": True, "points": part["points"]}
 
 
 def nbgrader_metadata(given: dict, where: str) -> dict:

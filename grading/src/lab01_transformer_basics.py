@@ -60,7 +60,7 @@ assert torch.allclose(last, out[:, :, -1:], atol=1e-5), (
 print("part 1: visible tests passed")
 
 
-# %% nbgrader={"grade_id": "p1_tests"} graded={"part": "attention", "points": 3}
+# %% nbgrader={"grade_id": "p1_tests"} graded={"part": "attention"}
 
 # %% [markdown] nbgrader={"grade_id": "p2_intro", "locked": true}
 # ## Part 2 · RMSNorm (2 points)
@@ -86,7 +86,7 @@ assert torch.allclose(rms_norm(x, torch.tensor([2.0, 0.5]), eps=0.0), out * torc
 print("part 2: visible tests passed")
 
 
-# %% nbgrader={"grade_id": "p2_tests"} graded={"part": "rmsnorm", "points": 2}
+# %% nbgrader={"grade_id": "p2_tests"} graded={"part": "rmsnorm"}
 
 # %% [markdown] nbgrader={"grade_id": "p3_intro", "locked": true}
 # ## Part 3 · SwiGLU feed-forward (2 points)
@@ -111,7 +111,7 @@ assert torch.allclose(swiglu(x, torch.zeros(6, 4), w2, w3), torch.zeros(2, 3, 4)
 print("part 3: visible tests passed")
 
 
-# %% nbgrader={"grade_id": "p3_tests"} graded={"part": "swiglu", "points": 2}
+# %% nbgrader={"grade_id": "p3_tests"} graded={"part": "swiglu"}
 
 # %% [markdown] nbgrader={"grade_id": "p4_intro", "locked": true}
 # ## Part 4 · A pre-norm decoder block (3 points)
@@ -156,7 +156,7 @@ with torch.no_grad():
 assert diff < 1e-3, f"logits differ from effml-tiny's by up to {diff:.2e}"
 print(f"part 4: visible tests passed (max logit difference {diff:.1e})")
 
-# %% nbgrader={"grade_id": "p4_tests"} graded={"part": "block", "points": 3}
+# %% nbgrader={"grade_id": "p4_tests"} graded={"part": "block"}
 
 # %% [markdown] nbgrader={"grade_id": "p5_intro", "locked": true}
 # ## Part 5 · Speed (2 points)
@@ -198,4 +198,4 @@ print(f"at T = 128 yours takes {at_128['your causal_attention'] / at_128['refere
 # attention's line lies near or below the reference's, while a loop over queries lies far above it, most
 # of all at short lengths, where its per-op overhead is nearly all of its time.
 
-# %% nbgrader={"grade_id": "p5_tests"} graded={"part": "performance", "points": 2}
+# %% nbgrader={"grade_id": "p5_tests"} graded={"part": "performance"}

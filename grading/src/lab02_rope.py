@@ -75,7 +75,7 @@ assert torch.allclose(cos_pi[8], cos[2]), "with linear scaling by 4, position 8 
 print("part 1: visible tests passed")
 
 
-# %% nbgrader={"grade_id": "p1_tests"} graded={"part": "frequencies", "points": 3}
+# %% nbgrader={"grade_id": "p1_tests"} graded={"part": "frequencies"}
 
 # %% [markdown] nbgrader={"grade_id": "p2_intro", "locked": true}
 # ## Part 2 · Rotating queries and keys (3 points)
@@ -130,7 +130,7 @@ assert apply_rope(x.bfloat16(), cos, sin).dtype == torch.bfloat16, "return x's d
 print("part 2: visible tests passed")
 
 
-# %% nbgrader={"grade_id": "p2_tests"} graded={"part": "apply_rope", "points": 3}
+# %% nbgrader={"grade_id": "p2_tests"} graded={"part": "apply_rope"}
 
 # %% [markdown] nbgrader={"grade_id": "p3_intro", "locked": true}
 # ## Part 3 · Converting a checkpoint between pairings (2 points)
@@ -172,7 +172,7 @@ assert torch.allclose(meta, hf, atol=1e-4), "converted projections with half-spl
 print("part 3: visible tests passed")
 
 
-# %% nbgrader={"grade_id": "p3_tests"} graded={"part": "conversion", "points": 2}
+# %% nbgrader={"grade_id": "p3_tests"} graded={"part": "conversion"}
 
 # %% [markdown] nbgrader={"grade_id": "p4_intro", "locked": true}
 # ## Part 4 · Scores by distance (2 points)
@@ -241,7 +241,7 @@ peak_distance = int(score_by_distance(q_head, k_head, cos_long, sin_long).argmax
 ### END SOLUTION
 print("the score peaks at distance", peak_distance)
 
-# %% nbgrader={"grade_id": "p4_tests"} graded={"part": "distance", "points": 2}
+# %% nbgrader={"grade_id": "p4_tests"} graded={"part": "distance"}
 
 # %% [markdown] nbgrader={"grade_id": "p5_intro", "locked": true}
 # ## Part 5 · Speed (2 points)
@@ -283,4 +283,4 @@ print(f"at T = 512 yours takes {at_512['your apply_rope'] / at_512['reference']:
 # rotation's line lies near the reference's, while a Python loop over positions lies far above it and
 # grows with every position it visits.
 
-# %% nbgrader={"grade_id": "p5_tests"} graded={"part": "performance", "points": 2}
+# %% nbgrader={"grade_id": "p5_tests"} graded={"part": "performance"}

@@ -82,7 +82,7 @@ assert isinstance(sequences_that_fit, int) and 100 < sequences_that_fit < 200, (
 print("part 1: visible tests passed")
 
 
-# %% nbgrader={"grade_id": "p1_tests"} graded={"part": "bytes", "points": 3}
+# %% nbgrader={"grade_id": "p1_tests"} graded={"part": "bytes"}
 
 # %% [markdown] nbgrader={"grade_id": "p2_intro", "locked": true}
 # ## Part 2 · A cache for a batch of different lengths (3 points)
@@ -152,7 +152,7 @@ except ValueError as error:
 print("part 2: visible tests passed")
 
 
-# %% nbgrader={"grade_id": "p2_tests"} graded={"part": "cache", "points": 3}
+# %% nbgrader={"grade_id": "p2_tests"} graded={"part": "cache"}
 
 # %% [markdown] nbgrader={"grade_id": "p3_intro", "locked": true}
 # ## Part 3 · The model, one step at a time (3 points)
@@ -216,7 +216,7 @@ for t, step in zip(range(9, 12), steps):
 print("part 3: visible tests passed")
 
 
-# %% nbgrader={"grade_id": "p3_tests"} graded={"part": "forward", "points": 3}
+# %% nbgrader={"grade_id": "p3_tests"} graded={"part": "forward"}
 
 # %% [markdown] nbgrader={"grade_id": "p4_intro", "locked": true}
 # ## Part 4 · Cached greedy decoding of a batch (3 points)
@@ -277,7 +277,7 @@ for b, prompt in enumerate(prompts):
     assert got[b] == expected, f"prompt {b} (length {len(prompt)}): cached {got[b]} but uncached {expected}"
 print("part 4: visible tests passed")
 
-# %% nbgrader={"grade_id": "p4_tests"} graded={"part": "generate", "points": 3}
+# %% nbgrader={"grade_id": "p4_tests"} graded={"part": "generate"}
 
 # %% [markdown] nbgrader={"grade_id": "p5_intro", "locked": true}
 # ## Part 5 · What the cache buys (2 points)
@@ -318,4 +318,4 @@ print(f"with a 384-token prompt yours takes {at_384.iloc[0] / at_384.iloc[1]:.2f
 # uncached line climbs with the prompt, since every step reprocesses it; the cached line stays far below
 # it and rises slowly, since only the prefill (once) and the attention over the cache grow with the prompt.
 
-# %% nbgrader={"grade_id": "p5_tests"} graded={"part": "performance", "points": 2}
+# %% nbgrader={"grade_id": "p5_tests"} graded={"part": "performance"}

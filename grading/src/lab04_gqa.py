@@ -79,7 +79,7 @@ assert torch.allclose(decode, out[:, :, -1:], atol=1e-5), "one query against 5 k
 print("part 1: visible tests passed")
 
 
-# %% nbgrader={"grade_id": "p1_tests"} graded={"part": "attention", "points": 3}
+# %% nbgrader={"grade_id": "p1_tests"} graded={"part": "attention"}
 
 # %% [markdown] nbgrader={"grade_id": "p2_intro", "locked": true}
 # ## Part 2 · Mean-pooling projection heads (2 points)
@@ -112,7 +112,7 @@ assert pooled[:, 0].tolist() == [1.0, 2.0, 5.0, 6.0], (
 assert pool_heads(torch.arange(8.0), 2, 1).tolist() == [3.0, 4.0], "a bias pools the same way"
 print("part 2: visible tests passed")
 
-# %% nbgrader={"grade_id": "p2_tests"} graded={"part": "pooling", "points": 2}
+# %% nbgrader={"grade_id": "p2_tests"} graded={"part": "pooling"}
 
 # %% [markdown] nbgrader={"grade_id": "p3_intro", "locked": true}
 # ## Part 3 · Converting a model (3 points)
@@ -166,7 +166,7 @@ with torch.no_grad():
     assert torch.allclose(same(tokens), tiny(tokens), atol=1e-5), "converting to as many KV heads as it has changes nothing"
 print("part 3: visible tests passed")
 
-# %% nbgrader={"grade_id": "p3_tests"} graded={"part": "conversion", "points": 3}
+# %% nbgrader={"grade_id": "p3_tests"} graded={"part": "conversion"}
 
 # %% [markdown] nbgrader={"grade_id": "p4_intro", "locked": true}
 # ## Part 4 · What grouping saves (2 points)
@@ -193,4 +193,4 @@ reference = benchmark(attention_reference, q, k, v, reps=10).median_ms
 print(f"peak memory: yours {peak / 2**20:.1f} MiB, with copied heads {copied / 2**20:.1f} MiB (graded: at most 16 MiB)")
 print(f"time: yours {yours:.2f} ms, the library's reference {reference:.2f} ms, {yours / reference:.1f}× (graded: at most 3×)")
 
-# %% nbgrader={"grade_id": "p4_tests"} graded={"part": "memory", "points": 2}
+# %% nbgrader={"grade_id": "p4_tests"} graded={"part": "memory"}

@@ -1,5 +1,2 @@
-# Graded: ${points} points. The hidden tests of this part run here when your lab is graded.
-### BEGIN HIDDEN TESTS
-from effml_lib.grading import run_hidden_tests
-passed = run_hidden_tests("${lab}", "${part}", globals())  # assigned: a bare number would read as partial credit
-### END HIDDEN TESTS
+# Graded: ${points} points. When your lab is graded, this part's hidden tests call what you defined
+# above from outside your notebook, and their results appear here. Running it yourself does nothing.

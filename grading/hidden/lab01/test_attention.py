@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from trusted import describe
 
 
 
@@ -59,5 +60,5 @@ def test_large_scores_stay_finite(student, gen, close):
 def test_low_precision_inputs(student, gen, close, dtype):
     q, k, v = (torch.randn(1, 2, 8, 16, generator=gen).to(dtype) for _ in range(3))
     out = student.causal_attention(q, k, v)
-    assert out.dtype == dtype, f"output dtype should be the input's ({dtype}), got {out.dtype}"
+    assert out.dtype == dtype, f"output dtype should be the input's ({dtype}), got {describe(out)}"
     assert close(out, reference(q, k, v), 2e-2, 2e-2), f"wrong output for {dtype} inputs"

@@ -1,39 +1,37 @@
 """Lab 01, part 5: causal_attention runs within FACTOR times the library's reference on the grading machine.
 
-The student's attention is first checked for correctness at the timed shapes (a fast wrong answer must
-not score), with PyTorch's fused attention banned. It is then timed *without* that ban: the ban works
-through dispatch modes that send every torch op through Python, which would slow the student's code
-and not the reference's. The library's attention stays unavailable to the student throughout.
+Checked correct at the timed shapes first (a fast wrong answer must not score). Then timed from the
+grader's side, in turns with the reference, each round on new random inputs, every timed result
+checked, the channel's own cost subtracted (grading/trusted.py Timing). Both run on one thread.
 """
 
 import torch
 
 from effml_lib.attention import attention_reference
-from effml_lib.grading import judge_speed, one_thread, time_interleaved, without_sdpa_ban
+from trusted import judge_speed
 
-DEVICE = "cpu"  # where lab 01 is graded
-# Allowed slowdown against the reference at the longest length: 4x on CPU (a vectorized solution takes
-# about 0.8x, a loop over queries about 9x); 4x would hold on a GPU too, where a loop is slower still.
-FACTOR = {"cpu": 4.0, "cuda": 4.0}[DEVICE]
+# Allowed slowdown against the reference at the longest length: a vectorized solution takes about
+# 0.8x, a loop over queries about 9x.
+FACTOR = 4.0
 B, H, D = 1, 4, 64
 SEQ_LENS = (32, 64, 128)  # judged at the longest; at T >= 256 a loop's matmuls start to hide its overhead
 
 
-def test_as_fast_as_the_reference(student, gen, close):
-    shapes = [(B, H, t, D) for t in SEQ_LENS]
-    inputs = [tuple(torch.randn(s, generator=gen).to(DEVICE) for _ in range(3)) for s in shapes]
+def test_as_fast_as_the_reference(student, gen, close, timing):
+    for t in SEQ_LENS:
+        q, k, v = (torch.randn(B, H, t, D, generator=gen) for _ in range(3))
+        assert close(student.causal_attention(q, k, v), attention_reference(q, k, v), 1e-5, 1e-4), (
+            f"wrong output for q, k, v of shape {(B, H, t, D)}: only a correct attention is timed")
 
-    # 1. Correct at every timed shape, with F.scaled_dot_product_attention banned.
-    for shape, (q, k, v) in zip(shapes, inputs):
-        out = student.causal_attention(q, k, v)
-        assert close(out, attention_reference(q, k, v), 1e-5, 1e-4), (
-            f"wrong output for q, k, v of shape {shape}: only a correct attention is timed")
+    def inputs_of_length(t):
+        def inputs(n):
+            qkvs = [tuple(torch.randn(B, H, t, D, generator=gen) for _ in range(3)) for _ in range(n)]
+            return [(qkv, qkv) for qkv in qkvs]
+        return inputs
 
-    # 2. Timed without the ban, on one thread (see one_thread).
-    attend = without_sdpa_ban(student.causal_attention)
-    with one_thread():
-        medians = [time_interleaved({"yours": attend, "reference": attention_reference}, qkv, DEVICE) for qkv in inputs]
+    medians = [timing.compare(student.causal_attention, attention_reference, inputs_of_length(t),
+                              check=lambda got, expected: close(got, expected, 1e-5, 1e-4)) for t in SEQ_LENS]
     judge_speed(medians, SEQ_LENS, FACTOR, "causal_attention",
-                f"Causal attention, q, k, v of shape ({B}, {H}, T, {D}), float32, {DEVICE}",
+                f"Causal attention, q, k, v of shape ({B}, {H}, T, {D}), float32, cpu",
                 "A Python loop over queries pays every op's overhead once per query: compute all queries "
                 "at once with one matmul and a mask")

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from trusted import describe
 
 
 
@@ -36,5 +37,5 @@ def test_low_precision_keeps_dtype(student, gen, close, dtype):
     x = (torch.randn(3, 64, generator=gen) * 50).to(dtype)
     weight = torch.randn(64, generator=gen).to(dtype)
     out = student.rms_norm(x, weight, 1e-5)
-    assert out.dtype == dtype, f"output dtype should be {dtype}, got {out.dtype}"
+    assert out.dtype == dtype, f"output dtype should be {dtype}, got {describe(out)}"
     assert close(out, reference(x, weight, 1e-5), 3e-2, 3e-2), f"wrong output in {dtype}: compute the mean in float32"

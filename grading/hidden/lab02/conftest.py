@@ -1,6 +1,6 @@
 """Shared pieces of lab 02's hidden tests. Every assertion carries a message: with --assert=plain
-(how effml_lib.grading runs these files) the message is all a student sees. The fixtures
-student, gen, close and value_error come from effml_lib.grading, shared by every lab."""
+(how grading/trusted.py runs these files) the message is all a student sees. The fixtures
+student, gen, close, value_error and timing come from grading/trusted.py, shared by every lab."""
 
 import pytest
 import torch

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from effml_lib.rope import rope_frequencies
+from trusted import describe
 
 PAIRINGS = [False, True]
 PAIRING_IDS = ["half_split", "interleaved"]
@@ -66,6 +67,6 @@ def test_low_precision(student, gen, close, exact, dtype):
     positions = torch.arange(1000, 1009)
     cos, sin = tables(32, 2048)
     out = student.apply_rope(x, cos, sin, positions)
-    assert out.dtype == dtype, f"output dtype should be {dtype}, got {out.dtype}"
+    assert out.dtype == dtype, f"output dtype should be {dtype}, got {describe(out)}"
     assert close(out, exact(x.float(), positions), 6e-2, 2e-2), (
         f"wrong rotation in {dtype}: compute in float32 and cast the result back once")

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from effml_lib.rope import apply_rope, rope_frequencies
+from trusted import describe
 
 
 def brute_force(q, k, distance, base, exact):
@@ -41,7 +42,7 @@ def test_peak_distance(student):
 
     answer = getattr(student, "peak_distance", None)
     assert isinstance(answer, int) and not isinstance(answer, bool), (
-        f"peak_distance should be an int computed with score_by_distance, got {answer!r}")
+        f"peak_distance should be an int computed with score_by_distance, got {describe(answer)}")
     model, tokenizer = pretrained("effml-tiny"), load_tokenizer()
     layer0, head, head_dim = model.layers[0], 1, 64
     with torch.no_grad():

@@ -4,6 +4,7 @@ and sequences_that_fit."""
 import pytest
 
 from effml_lib.kvcache import MODEL_PARAMS, MODEL_SHAPES
+from trusted import describe
 
 
 def formula(batch_size, seq_len, n_layers, n_kv_heads, head_dim, bytes_per_elem):
@@ -15,19 +16,19 @@ def test_gqa_models(student, name):
     s = MODEL_SHAPES[name]
     args = (3, 1000, s["n_layers"], s["n_kv_heads"], s["dim"] // s["n_heads"])
     got = student.kv_cache_bytes(*args, 2)
-    assert got == formula(*args, 2), f"{name} (GQA, {s['n_kv_heads']} KV heads), batch 3 x 1000 tokens: got {got}"
+    assert got == formula(*args, 2), f"{name} (GQA, {s['n_kv_heads']} KV heads), batch 3 x 1000 tokens: got {describe(got)}"
 
 
 @pytest.mark.parametrize("bytes_per_elem,label", [(4, "float32"), (1, "fp8 / int8"), (0.5, "int4")])
 def test_element_widths(student, bytes_per_elem, label):
     got = student.kv_cache_bytes(2, 4096, 32, 8, 128, bytes_per_elem)
-    assert got == formula(2, 4096, 32, 8, 128, bytes_per_elem), f"{label} ({bytes_per_elem} bytes per element): got {got}"
+    assert got == formula(2, 4096, 32, 8, 128, bytes_per_elem), f"{label} ({bytes_per_elem} bytes per element): got {describe(got)}"
     assert isinstance(got, int), f"return an int of bytes, got {type(got).__name__} for {label}"
 
 
 def test_default_is_two_bytes_and_keywords_work(student):
     got = student.kv_cache_bytes(batch_size=1, seq_len=1, n_layers=32, n_kv_heads=32, head_dim=128)
-    assert got == 512 * 2**10, f"with the default bytes_per_elem (2) Llama-2-7B costs 512 KiB per token, got {got}"
+    assert got == 512 * 2**10, f"with the default bytes_per_elem (2) Llama-2-7B costs 512 KiB per token, got {describe(got)}"
 
 
 def test_empty_cache(student):
@@ -40,6 +41,6 @@ def test_sequences_that_fit(student):
     per_sequence = formula(1, 4096, s["n_layers"], s["n_kv_heads"], s["dim"] // s["n_heads"], 2)
     expected = (80 * 2**30 - 2 * MODEL_PARAMS["llama-3-8b"]["total"]) // per_sequence
     got = student.sequences_that_fit
-    assert isinstance(got, int) and not isinstance(got, bool), f"sequences_that_fit should be an int, got {got!r}"
+    assert isinstance(got, int) and not isinstance(got, bool), f"sequences_that_fit should be an int, got {describe(got)}"
     assert got == expected, (
-        f"sequences_that_fit is {got}: whole 4096-token sequences in what 80 GiB leave after bf16 weights")
+        f"sequences_that_fit is {describe(got)}: whole 4096-token sequences in what 80 GiB leave after bf16 weights")

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from trusted import describe
 
 SHAPES = [  # (B, H, Hkv, Tq, Tk, D)
     (2, 8, 8, 6, 6, 16),     # MHA
@@ -40,5 +41,5 @@ def test_low_precision(student, gen, close, sdpa_repeated, dtype):
     q = torch.randn(1, 8, 3, 32, generator=gen).to(dtype)
     k, v = torch.randn(1, 2, 7, 32, generator=gen).to(dtype), torch.randn(1, 2, 7, 32, generator=gen).to(dtype)
     out = student.grouped_attention(q, k, v)
-    assert out.dtype == dtype, f"return q's dtype ({dtype}), got {out.dtype}"
+    assert out.dtype == dtype, f"return q's dtype ({dtype}), got {describe(out)}"
     assert close(out, sdpa_repeated(q, k, v), 2e-2, 2e-2), f"wrong output in {dtype}: compute the softmax in float32"

@@ -5,6 +5,7 @@ import torch
 
 from effml_lib.attention import mha_to_gqa
 from effml_lib.model import ModelConfig, Transformer
+from trusted import describe
 
 
 def model(n_kv_heads=6, qkv_bias=False, seed=0):
@@ -30,7 +31,7 @@ def test_logits_equal_the_reference_conversion(student, gen, close, n_kv_heads, 
 def test_every_layer_and_the_config(student):
     original = model()
     converted = student.convert_to_gqa(original, 2)
-    assert converted.config.n_kv_heads == 2, f"the copy's config must say 2 KV heads, got {converted.config.n_kv_heads}"
+    assert converted.config.n_kv_heads == 2, f"the copy's config must say 2 KV heads, got {describe(converted.config.n_kv_heads)}"
     for i, block in enumerate(converted.layers):
         assert block.attention.n_kv_heads == 2, f"layer {i}: attention.n_kv_heads must be 2"
         assert block.attention.wk.weight.shape == (2 * 8, 48) and block.attention.wv.weight.shape == (2 * 8, 48), (

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from trusted import describe
 
 
 def slow_pool(weight, head_dim, n_groups):
@@ -28,7 +29,7 @@ def test_bias(student, gen, close):
 def test_low_precision_is_averaged_in_float32(student, gen):
     weight = torch.randn(8 * 16, 32, generator=gen).to(torch.bfloat16)
     got = student.pool_heads(weight, 16, 2)
-    assert got.dtype == torch.bfloat16, f"return the input's dtype, got {got.dtype}"
+    assert got.dtype == torch.bfloat16, f"return the input's dtype, got {describe(got)}"
     assert torch.equal(got, slow_pool(weight.float(), 16, 2).to(torch.bfloat16)), "average in float32, round once"
 
 

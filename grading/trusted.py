@@ -1,0 +1,736 @@
+"""The trusted side of grading one student: runs the notebook in a sandbox, then the hidden tests here.
+
+    python grading/trusted.py JOB.json RESULT.json
+
+``JOB.json`` names the lab, the notebook's cells (code and graded markers, in order) and the
+limits; ``RESULT.json`` gets each cell's outputs and each part's hidden-test results. The
+autograde driver (grading/autograde.py) runs one of these per student and turns the result into
+nbgrader's graded notebook, scores and feedback.
+
+Nothing the student wrote runs in this process. The notebook runs in a sandboxed worker
+(grading/sandbox.py, grading/worker.py); the hidden tests run here under pytest and reach the
+student's names through the ``student`` fixture, whose calls go over grading/channel.py and come
+back as plain data. Every comparison, every timing and every message is made here. The sandbox is
+killed before the result is written.
+
+The same fixtures also run hidden suites against a namespace in this process (``LocalStudent``),
+which is how tests/test_labNN_hidden.py tries the solution and realistic mistakes quickly; values
+still cross the channel's encoding both ways, so a submission sees the same types either way.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+GRADING = Path(__file__).resolve().parent
+if str(GRADING) not in sys.path:
+    sys.path.insert(0, str(GRADING))
+
+from channel import ChannelError, Decoder, Encoder, pack, parse  # noqa: E402
+
+ROOT = GRADING.parent
+MAX_MESSAGE = 400  # characters of one failure message in feedback
+
+
+# ----------------------------------------------------------------------------- failures
+
+class StudentRaised(Exception):
+    """The student's code raised. ``type_name`` and ``message`` may be checked (is it a ValueError
+    that names ``positions``?) but are never shown: the text is the student's."""
+
+    def __init__(self, what: str, raised: dict):
+        self.type_name = str(raised.get("type", "Exception"))[:100]
+        self.builtin = bool(raised.get("builtin"))
+        self.message = str(raised.get("message", ""))
+        shown = self.type_name if self.builtin and re.fullmatch(r"[A-Za-z]+", self.type_name) else "an exception"
+        why = (" (its result could not be read)" if raised.get("unsendable") else
+               " (a stub not yet written, or a library function this lab hides while your code is graded)"
+               if shown == "NotImplementedError" else "")
+        super().__init__(f"{what} raised {shown}{why}")
+
+
+class StudentGone(Exception):
+    """The student's process hung past its time, crashed or broke the channel: nothing more can be asked."""
+
+
+# ----------------------------------------------------------------------------- the remote side
+
+class Remote:
+    """The trusted end of one worker's channel. ``request`` sends one message and returns the
+    final reply, answering the worker's callbacks (calls on the test's objects) in between."""
+
+    def __init__(self, endpoint, deadline: float | None = None):
+        self.endpoint = endpoint
+        self.deadline = deadline
+        self.objects: dict[int, object] = {}  # this side's objects the worker holds handles to
+        self.dead: str | None = None
+        self.library: set[str] = set()  # the lab's hidden library names, run here on request ...
+        self.library_open = False  # ... only while the notebook runs
+
+    def register(self, obj) -> tuple[int, str]:
+        handle = len(self.objects) + 1
+        self.objects[handle] = obj
+        return handle, "function" if callable(obj) else "object"
+
+    def encoder(self, allow_handles=True, method_of=None) -> Encoder:
+        def refuse(obj):  # a callback's answer is data, or a method of the object it was asked of
+            if method_of is not None and callable(obj) and getattr(obj, "__self__", None) is method_of:
+                return self.register(obj)
+            raise TypeError(f"a {type(obj).__name__} is not data")
+
+        return Encoder(self.register if allow_handles else refuse,
+                       lambda obj: obj._id if isinstance(obj, RemoteObject) and obj._remote is self else None)
+
+    def decode(self, text, data) -> dict:
+        def local(handle):
+            if handle not in self.objects:
+                raise ChannelError("a handle this side never gave")
+            return self.objects[handle]
+
+        return parse(text, data, lambda d: Decoder(d, lambda h: RemoteObject(self, h.id, h.kind), local))
+
+    def request(self, **message) -> dict:
+        if self.dead:
+            raise StudentGone(self.dead)
+        try:
+            self.endpoint.send(pack(message, self.encoder()), self.deadline)
+            while True:
+                reply = self.decode(*self.endpoint.receive(self.deadline))
+                if "callback" not in reply:
+                    return reply
+                answer, method_of = self.callback(reply)
+                self.endpoint.send(pack(answer, self.encoder(allow_handles=False, method_of=method_of)), self.deadline)
+        except ChannelError as error:
+            timed_out = "timed out" in str(error)
+            self.dead = ("it ran past the time this part may take and was stopped" if timed_out
+                         else "its process crashed or closed the channel")
+            raise StudentGone(self.dead) from None
+
+    def callback(self, reply: dict):
+        """Something the student's code asked of this side, answered with data only: a call of a
+        hidden library function while the notebook runs (``library``), or a public attribute or
+        method of a test's object (a handle to anything else would let the caller walk to this
+        process's modules and files). Returns the answer and the object whose methods it may name."""
+        what = reply.get("callback")
+        if what == "library":
+            return self.library_call(reply.get("name"), reply.get("params")), None
+        target = reply.get("target")
+        if type(target) is not int or target not in self.objects:
+            return {"raised": "an unknown object"}, None
+        obj = self.objects[target]
+        try:
+            if what == "getattr":
+                name = reply.get("name")
+                if type(name) is not str or name.startswith("_"):
+                    return {"raised": "only public attributes can be read"}, None
+                return {"value": getattr(obj, name)}, obj
+            if what == "call" and callable(obj):
+                return {"value": obj(*reply.get("args", []), **reply.get("kwargs", {}))}, None
+        except Exception as error:  # noqa: BLE001 - the test object refused: tell the caller which way
+            return {"raised": type(error).__name__}, None
+        return {"raised": "not callable"}, None
+
+    def library_call(self, name, params) -> dict:
+        """A hidden library function, run here on the sandbox's data while the notebook runs; refused
+        while the hidden tests run, so a submission cannot pass by calling the library."""
+        if type(name) is not str or name not in self.library or type(params) is not dict:
+            return {"raised": "no such library function"}
+        if not self.library_open:
+            return {"raised": f"effml_lib.{name} is not available while your code is graded: the lab asks for "
+                              f"your own implementation"}
+        try:
+            return {"value": call_with(real_function(name), params)}
+        except Exception as error:  # noqa: BLE001 - the library refused the arguments, as it would there
+            return {"raised": f"effml_lib.{name} raised {type(error).__name__}"}
+
+
+def real_function(name: str):
+    """The trusted library's own function for a hidden name ("model.RMSNorm.forward")."""
+    import importlib
+
+    parts = name.split(".")
+    for cut in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module("effml_lib." + ".".join(parts[:cut]))
+        except ImportError:
+            continue
+        for attr in parts[cut:]:
+            obj = obj.__dict__[attr] if isinstance(obj, type) else getattr(obj, attr)
+        return obj
+    raise KeyError(name)
+
+
+def call_with(fn, params: dict):
+    """Call ``fn`` with the parameters a forwarding stub sent (its ``locals()`` at entry)."""
+    import inspect
+
+    args, kwargs = [], {}
+    signature = inspect.signature(fn)
+    has_var_positional = any(p.kind is p.VAR_POSITIONAL for p in signature.parameters.values())
+    for p in signature.parameters.values():
+        if p.name not in params:
+            continue
+        value = params[p.name]
+        if p.kind is p.VAR_POSITIONAL:
+            args.extend(value)
+        elif p.kind is p.VAR_KEYWORD:
+            kwargs.update(value)
+        elif p.kind is p.POSITIONAL_ONLY or (has_var_positional and p.kind is p.POSITIONAL_OR_KEYWORD):
+            args.append(value)
+        else:
+            kwargs[p.name] = value
+    return fn(*args, **kwargs)
+
+
+class RemoteObject:
+    """Something of the student's that is not data: a function, a class, an instance. Calling it
+    calls it in the sandbox; reading an attribute asks for it there."""
+
+    def __init__(self, remote: Remote, handle: int, kind: str, name: str = "your code"):
+        object.__setattr__(self, "_remote", remote)
+        object.__setattr__(self, "_id", handle)
+        object.__setattr__(self, "_kind", kind)
+        object.__setattr__(self, "_name", name)
+
+    def __call__(self, *args, **kwargs):
+        restore = [i for i, a in enumerate(args) if isinstance(a, (torch.Tensor, nn.Module))]
+        reply = self._remote.request(op="call", target=self, args=list(args), kwargs=kwargs, restore=restore)
+        if "raised" in reply:
+            raise StudentRaised(self._name, reply["raised"] if isinstance(reply["raised"], dict) else {})
+        for i, after in zip(restore, reply.get("after", [])):
+            copy_back(args[i], after, self._name)
+        return named(reply.get("value"), self._name)
+
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        reply = self._remote.request(op="getattr", target=self, name=name)
+        if "raised" in reply:
+            raise StudentRaised(f"{self._name}.{name}", reply["raised"] if isinstance(reply["raised"], dict) else {})
+        return named(reply.get("value"), f"{self._name}.{name}")
+
+    def __setattr__(self, name, value):
+        raise AttributeError("the student's objects are read here, not changed")
+
+    def __repr__(self):
+        return f"<the student's {self._name}>"
+
+
+def named(value, name):
+    if isinstance(value, RemoteObject):
+        object.__setattr__(value, "_name", name)
+    return value
+
+
+def copy_back(arg, after, name: str) -> None:
+    """Make an argument the student changed in place look changed here too, as it would in one
+    process (a test that checks "the input is unchanged" then sees the change)."""
+    if isinstance(arg, torch.Tensor):
+        if not isinstance(after, torch.Tensor) or after.shape != arg.shape or after.dtype != arg.dtype:
+            raise AssertionError(f"{name} changed the shape or dtype of a tensor passed to it, in place")
+        if not torch.equal(after, arg):
+            with torch.no_grad():
+                arg.copy_(after)
+    elif isinstance(arg, nn.Module):
+        ours, theirs = arg.state_dict(keep_vars=True), after.state_dict(keep_vars=True) if isinstance(after, nn.Module) else None
+        if theirs is None or ours.keys() != theirs.keys() or any(ours[k].shape != theirs[k].shape for k in ours) \
+                or getattr(arg, "config", None) != getattr(after, "config", None):
+            raise AssertionError(f"{name} changed the structure or config of the model passed to it, in place")
+        with torch.no_grad():
+            for key, tensor in ours.items():
+                if not torch.equal(tensor, theirs[key]):
+                    tensor.copy_(theirs[key])
+
+
+class RemoteStudent:
+    """The ``student`` fixture: the names a graded cell's part sees, looked up in the sandbox."""
+
+    def __init__(self, remote: Remote, part: str):
+        object.__setattr__(self, "_remote", remote)
+        object.__setattr__(self, "_part", part)
+
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        reply = self._remote.request(op="lookup", part=self._part, name=name)
+        if reply.get("missing"):
+            raise AttributeError(f"your notebook defines no {name}")
+        return named(reply.get("value"), name)
+
+    def stage(self, value):
+        """Keep ``value`` (a model, a timed part's fixed inputs) in the sandbox; returns a handle to
+        pass to later calls instead of sending it again each time."""
+        reply = self._remote.request(op="stage", value=value)
+        return RemoteObject(self._remote, int(reply["staged"]), "object", "a staged input")
+
+
+class LocalStudent:
+    """A namespace of this process, seen as a submission would be: each call's arguments and result
+    go through the channel's encoding, so types are what a sandboxed student's would be."""
+
+    def __init__(self, namespace: dict):
+        self.namespace = namespace
+
+    def __getattr__(self, name):
+        if name.startswith("__") or name not in self.namespace:
+            raise AttributeError(f"your notebook defines no {name}")
+        value = self.namespace[name]
+        return _LocalCallable(value, name) if callable(value) else roundtrip(value)
+
+    def stage(self, value):
+        return value
+
+
+class _LocalCallable:
+    def __init__(self, fn, name):
+        self.fn, self._name = fn, name
+
+    def __call__(self, *args, **kwargs):
+        try:
+            result = self.fn(*args, **kwargs)
+        except Exception as error:  # noqa: BLE001 - as a sandboxed student's error would arrive
+            raise StudentRaised(self._name, {"type": type(error).__name__, "message": str(error),
+                                             "builtin": type(error).__module__ == "builtins"}) from None
+        if callable(result) and not isinstance(result, (nn.Module, type)):
+            return _LocalCallable(result, self._name)
+        return roundtrip(result)
+
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        value = getattr(self.fn, name)
+        return _LocalCallable(value, f"{self._name}.{name}") if callable(value) else roundtrip(value)
+
+
+def roundtrip(value):
+    """``value`` as the other side of the channel would receive it (objects that are not data stay)."""
+    kept = {}
+
+    def keep(obj):
+        kept[len(kept) + 1] = obj
+        return len(kept), "object"
+
+    encoder = Encoder(keep)
+    chunks = pack({"value": value}, encoder)
+    text, data = chunks[1], memoryview(b"".join(chunks[2:]))
+    return parse(text, data, lambda d: Decoder(d, lambda h: kept[h.id], kept.__getitem__))["value"]
+
+
+# ----------------------------------------------------------------------------- checks the tests share
+
+def close_enough(actual, expected, atol: float, rtol: float) -> bool:
+    """True when ``actual`` is a plain tensor of ``expected``'s shape within ``atol + rtol * |expected|``
+    everywhere (compared in float64). Anything else, a subclass included, is not close."""
+    if type(actual) is not torch.Tensor or actual.shape != expected.shape or actual.is_complex():
+        return False
+    return bool(torch.isclose(actual.double(), expected.double(), atol=atol, rtol=rtol).all())
+
+
+def expect_value_error(call, name: str, what: str) -> None:
+    """``call()`` must raise a ValueError whose message names ``name``. The student's message is
+    checked, never quoted."""
+    try:
+        call()
+    except StudentRaised as error:
+        if error.type_name != "ValueError":
+            raise AssertionError(f"{what} should raise a ValueError naming {name}, "
+                                 f"got {error.type_name if error.builtin else 'another exception'}") from None
+        assert name in error.message, f"the ValueError for {what} should name {name}"
+        return
+    raise AssertionError(f"{what} must raise a ValueError naming {name}")
+
+
+def describe(value) -> str:
+    """A student's value, described in words this side chose (for a failure message)."""
+    if isinstance(value, bool) or value is None:
+        return repr(value)
+    if isinstance(value, (int, float)):
+        return repr(value) if abs(value) < 1e15 else "a huge number"
+    if isinstance(value, torch.Tensor):
+        return f"a tensor of shape {tuple(value.shape)} and dtype {value.dtype}"
+    if isinstance(value, (list, tuple)):
+        return f"a {type(value).__name__} of {len(value)}"
+    return "a value of another type" if not isinstance(value, str) else "a string"
+
+
+# ----------------------------------------------------------------------------- performance parts
+
+class Timing:
+    """The ``timing`` fixture: times the student's calls from this side, against a reference run
+    here, in turns. Each round makes fresh inputs, so nothing can be remembered from a round
+    before; every timed result is checked against the reference's; the channel's own cost is
+    measured alike on a worker that runs no student code (an echo) and subtracted."""
+
+    def __init__(self, echo: Remote | None, threads: int = 1):
+        self.echo, self.threads = echo, threads
+
+    def compare(self, yours, reference, inputs, check, sample_s: float = 0.02, rounds: int = 9,
+                budget_s: float = 2.0, max_calls: int = 64) -> dict:
+        """Median seconds per call of ``yours`` and ``reference``. ``inputs(n)`` returns n pairs
+        ``(your_args, reference_args)`` (tuples), new each time; ``check(got, expected)`` says
+        whether a timed result of yours is right. Raises AssertionError on a wrong timed result."""
+        def timed_reference(pairs):
+            start = time.perf_counter()
+            outs = [reference(*ref_args) for _, ref_args in pairs]
+            return time.perf_counter() - start, outs
+
+        threads = torch.get_num_threads()
+        torch.set_num_threads(self.threads)
+        try:
+            t_ref, _ = timed_reference(inputs(1))
+            t_yours = self._timed_batch(yours, inputs(1), None)[0]
+            t_ref = min(t_ref, timed_reference(inputs(1))[0])
+            t_yours = min(t_yours, self._timed_batch(yours, inputs(1), None)[0])
+            n = max(1, min(max_calls, round(sample_s / max(min(t_ref, t_yours), 1e-6))))
+            samples = {"yours": [], "reference": []}
+            start = time.perf_counter()
+            for r in range(rounds):
+                if r >= 3 and time.perf_counter() - start > budget_s:
+                    break
+                pairs = inputs(n)
+                elapsed, expected = timed_reference(pairs)
+                samples["reference"].append(elapsed / n)
+                seconds, got = self._timed_batch(yours, pairs, expected)
+                for g, e in zip(got, expected):
+                    if not check(g, e):
+                        raise AssertionError("a timed call of yours returned a wrong result: only correct "
+                                             "results are timed")
+                samples["yours"].append(seconds / n)
+        finally:
+            torch.set_num_threads(threads)
+        return {name: statistics.median(s) for name, s in samples.items()}
+
+    def _timed_batch(self, yours, pairs, expected) -> tuple[float, list]:
+        calls = [[list(y), {}] for y, _ in pairs]
+        if not isinstance(yours, RemoteObject):  # a local namespace (the tests of the hidden suites)
+            start = time.perf_counter()
+            got = [yours(*args) for args, _ in calls]
+            return time.perf_counter() - start, got
+        remote = yours._remote
+        start = time.perf_counter()
+        reply = remote.request(op="batch", target=yours, calls=calls)
+        seconds = time.perf_counter() - start
+        if "raised" in reply:
+            raise StudentRaised(yours._name, reply["raised"] if isinstance(reply["raised"], dict) else {})
+        got = reply.get("results")
+        if not isinstance(got, list) or len(got) != len(calls):
+            raise AssertionError(f"{yours._name}: the timed calls returned no results")
+        if self.echo is not None and expected is not None:
+            like = [["tensor", list(e.shape), e.dtype] if isinstance(e, torch.Tensor) else ["value", e] for e in expected]
+            echo_start = time.perf_counter()
+            self.echo.request(op="echo", calls=_for_echo(calls), result_like=like)
+            seconds -= time.perf_counter() - echo_start
+        return max(seconds, 0.0), got
+
+    def peak_bytes(self, fn, *args) -> int:
+        """The most memory the student's process held during one call of ``fn(*args)`` above what it
+        held before, as the operating system counts it (the sandbox's resident set's high-water
+        mark), so it cannot be faked from inside. Stage large inputs first (``student.stage``)."""
+        if not isinstance(fn, RemoteObject):
+            from effml_lib.measure import peak_memory
+
+            return peak_memory(fn, *args).peak_bytes
+        watch = _WATCH.get(fn._remote)
+        if watch is None:
+            raise RuntimeError("no process to watch")
+        base = watch.reset()
+        fn(*args)
+        return max(watch.peak() - base, 0)
+
+
+def _for_echo(calls):
+    """The echo gets the same bytes to read; handles to staged inputs mean nothing to it."""
+    return [[[None if isinstance(a, RemoteObject) else a for a in args], kwargs] for args, kwargs in calls]
+
+
+_WATCH: dict = {}
+
+
+class _Watch:
+    """High-water mark of a process's resident memory (VmHWM), resettable through clear_refs."""
+
+    def __init__(self, pid: int):
+        self.pid = pid
+
+    def _status(self, key):
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+        raise RuntimeError(f"no {key} for process {self.pid}")
+
+    def reset(self) -> int:
+        Path(f"/proc/{self.pid}/clear_refs").write_text("5")
+        return self._status("VmRSS")
+
+    def peak(self) -> int:
+        return self._status("VmHWM")
+
+
+def judge_speed(medians: list[dict], sizes, factor: float, name: str, title: str, advice: str,
+                xlabel: str = "sequence length T (tokens)") -> None:
+    """A performance part's verdict: at the largest size, yours may take at most ``factor`` times the
+    reference. Draws both (the figure goes into the graded cell's output; it never changes the grade)."""
+    yours_ms, ref_ms = medians[-1]["yours"] * 1e3, medians[-1]["reference"] * 1e3
+    ratio = yours_ms / ref_ms
+    try:
+        FIGURES.append(_latency_png(medians, sizes, factor, name, title + f"\npasses if ≤ {factor:g}× the reference "
+                                    f"at {sizes[-1]} (yours: {ratio:.1f}×)", xlabel))
+    except Exception:  # noqa: BLE001 - a figure that cannot be drawn costs nothing
+        pass
+    assert ratio <= factor, (f"too slow: at {sizes[-1]} your {name} takes {yours_ms:.2f} ms, the reference "
+                             f"{ref_ms:.2f} ms, {ratio:.1f}× (allowed {factor:g}×). {advice}")
+
+
+FIGURES: list[str] = []  # base64 PNGs for the graded cell of the part being run
+
+
+def _latency_png(medians, sizes, factor, name, title, xlabel) -> str:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.5, 4.2))
+    ax = fig.subplots()
+    ax.plot(sizes, [m["yours"] * 1e3 for m in medians], "o-", label=f"your {name}")
+    ax.plot(sizes, [m["reference"] * 1e3 for m in medians], "s-", label="reference")
+    ax.plot(sizes, [factor * m["reference"] * 1e3 for m in medians], "--", color="0.4", label=f"{factor:g}× reference (the limit)")
+    ax.set(xlabel=xlabel, ylabel="latency per call (ms)", title=title)
+    ax.set_ylim(bottom=0)
+    ax.legend()
+    fig.tight_layout()
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=100)
+    return base64.b64encode(png.getvalue()).decode()
+
+
+# ----------------------------------------------------------------------------- pytest
+
+class Plugin:
+    """Gives the hidden tests their fixtures and records each test's outcome and message."""
+
+    def __init__(self, student, timing: Timing):
+        self.student, self.timing = student, timing
+        self.results: list[tuple[str, str, str]] = []
+
+    def pytest_configure(self, config):
+        import pytest
+
+        plugin = self
+
+        class Fixtures:
+            @pytest.fixture
+            def student(self):
+                return plugin.student
+
+            @pytest.fixture
+            def gen(self):
+                return torch.Generator().manual_seed(2026)
+
+            @pytest.fixture
+            def close(self):
+                """``close(actual, expected, atol, rtol)``"""
+                return close_enough
+
+            @pytest.fixture
+            def value_error(self):
+                """``value_error(call, name, what)``"""
+                return expect_value_error
+
+            @pytest.fixture
+            def timing(self):
+                return plugin.timing
+
+        config.pluginmanager.register(Fixtures(), "effml-fixtures")
+
+    def pytest_runtest_logreport(self, report):
+        if report.when == "call" or report.outcome == "failed":
+            message = ""
+            if report.failed:
+                crash = getattr(report.longrepr, "reprcrash", None)
+                message = crash.message if crash is not None else str(report.longrepr).splitlines()[-1]
+                message = message.split("\nassert ")[0].strip()
+            self.results.append((report.nodeid.split("::")[-1], report.outcome, clean(message)))
+
+
+def clean(message: str) -> str:
+    message = message.removeprefix("trusted.StudentRaised: ").removeprefix("trusted.StudentGone: ")
+    message = re.sub(r"[^\S\n]+", " ", "".join(ch for ch in message if ch.isprintable() or ch == "\n"))
+    return message if len(message) <= MAX_MESSAGE else message[:MAX_MESSAGE] + " …"
+
+
+def hidden_tests_dir() -> Path:
+    env = os.environ.get("EFFML_HIDDEN_TESTS")
+    path = Path(env).expanduser() if env else GRADING / "hidden"
+    if not path.is_dir():
+        raise FileNotFoundError(f"no hidden tests at {path}: set EFFML_HIDDEN_TESTS to a folder laid out like "
+                                f"grading/hidden (lab01/test_attention.py, ...)")
+    return path
+
+
+def run_part(lab: str, part: str, student, timing: Timing | None = None) -> dict:
+    """Run ``<hidden>/<lab>/test_<part>.py`` with ``student``; returns passed, total, failures, figures."""
+    import pytest
+
+    suite = hidden_tests_dir() / lab / f"test_{part}.py"
+    if not suite.is_file():
+        raise FileNotFoundError(f"no hidden tests for {lab} part {part!r} at {suite}")
+    plugin = Plugin(student, timing or Timing(None))
+    FIGURES.clear()
+    args = [str(suite), "-q", "-p", "no:cacheprovider", "--no-header", "-o", "addopts=", "--tb=no",
+            "--import-mode=importlib", "--assert=plain", "-rN", "--disable-warnings", "-p", "no:randomly",
+            "--rootdir", str(suite.parent), "-o", "console_output_style=classic"]
+    with open(os.devnull, "w") as devnull:
+        stdout = sys.stdout
+        sys.stdout = devnull
+        try:
+            code = pytest.main(args, plugins=[plugin])
+        finally:
+            sys.stdout = stdout
+    passed = sum(outcome == "passed" for _, outcome, _ in plugin.results)
+    failures = [[name, msg] for name, outcome, msg in plugin.results if outcome == "failed"]
+    ran = bool(plugin.results) and int(code) in (0, 1)
+    return {"passed": passed, "total": len(plugin.results), "failures": failures, "figures": list(FIGURES),
+            "ok": ran and not failures and passed == len(plugin.results)}
+
+
+# ----------------------------------------------------------------------------- one student
+
+def grade(job: dict) -> dict:
+    """Run the notebook's cells in a sandbox, then each part's hidden tests against it."""
+    from parts import PARTS, library_names, preload
+    from sandbox import Limits, Sandbox, library_without
+
+    lab, cells = job["lab"], job["cells"]
+    work = Path(job["work"])
+    limits = Limits(**job.get("limits", {}))
+    cell_timeout, threads = float(job["cell_timeout"]), int(job.get("threads", 1))
+    table = PARTS[lab]
+    lib = work / "lib"
+    if not (lib / "effml_lib").is_dir():
+        library_without(library_names(lab), lib)
+    hide = tuple(Path(p) for p in job.get("hide", []))
+    sandbox_state = {"box": None, "remote": None}
+    broken: dict[int, str] = {}
+    outputs: dict[int, list] = {}
+    notes: list[str] = []
+
+    def start():
+        box = Sandbox(lib, work, limits, threads=threads, hide=hide)
+        remote = Remote(box.start(), time.monotonic() + 120)
+        remote.library = set(library_names(lab))
+        remote.library_open = True
+        hello = remote.decode(*remote.endpoint.receive(remote.deadline))
+        if not hello.get("ready"):
+            raise StudentGone("the sandbox did not start")
+        remote.request(op="setup", threads=threads, ban_sdpa=table["ban_sdpa"], preload=preload(lab))
+        sandbox_state.update(box=box, remote=remote)
+        return box, remote
+
+    def stop():
+        if sandbox_state["box"] is not None:
+            sandbox_state["box"].kill()
+            sandbox_state.update(box=None, remote=None)
+
+    def run_notebook():
+        """Every cell in order (those that hung or crashed before skipped); True when all ran."""
+        box, remote = start()
+        for cell in cells:
+            index = cell["index"]
+            if index in broken:
+                continue
+            remote.deadline = time.monotonic() + cell_timeout
+            try:
+                if cell.get("part"):
+                    remote.request(op="snapshot", part=cell["part"])
+                else:
+                    reply = remote.request(op="run", source=cell["source"])
+                    outputs[index] = reply.get("outputs", []) if isinstance(reply.get("outputs"), list) else []
+            except StudentGone:
+                broken[index] = "timeout" if time.monotonic() >= remote.deadline else "crash"
+                stop()
+                return False
+        return True
+
+    started = time.monotonic()
+    for _ in range(job.get("max_restarts", 10) + 1):
+        outputs.clear()
+        if run_notebook():
+            break
+    else:
+        notes.append("too many cells hung or crashed: the rest of the notebook was not run")
+    results = {}
+    isolated = None
+    echo_box = None
+    for part in table["parts"]:
+        name = part["part"]
+        if sandbox_state["remote"] is None or sandbox_state["remote"].dead:
+            stop()
+            if not run_notebook():
+                results[name] = {"ok": False, "passed": 0, "total": 0, "failures": [],
+                                 "error": "the notebook could not be run up to this part"}
+                continue
+        box, remote = sandbox_state["box"], sandbox_state["remote"]
+        remote.library_open = False  # from here on the student's code is being graded
+        isolated = box.isolated
+        remote.deadline = time.monotonic() + cell_timeout
+        echo = None
+        if part.get("timed"):
+            echo_box = Sandbox(lib, work, limits, threads=threads, echo=True, hide=hide)
+            echo = Remote(echo_box.start(), time.monotonic() + cell_timeout)
+            echo.decode(*echo.endpoint.receive(echo.deadline))
+            pid = _worker_pid(box)
+            if pid:
+                _WATCH[remote] = _Watch(pid)
+        try:
+            result = run_part(lab, name, RemoteStudent(remote, name), Timing(echo, threads))
+        except Exception as error:  # noqa: BLE001 - a fault of the grader's: the part scores zero, say why
+            result = {"ok": False, "passed": 0, "total": 0, "failures": [], "error": f"grader error: {type(error).__name__}"}
+        if remote.dead:
+            result["ok"] = False
+            result["error"] = ("the hidden tests stopped: your code " + remote.dead)
+        results[name] = result
+        if echo_box is not None:
+            echo_box.kill()
+            echo_box = None
+    output_lost = sandbox_state["box"].output_lost if sandbox_state["box"] else 0
+    stop()  # the sandbox is gone before anything is written
+    return {"cells": {str(k): v for k, v in outputs.items()}, "broken": {str(k): v for k, v in broken.items()},
+            "parts": results, "notes": notes, "isolated": isolated, "output_lost": output_lost,
+            "seconds": time.monotonic() - started}
+
+
+def _worker_pid(box) -> int | None:
+    """The sandboxed worker's process id as this side sees it: the descendant running worker.py."""
+    todo = [box.proc.pid]
+    while todo:
+        pid = todo.pop()
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            if b"worker.py" in cmdline and b"bwrap" not in cmdline.split(b"\0")[0]:
+                return pid
+            for task in Path(f"/proc/{pid}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            continue
+    return None
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    job = json.loads(Path(argv[0]).read_text())
+    result = grade(job)
+    Path(argv[1]).write_text(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
