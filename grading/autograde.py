@@ -36,6 +36,7 @@ import tempfile
 import time
 import uuid
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -65,15 +66,16 @@ def student_id(name: str) -> str:
     return safe[:100] or "unnamed"
 
 
-CANVAS_NAME = re.compile(r"^(?P<student>[^_]+)(?:_LATE)?_\d+_\d+_.+\.ipynb$", re.IGNORECASE)
+CANVAS_NAME = re.compile(r"^(?P<student>[^_]+)(?:_LATE)?_(?P<user>\d+)_\d+_.+\.ipynb$", re.IGNORECASE)
 
 
 def _owner(parts: tuple[str, ...]) -> str:
-    """The student a file belongs to: its top folder, or for a flat file its Canvas prefix or stem."""
+    """The student a file belongs to: its top folder, or for a flat file its Canvas name and user id
+    (two students of one name stay two), or its stem."""
     if len(parts) > 1:
         return student_id(parts[0])
     match = CANVAS_NAME.match(parts[0])
-    return student_id(match["student"] if match else Path(parts[0]).stem)
+    return student_id(f"{match['student']}_{match['user']}" if match else Path(parts[0]).stem)
 
 
 def _entries_from_folder(folder: Path):
@@ -131,7 +133,11 @@ def collect(submissions: Path, lab: str) -> list[Submission]:
         if size > MAX_NOTEBOOK_BYTES:
             sub.notes.append(f"{rel[-1]} is {size / 2**20:.0f} MiB, over the {MAX_NOTEBOOK_BYTES // 2**20} MiB limit")
         else:
-            sub.notebook = read()
+            try:
+                sub.notebook = read()
+            except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as err:  # one damaged member: this student only
+                sub.notes.append(f"{rel[-1]} is damaged in the archive ({type(err).__module__}.{type(err).__name__}) and could not be read; "
+                                 f"ask for it again")
         result.append(sub)
     if archive is not None:
         archive.close()
@@ -155,13 +161,37 @@ def _grade_id(cell) -> str | None:
 
 def restore_cells(submitted, release) -> list[str]:
     """Put back every cell of the release that the student deleted (or whose nbgrader id they
-    changed), after the nearest cell that precedes it in the release. nbgrader then overwrites
-    the locked ones with the source's text. Cells whose nbgrader id the release does not have
-    (renamed or forged ones) become plain cells, worth nothing. Returns the ids restored."""
-    known = {_grade_id(c) for c in release.cells}
+    changed), after the nearest cell that precedes it in the release, and the release's nbgrader
+    metadata on every cell whose flags were changed (grade, locked, solution, points). nbgrader then
+    overwrites the locked ones with the source's text. Cells whose nbgrader id the release does not
+    have (renamed or forged ones, or a second copy of one) become plain cells, worth nothing.
+    Returns the ids restored."""
+    restored_flags: list[str] = []
+    by_id = {_grade_id(c): c for c in release.cells if _grade_id(c)}
+    seen = set()
     for cell in submitted.cells:
-        if _grade_id(cell) not in known:
-            cell.get("metadata", {}).pop("nbgrader", None)
+        gid = _grade_id(cell)
+        if not isinstance(cell.get("metadata"), dict):
+            cell["metadata"] = {}
+        if gid not in by_id or gid in seen:  # renamed, forged or a copy: a plain cell, worth nothing
+            cell["metadata"].pop("nbgrader", None)
+            continue
+        seen.add(gid)
+        ours = by_id[gid]
+        if cell.get("metadata", {}).get("nbgrader") != ours.metadata.nbgrader or cell.get("cell_type") != ours.cell_type:
+            # a flag flipped (grade, locked, solution, points) or the cell's type changed: the release's
+            # metadata back, and for a cell the student does not write, its text too
+            cell["metadata"]["nbgrader"] = dict(ours.metadata.nbgrader)
+            if cell.get("cell_type") != ours.cell_type or not ours.metadata.nbgrader.get("solution"):
+                for key in ("cell_type", "source"):
+                    cell[key] = ours[key]
+                if cell["cell_type"] == "code":
+                    cell.setdefault("outputs", [])
+                    cell.setdefault("execution_count", None)
+                else:
+                    cell.pop("outputs", None)
+                    cell.pop("execution_count", None)
+            restored_flags.append(gid)
     present = {_grade_id(c): i for i, c in enumerate(submitted.cells) if _grade_id(c)}
     restored, anchor = [], -1  # the index after which the next missing cell goes
     for cell in release.cells:
@@ -177,7 +207,7 @@ def restore_cells(submitted, release) -> list[str]:
         submitted.cells.insert(anchor, restored_cell)
         present = {_grade_id(c): i for i, c in enumerate(submitted.cells) if _grade_id(c)}
         restored.append(gid)
-    return restored
+    return restored_flags + [g for g in restored if g not in restored_flags]
 
 
 # --- one course directory per student ---------------------------------------------------------
@@ -251,6 +281,36 @@ def nbgrader(args: list[str], cwd: Path, env: dict, timeout: float, log, memory_
     return "" if code == 0 else f"nbgrader {args[0]} failed (exit code {code}); see the log"
 
 
+# nbgrader's autograde (which here only reads the outputs and saves the scores) and its feedback, in one
+# process: nbgrader's start-up is most of what either costs.
+NBGRADER_BOTH = [sys.executable, "-c", """
+import sys
+sys.modules['rfc3987_syntax'] = None
+from traitlets.config.loader import PyFileConfigLoader
+from nbgrader.apps import NbGraderAPI
+course, lab, student = sys.argv[1:4]
+api = NbGraderAPI(config=PyFileConfigLoader('nbgrader_config.py', path=course).load_config())
+for step in (api.autograde, api.generate_feedback):
+    result = step(lab, student)
+    print(result.get('log', ''))
+    if not result['success']:
+        print(result.get('error', ''))
+        sys.exit(1)
+"""]
+
+
+def nbgrader_autograde_and_feedback(course: Path, lab: str, student: str, env: dict, log) -> str:
+    """Run nbgrader's autograde and generate_feedback for one student; "" or what went wrong."""
+    log.write(f"$ nbgrader autograde + generate_feedback {lab} --student {student} at {time.strftime('%H:%M:%S')}\n")
+    log.flush()
+    try:
+        run = subprocess.run([*NBGRADER_BOTH, str(course), lab, student], cwd=course, env=env, stdout=log,
+                             stderr=subprocess.STDOUT, timeout=600)
+    except subprocess.TimeoutExpired:
+        return "nbgrader took longer than 600 s and was stopped"
+    return "" if run.returncode == 0 else f"nbgrader failed (exit code {run.returncode}); see the log"
+
+
 @dataclass
 class Result:
     student: str
@@ -299,16 +359,15 @@ def grade_one(sub: Submission, lab: str, template: Path, work: Path, out: Path, 
         submitted.mkdir(parents=True)
         nbformat.write(nb, submitted / f"{lab}.ipynb")
         env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-        problem = nbgrader(["autograde", lab, "--student", sub.student, "--force"], course, env, 600, log)
+        problem = nbgrader_autograde_and_feedback(course, lab, sub.student, env, log)
         autograded = course / "autograded" / sub.student / lab / f"{lab}.ipynb"
         if problem or not autograded.is_file():
             notes.append(problem or "nbgrader wrote no graded notebook")
             return finish("not graded")
         graded_nb = nbformat.read(autograded, as_version=4)
         scores.update(read_scores(course, lab, sub.student, graded_nb, parts, notes))
-        problem = nbgrader(["generate_feedback", lab, "--student", sub.student, "--force"], course, env, 600, log)
-        if problem:
-            notes.append(problem)
+        if not (course / "feedback" / sub.student / lab / f"{lab}.html").is_file():
+            notes.append("nbgrader wrote no feedback page")
     (out / "autograded" / sub.student).mkdir(parents=True, exist_ok=True)
     shutil.copy(autograded, out / "autograded" / sub.student / f"{lab}.ipynb")
     broken = describe_broken_cells(graded_nb)
@@ -348,7 +407,7 @@ def run_trusted(nb, lab: str, course: Path, opts, log) -> dict | None:
                                                "memory_bytes": int(opts.memory_gb * 2**30) if opts.memory_gb else 0},
            "hide": [str(p) for p in opts.secrets]}
     job_path.write_text(json.dumps(job))
-    log.write(f"$ trusted.py (lab {lab_id}, {len(job['cells'])} code cells)\n")
+    log.write(f"$ trusted.py (lab {lab_id}, {len(job['cells'])} code cells) at {time.strftime('%H:%M:%S')}\n")
     log.flush()
     env = {**os.environ, "OMP_NUM_THREADS": str(opts.threads)}
     proc = subprocess.Popen([sys.executable, str(ROOT / "grading" / "trusted.py"), str(job_path), str(result_path)],
@@ -366,7 +425,7 @@ def run_trusted(nb, lab: str, course: Path, opts, log) -> dict | None:
     if proc.returncode != 0 or not result_path.is_file():
         return None
     result = json.loads(result_path.read_text())
-    log.write(f"sandboxed: {result.get('isolated')}; {result.get('seconds', 0):.0f} s\n")
+    log.write(f"sandboxed: {result.get('isolated')}; {json.dumps(result.get('stages', {}))}\n")
     return result
 
 

@@ -26,6 +26,9 @@ from pathlib import Path
 
 import nbformat
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import hostile_submissions as hostile  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 LAB = "lab01_transformer_basics"  # the demo's default
 
@@ -37,7 +40,9 @@ ZERO = dict.fromkeys(FULL_LAB01, 0)
 
 LAB_CASES = ("solution", "blank", "wrong_*", "library_call")  # wrong_<what the mistake is>
 GRADER_CASES = ("infinite_loop", "kernel_crash", "edited_tests", "stray_files", "noisy_warnings",
-                "not_a_notebook", "only_a_pdf")
+                "not_a_notebook", "only_a_pdf",
+                # the hostile class (grading/hostile_submissions.py), and the archive's own troubles
+                *hostile.CASES, "bom_notebook", "twin_solution", "twin_blank", "damaged_member")
 GRADER_LAB = "lab01_transformer_basics"
 
 # For each lab: student -> points per graded cell (the reasons are the point of each case), and the
@@ -69,6 +74,15 @@ CLASSES = {
             # Nothing gradable: still a row in the CSV, with zero and a reason.
             "not_a_notebook": ZERO,
             "only_a_pdf": ZERO,
+            # -- the hostile class: see grading/hostile_submissions.py for what each tries
+            **hostile.EXPECTED,
+            # A UTF-8 byte-order mark before the JSON: read, graded as any other.
+            "bom_notebook": FULL_LAB01,
+            # Two Canvas students of one name ("twin"), told apart by their user ids.
+            "twin_solution": FULL_LAB01,
+            "twin_blank": ZERO,
+            # This student's notebook is damaged inside the zip: zero and a note; everyone else is graded.
+            "damaged_member": ZERO,
         },
         "wrong": {"p2_solution": (
             "def rms_norm(x, weight, eps=1e-5):\n"
@@ -214,6 +228,16 @@ def edited_tests(lab: str = LAB):
     return nb
 
 
+def hostile_cases(lab: str = GRADER_LAB) -> dict:
+    def add_cell(nb, source):
+        nb.cells.append(nbformat.v4.new_code_cell(source))
+
+    def release_cell(nb, grade_id):
+        return nbformat.from_dict(next(c for c in release(lab).cells if c.metadata.get("nbgrader", {}).get("grade_id") == grade_id))
+
+    return hostile.cases(lambda changes=None: filled(changes, lab), release_cell, add_cell, lambda: solution_code(lab))
+
+
 def wrong_case(lab: str = LAB) -> str:
     """The name of the lab's wrong answer, e.g. "wrong_rmsnorm"."""
     return next(s for s in CLASSES[lab]["expected"] if s.startswith("wrong_"))
@@ -247,27 +271,53 @@ def submissions(lab: str = LAB) -> dict[str, dict[str, bytes]]:
         "noisy_warnings": lambda: notebook(noisy()),
         "not_a_notebook": lambda: {nb_name: b"{ this is not json"},
         "only_a_pdf": lambda: {"report.pdf": b"%PDF-1.4 not really"},
+        "bom_notebook": lambda: {nb_name: b"\xef\xbb\xbf" + nbformat.writes(filled(lab=lab)).encode()},
+        "twin_solution": lambda: notebook(filled(lab=lab)),
+        "twin_blank": lambda: notebook(release(lab)),
+        "damaged_member": lambda: notebook(filled(lab=lab)),
     }
+    if lab == GRADER_LAB:
+        for student, (nb, _) in hostile_cases(lab).items():
+            make[student] = lambda nb=nb: notebook(nb)
     return {student: make[student]() for student in spec["expected"]}
 
 
+# Students whose files come as Canvas names them (a flat file: name_userid_submissionid_file), and
+# the Canvas name each has: the twins share one.
+CANVAS = {"blank": "blank", "twin_solution": "twin", "twin_blank": "twin"}
+
+
 def write_zip(path: Path, lab: str = LAB) -> Path:
-    """Moodle's layout (a folder per student), except `blank`, which comes as Canvas names it."""
+    """Moodle's layout (a folder per student), except the CANVAS students; then the damaged member's
+    compressed bytes are spoiled, as a broken download or upload leaves them."""
+    damaged = None
     with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
         files_of = submissions(lab)
         for student in CLASSES[lab]["expected"]:
             number = expected_number(student, lab)
             for name, data in files_of[student].items():
-                if student == "blank":
-                    archive.writestr(f"blank_{number}_{number + 5000}_{name}", data)
-                else:
-                    archive.writestr(f"{student}_{number}_assignsubmission_file_/{name}", data)
+                member = (f"{CANVAS[student]}_{number}_{number + 5000}_{name}" if student in CANVAS
+                          else f"{student}_{number}_assignsubmission_file_/{name}")
+                archive.writestr(member, data)
+                if student == "damaged_member":
+                    damaged = member
+    if damaged is not None:
+        with zipfile.ZipFile(path) as archive:
+            info = archive.getinfo(damaged)
+        raw = bytearray(path.read_bytes())
+        name_len, extra_len = int.from_bytes(raw[info.header_offset + 26:info.header_offset + 28], "little"), \
+            int.from_bytes(raw[info.header_offset + 28:info.header_offset + 30], "little")
+        start = info.header_offset + 30 + name_len + extra_len
+        for i in range(start + 20, start + 60):
+            raw[i] ^= 0x5A
+        path.write_bytes(bytes(raw))
     return path
 
 
 def expected_student_id(student: str, lab: str = LAB) -> str:
-    """The id the driver gives each zip entry (Moodle keeps the number, Canvas drops it)."""
-    return student if student == "blank" else f"{student}_{expected_number(student, lab)}"
+    """The id the driver gives each zip entry: Moodle's folder name and number, Canvas's name and user id."""
+    number = expected_number(student, lab)
+    return f"{CANVAS[student]}_{number}" if student in CANVAS else f"{student}_{number}"
 
 
 def expected_number(student: str, lab: str = LAB) -> int:

@@ -1,4 +1,4 @@
-"""Feedback shows why a graded cell failed, never the code of its hidden-test region.
+"""nbgrader preprocessors of the course: feedback that never quotes test code, and no autograding by nbgrader.
 
 nbgrader's ClearHiddenTests empties the region between the ``### BEGIN/END HIDDEN TESTS`` markers in
 the cell's source, but an error's traceback quotes the failing lines of that same source. This
@@ -22,3 +22,13 @@ class ShortenTestTracebacks(NbGraderPreprocessor):  # nbgrader's base: enabled o
                 if output.get("output_type") == "error":
                     output["traceback"] = [f"{output.get('ename', 'Error')}: {output.get('evalue', '')}"]
         return cell, resources
+
+
+class RefuseAutograde(NbGraderPreprocessor):
+    """The course's nbgrader_config.py puts this in place of nbgrader's own autograding, which would run
+    a student's notebook unsandboxed in your kernel and, with this course's graded cells, score nothing."""
+
+    def preprocess(self, nb, resources):
+        raise RuntimeError("this course is graded by grading/autograde.py (a sandbox for the notebook, the "
+                           "hidden tests outside it), not by `nbgrader autograde`: run "
+                           "`python grading/autograde.py LAB submitted/ --out graded/LAB` (grading/README.md)")

@@ -52,6 +52,7 @@ class Limits:
     processes: int = 64
     open_files: int = 1024
     output_bytes: int = 1 * 2**20  # of stdout and stderr kept for the log
+    arena_bytes: int = 512 * 2**20  # shared memory for a performance part's timed calls (touched only as used)
 
 
 # ----------------------------------------------------------------------------- the library it sees
@@ -233,7 +234,9 @@ class Sandbox:
 
         to_worker_r, to_worker_w = os.pipe()
         from_worker_r, from_worker_w = os.pipe()
-        command = self._command(to_worker_r, from_worker_w)
+        arena_fd = os.memfd_create("effml-arena", 0)  # shared memory for timed calls (grading/channel.py Arena)
+        os.ftruncate(arena_fd, self.limits.arena_bytes)
+        command = self._command(to_worker_r, from_worker_w, arena_fd)
         self.cgroups = _make_cgroups(self.limits) if os.geteuid() == 0 else []
         env = self._env() if self.bwrap is None else {}
         scratch = None
@@ -243,10 +246,14 @@ class Sandbox:
             env = {**env, "HOME": str(scratch / "home"), "TMPDIR": str(scratch), "MPLCONFIGDIR": str(scratch / "home")}
         self.proc = subprocess.Popen(
             command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            pass_fds=(to_worker_r, from_worker_w), env=env, cwd=str(scratch) if scratch else None,
+            pass_fds=(to_worker_r, from_worker_w, arena_fd), env=env, cwd=str(scratch) if scratch else None,
             preexec_fn=functools.partial(_limit, self.limits, self.cgroups, self.bwrap is not None))
         os.close(to_worker_r)
         os.close(from_worker_w)
+        from channel import Arena
+
+        self.arena = Arena(arena_fd)
+        os.close(arena_fd)
         os.set_blocking(to_worker_w, False)
         os.set_blocking(from_worker_r, False)
         threading.Thread(target=self._drain, daemon=True).start()
@@ -281,7 +288,7 @@ class Sandbox:
         self.proc = None
 
     # -- the command
-    def _command(self, read_fd: int, write_fd: int) -> list[str]:
+    def _command(self, read_fd: int, write_fd: int, arena_fd: int) -> list[str]:
         site = _site_packages()
         if self.bwrap is None:  # no sandbox: the same worker, the same library, as a plain process
             grader = self.work / "grader"
@@ -291,7 +298,7 @@ class Sandbox:
                     shutil.copy(GRADING / name, grader / name)
             path = [str(grader), str(self.lib), *site]
             return [PYTHON, "-I", "-S", str(grader / "worker.py"), str(read_fd), str(write_fd),
-                    json.dumps(path), *(["--echo"] if self.echo else [])]
+                    json.dumps(path), str(arena_fd), *(["--echo"] if self.echo else [])]
         args = [self.bwrap, "--unshare-all", "--unshare-user", "--uid", "65534", "--gid", "65534",
                 "--die-with-parent", "--new-session", "--cap-drop", "ALL"]
         if _bwrap_supports("--disable-userns"):
@@ -329,7 +336,7 @@ class Sandbox:
             args += ["--setenv", key, value]
         path = [INSIDE_GRADER, INSIDE_LIB, *site]
         return [*args, "--", PYTHON, "-I", "-S", f"{INSIDE_GRADER}/worker.py", str(read_fd), str(write_fd),
-                json.dumps(path), *(["--echo"] if self.echo else [])]
+                json.dumps(path), str(arena_fd), *(["--echo"] if self.echo else [])]
 
     def _env(self) -> dict:
         threads = str(self.threads)

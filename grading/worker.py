@@ -20,13 +20,13 @@ import os
 import sys
 import traceback
 
-READ_FD, WRITE_FD = int(sys.argv[1]), int(sys.argv[2])
+READ_FD, WRITE_FD, ARENA_FD = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[4])
 sys.path[:0] = json.loads(sys.argv[3])
-ECHO = "--echo" in sys.argv[4:]
+ECHO = "--echo" in sys.argv[5:]
 
 import torch  # noqa: E402
 
-from channel import ChannelError, Decoder, Encoder, Endpoint, pack, parse  # noqa: E402
+from channel import Arena, ChannelError, Decoder, Encoder, Endpoint, pack, parse  # noqa: E402
 
 MAX_TEXT = 64 * 2**10  # per stream per cell: the grader cuts again, this only saves the copying
 
@@ -77,19 +77,24 @@ class TrustedMethod:
 class Worker:
     def __init__(self):
         self.channel = Endpoint(READ_FD, WRITE_FD, max_bytes=2**33)
+        self.arena = Arena(ARENA_FD) if ARENA_FD >= 0 else None
         self.objects = Objects()
         self.namespace: dict = {"__name__": "__main__"}
         self.snapshots: dict[str, dict] = {}
         self.shell = None
+        self.echoes: dict = {}
 
     # -- the wire
-    def send(self, **message) -> None:
-        self.channel.send(pack(message, Encoder(self.objects.register)))
+    def send(self, shared=False, **message) -> None:
+        """``shared``: the tensors go through the arena's second half (the answer to timed calls)."""
+        if shared:
+            self.arena.region(results=True)
+        self.channel.send(pack(message, Encoder(self.objects.register, arena=self.arena if shared else None)))
 
     def receive(self) -> dict:
         text, data = self.channel.receive()
         local = (lambda handle: None) if ECHO else self.objects.get  # an echo has none of the objects
-        return parse(text, data, lambda d: Decoder(d, self.proxy, local))
+        return parse(text, data, lambda d: Decoder(d, self.proxy, local, arena=self.arena))
 
     def proxy(self, handle):
         return TrustedMethod(self, handle.id) if handle.kind == "function" else Trusted(self, handle.id)
@@ -149,6 +154,14 @@ class Worker:
             outputs.append({"output_type": "error", **error})
         return {"outputs": outputs, "ok": not self.errors}
 
+    def warm(self, shape, dtype):
+        """A tensor of the shape asked, made once and touched, so copying it costs what copying a
+        result just computed costs (a fresh allocation would add page faults no result pays)."""
+        key = (shape, dtype)
+        if key not in self.echoes:
+            self.echoes[key] = [torch.zeros(shape, dtype=dtype)]
+        return self.echoes[key][0]
+
     # -- answering the grader
     def serve(self) -> None:
         while True:
@@ -162,7 +175,7 @@ class Worker:
         except BaseException as error:  # noqa: BLE001 - the student's code raised: say what, go on
             reply = {"raised": _describe(error)}
         try:
-            self.send(**reply)
+            self.send(shared=request.get("op") in ("batch", "echo") and self.arena is not None, **reply)
         except (TypeError, ValueError, RecursionError) as error:  # an answer that cannot be sent is an error too
             self.send(raised={"type": "TypeError", "message": f"the result cannot be sent: {error}"[:2000],
                               "builtin": True, "unsendable": True})
@@ -170,7 +183,11 @@ class Worker:
     def answer(self, request: dict) -> dict:
         op = request.get("op")
         if op == "echo":  # the channel's own cost: the calls came in; send results the size asked for
-            return {"results": [torch.empty(like[1], dtype=like[2]) if like[0] == "tensor" else like[1]
+            for args, kwargs in request["calls"]:  # read every input once, as any function of them must:
+                for value in [*args, *kwargs.values()]:  # data the grader just wrote is not in this core's cache
+                    if isinstance(value, torch.Tensor):
+                        value.sum()
+            return {"results": [self.warm(tuple(like[1]), like[2]) if like[0] == "tensor" else like[1]
                                 for like in request["result_like"]]}
         if ECHO:
             raise ChannelError("an echo worker runs no student code")

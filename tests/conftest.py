@@ -64,17 +64,30 @@ def lab_solution(name: str) -> dict:
     return namespace
 
 
-def assert_part_fails(lab: str, part: str, namespace: dict, mistake: str) -> None:
-    """Lab ``lab``'s hidden tests of ``part`` must reject a submission with ``mistake``, and by a failing
-    test, not by crashing."""
-    from effml_lib.grading import run_hidden_tests
+def hidden(lab: str, part: str, namespace: dict) -> dict:
+    """Lab ``lab``'s hidden suite of ``part`` run against ``namespace`` in this process, as the grader
+    runs it against a sandboxed notebook (grading/trusted.py; values still cross the channel's
+    encoding). Returns passed, total, failures ([test, message]) and ok."""
+    sys.path.insert(0, str(ROOT / "grading"))
+    from trusted import LocalStudent, run_part
 
-    try:
-        run_hidden_tests(lab, part, namespace)
-    except AssertionError as failure:
-        assert "hidden test" in str(failure), f"{part}: failed for another reason than its tests: {failure}"
-        return
-    pytest.fail(f"{lab} {part}: the hidden tests passed a submission with this mistake: {mistake}")
+    return run_part(lab, part, LocalStudent(namespace))
+
+
+def assert_part_passes(lab: str, part: str, namespace: dict) -> int:
+    result = hidden(lab, part, namespace)
+    assert result["ok"] and result["passed"] > 0, f"{lab} {part}: {result['failures'][:3] or result}"
+    return result["passed"]
+
+
+def assert_part_fails(lab: str, part: str, namespace: dict, mistake: str) -> str:
+    """Lab ``lab``'s hidden tests of ``part`` must reject a submission with ``mistake``, by a failing
+    test (not by not running). Returns the failures' messages, for checking what they say."""
+    result = hidden(lab, part, namespace)
+    if result["ok"]:
+        pytest.fail(f"{lab} {part}: the hidden tests passed a submission with this mistake: {mistake}")
+    assert result["total"] > 0 and result["failures"], f"{part}: failed for another reason than its tests: {result}"
+    return "\n".join(message for _, message in result["failures"])
 
 
 # What a clone of the repository has that a user's copy would not: left out of the copy pip builds from.

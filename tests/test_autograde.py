@@ -9,6 +9,8 @@ submissions. Each student must get its exact score.
 
 import csv
 import importlib.util
+import os
+import re
 import subprocess
 import sys
 import zipfile
@@ -27,16 +29,16 @@ def load(name):
     spec = importlib.util.spec_from_file_location(name, ROOT / "grading" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module  # dataclasses look their module up here while the class is built
-    sys.path.insert(0, str(ROOT / "grading"))  # autograde imports resilient_execute from there
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(ROOT / "grading"))
+    if str(ROOT / "grading") not in sys.path:
+        sys.path.insert(0, str(ROOT / "grading"))  # autograde imports parts, sandbox and trusted from there
+    spec.loader.exec_module(module)
     return module
 
 
 demo = load("demo_submissions")
 autograde = load("autograde")
+hostile = load("hostile_submissions")
+CANARY = "canary-4c1d8e2b"  # planted in the grader's environment and home for lab 01's class
 
 
 LABS = list(demo.CLASSES)
@@ -56,12 +58,16 @@ def graded(tmp_path_factory):
         if lab not in results:
             tmp = tmp_path_factory.mktemp(lab)
             archive = demo.write_zip(tmp / "submissions.zip", lab)
+            home = tmp / "instructor-home"  # the grader's HOME, with a secret in it (lab 01's class looks)
+            home.mkdir()
+            (home / hostile.CANARY_FILE).write_text(CANARY)
+            env = {**os.environ, "HOME": str(home), hostile.CANARY_ENV: CANARY}
             # 60 s per cell: lab 03's visible timing cell took over 30 s on a loaded 2-core machine, and
             # the solution must run clean; only lab 01's class has a never-ending cell that waits it out.
             run = subprocess.run(
                 [sys.executable, str(ROOT / "grading" / "autograde.py"), lab, str(archive), "--out", str(tmp / "graded"),
                  "--jobs", "2", "--cell-timeout", "60"],
-                capture_output=True, text=True, timeout=1500,
+                capture_output=True, text=True, timeout=2400, env=env,
             )
             assert run.returncode == 0, f"the driver failed:\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}"
             with open(tmp / "graded" / "grades.csv", newline="") as f:
@@ -116,7 +122,7 @@ def test_feedback_does_not_reveal_hidden_tests(graded, lab):
 @pytest.mark.parametrize("lab", LABS)
 def test_feedback_explains_the_lab_s_mistakes(graded, lab):
     out, _, _ = graded(lab)
-    explanations = {demo.wrong_case(lab): WRONG_ANSWER_MESSAGE[lab], "library_call": "unavailable while this part is graded"}
+    explanations = {demo.wrong_case(lab): WRONG_ANSWER_MESSAGE[lab], "library_call": "a library function this lab hides while your code is graded"}
     for student, phrase in explanations.items():
         page = (out / "feedback" / sid(student, lab) / f"{lab}.html").read_text()
         assert phrase in page, f"{lab} {student}: the feedback should say {phrase!r}"
@@ -153,7 +159,9 @@ def test_feedback_explains_what_the_grader_did(graded):
     out, rows, _ = graded(GRADER_LAB)
     explanations = {
         "infinite_loop": "timed out",
-        "kernel_crash": "crashed the kernel",
+        "kernel_crash": "crashed its process",
+        "damaged_member": "damaged in the archive",
+        "tampered_flags": "restored",
         "edited_tests": "restored",
         "stray_files": "file(s) other than notebooks were ignored",
         "not_a_notebook": "not a readable notebook",
@@ -163,7 +171,7 @@ def test_feedback_explains_what_the_grader_did(graded):
         page = (out / "feedback" / sid(student, GRADER_LAB) / f"{GRADER_LAB}.html").read_text()
         assert phrase in page, f"{GRADER_LAB} {student}: the feedback should say {phrase!r}"
     assert "timed out" in rows[sid("infinite_loop", GRADER_LAB)]["notes"]
-    assert "crashed the kernel" in rows[sid("kernel_crash", GRADER_LAB)]["notes"]
+    assert "crashed its process" in rows[sid("kernel_crash", GRADER_LAB)]["notes"]
     assert rows[sid("infinite_loop", GRADER_LAB)]["status"] == "graded, some cells failed"
     assert rows[sid("noisy_warnings", GRADER_LAB)]["status"] == "graded"
     assert rows[sid("not_a_notebook", GRADER_LAB)]["status"] == "not graded"
@@ -195,7 +203,7 @@ def test_collect_reads_folders_zips_and_refuses_paths_outside(tmp_path):
         (folder / rel).parent.mkdir(parents=True, exist_ok=True)
         (folder / rel).write_bytes(data)
     found = {s.student: s for s in autograde.collect(folder, LAB)}
-    assert sorted(found) == ["ann", "bob", "cy"]
+    assert sorted(found) == ["ann", "bob", "cy_42"], "a Canvas file's student is its name and user id"
     assert all(s.notebook == nb for s in found.values())
     assert "ignored" in " ".join(found["bob"].notes)
     assert not found["ann"].notes, "the exchange's own timestamp.txt is not the student's stray file"
@@ -223,8 +231,84 @@ def test_restore_cells_puts_back_deleted_cells_in_place():
         "restored cells must return to their place, and a forged graded cell must lose its nbgrader metadata")
 
 
+def test_two_canvas_students_of_one_name_stay_two_and_a_damaged_member_costs_only_its_own(tmp_path):
+    nb = (ROOT / "labs" / LAB / f"{LAB}.ipynb").read_bytes()
+    archive = tmp_path / "canvas.zip"
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr(f"lee_101_9001_{LAB}.ipynb", nb)
+        z.writestr(f"lee_202_9002_{LAB}.ipynb", nb)
+        z.writestr(f"kim_303_9003_{LAB}.ipynb", nb)
+    with zipfile.ZipFile(archive) as z:
+        info = z.getinfo(f"kim_303_9003_{LAB}.ipynb")
+    raw = bytearray(archive.read_bytes())
+    start = info.header_offset + 30 + len(info.filename.encode()) + len(info.extra)
+    for i in range(start + 20, start + 60):  # spoil kim's compressed bytes
+        raw[i] ^= 0x5A
+    archive.write_bytes(bytes(raw))
+    found = {s.student: s for s in autograde.collect(archive, LAB)}
+    assert sorted(found) == ["kim_303", "lee_101", "lee_202"]
+    assert found["lee_101"].notebook == nb and found["lee_202"].notebook == nb
+    assert found["kim_303"].notebook is None and "damaged in the archive" in " ".join(found["kim_303"].notes)
+
+
+def test_tampered_flags_are_put_back_from_the_release():
+    release = nbformat.read(ROOT / "labs" / LAB / f"{LAB}.ipynb", as_version=4)
+    student = nbformat.from_dict(release)
+    cell = {c.metadata.nbgrader.grade_id: c for c in student.cells}
+    cell["p2_tests"].metadata.nbgrader.update(grade=False, points=100)
+    cell["p2_tests"].source = "passed = 2"
+    cell["p1_solution"].metadata.nbgrader["locked"] = True
+    cell["p1_solution"].source = "def causal_attention(q, k, v):\n    return q"
+    assert sorted(autograde.restore_cells(student, release)) == ["p1_solution", "p2_tests"]
+    ours = {c.metadata.nbgrader.grade_id: c for c in release.cells}
+    for gid in ("p1_solution", "p2_tests"):
+        assert cell[gid].metadata.nbgrader == ours[gid].metadata.nbgrader, gid
+    assert cell["p2_tests"].source == ours["p2_tests"].source, "a graded cell's text comes back too"
+    assert "return q" in cell["p1_solution"].source, "a solution cell keeps the student's answer"
+
+
 def test_a_byte_order_mark_does_not_make_a_notebook_unreadable():
     data = (ROOT / "labs" / LAB / f"{LAB}.ipynb").read_bytes()
     assert autograde.read_notebook(b"\xef\xbb\xbf" + data) == autograde.read_notebook(data)
     with pytest.raises(Exception):
         autograde.read_notebook(b"{ this is not json")
+
+
+# --- the hostile class (grading/hostile_submissions.py): what no case may do --------------------------
+
+def test_no_case_reads_what_it_must_not(graded):
+    """The environment, the home folder, the hidden tests, the gradebook, other students' files: none
+    of it reaches any feedback page or graded notebook (the looking-around case prints all it finds)."""
+    out, rows, _ = graded(GRADER_LAB)
+    hidden_lines = [line.strip() for p in (ROOT / "grading" / "hidden" / "lab01").glob("test_*.py")
+                    for line in p.read_text().splitlines() if line.strip().startswith("def test_")]
+    for student_id in rows:
+        for page in (out / "feedback" / student_id).glob("*.html"):
+            text = page.read_text()
+            assert CANARY not in text, f"{student_id}: the grader's secret is in the feedback"
+            assert not [line for line in hidden_lines if line in text], f"{student_id}: hidden test code in the feedback"
+    looked = nbformat.read(out / "autograded" / sid("attacks_others", GRADER_LAB) / f"{GRADER_LAB}.ipynb", as_version=4)
+    printed = "".join(o.get("text", "") for c in looked.cells if c.cell_type == "code" for o in c.outputs
+                      if o.output_type == "stream")
+    assert "FOUND: []" in printed, f"the sandbox showed the grader's files: {printed[:2000]}"
+    assert "NETWORK: " in printed and "NETWORK: reached" not in printed
+    assert re.search(r"WROTE IN: \['/tmp'(, '/tmp/home')?\]", printed), f"writable outside its scratch folder: {printed[-3000:]}"
+    assert CANARY not in printed and "HOME: []" in printed
+
+
+def test_no_case_outlives_its_grading_or_writes_outside_its_sandbox(graded, tmp_path_factory):
+    out, _, _ = graded(GRADER_LAB)
+    running = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    assert hostile.DAEMON not in running, "a process a submission started is still running"
+    # where the attacks write, seen from outside: the top of every folder they try, and all of this run's
+    marked = [p for folder in (Path("/"), Path("/tmp"), Path("/work"), Path("/root"), ROOT, Path.home())
+              for p in folder.glob(f"{hostile.MARKER}*")]
+    marked += list(tmp_path_factory.getbasetemp().rglob(f"{hostile.MARKER}*"))
+    assert not marked, f"files written outside a sandbox: {marked[:5]}"
+
+
+def test_output_is_capped_and_the_flood_costs_nothing(graded):
+    out, rows, _ = graded(GRADER_LAB)
+    page = out / "feedback" / sid("floods_output", GRADER_LAB) / f"{GRADER_LAB}.html"
+    assert page.stat().st_size < 3 * 2**20, f"a 20 MB output line made a {page.stat().st_size / 2**20:.0f} MiB page"
+    assert "more characters cut by the grader" in page.read_text()
