@@ -11,7 +11,7 @@ BIN        := $(VENV)/bin
 ROOT_FLAG  := $(if $(filter 0,$(shell id -u)),--allow-root,)
 STAMP      := $(VENV)/.effml-installed
 
-.PHONY: lab test venv bench notebooks execute labs grade-demo clean-venv
+.PHONY: lab test venv bench notebooks execute labs grade-demo clean-venv system-deps
 
 venv: $(STAMP)
 
@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml
 lab: venv  ## open JupyterLab on the course (LAB_ARGS=--no-browser for a server)
 	$(BIN)/jupyter lab --notebook-dir=. $(ROOT_FLAG) $(LAB_ARGS) notebooks/00_start_here.ipynb
 
-test: venv  ## the whole test suite (CPU; GPU tests skip without CUDA)
+test: venv system-deps  ## the whole test suite (CPU; GPU tests skip without CUDA)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: venv  ## benchmarks; results go to bench/results/<device>/
@@ -49,6 +49,17 @@ grade-demo: venv  ## autograde a made-up class of lab 01 (honest and hostile sub
 	mkdir -p $(DEMO_DIR)
 	$(BIN)/python grading/demo_submissions.py $(DEMO_DIR)/submissions.zip
 	$(BIN)/python grading/autograde.py lab01_transformer_basics $(DEMO_DIR)/submissions.zip --out $(DEMO_DIR) --cell-timeout 60
+
+# What grading needs from outside Python: bubblewrap, the sandbox each student's notebook runs in
+# (grading/sandbox.py). Debian/Ubuntu's package; as root, or through sudo.
+# Without it (no apt-get, no sudo) `make test` still runs: the sandbox's tests then skip, saying how to
+# install it; in CI (CI set) they fail instead.
+system-deps:  ## install bubblewrap (the grader's sandbox) from the system's packages, if it is missing
+	@command -v bwrap >/dev/null 2>&1 || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo "sudo -n" ); \
+	  { $$SUDO apt-get install -y -q bubblewrap || { $$SUDO apt-get update -q && $$SUDO apt-get install -y -q bubblewrap; }; } \
+	    >/dev/null 2>&1 || echo "could not install bubblewrap (the grader's sandbox): sudo apt-get install bubblewrap"; }
+	@command -v bwrap >/dev/null 2>&1 && echo "bubblewrap: $$(bwrap --version)" || true
 
 clean-venv:
 	rm -rf $(VENV)

@@ -331,7 +331,9 @@ class Sandbox:
             passwd.write_text("student:x:65534:65534:student:/tmp/home:/bin/sh\n")
         args += ["--ro-bind", str(passwd), "/etc/passwd"]
         args += ["--proc", "/proc", "--dev", "/dev", "--size", str(self.limits.scratch_bytes), "--tmpfs", INSIDE_TMP,
-                 "--dir", f"{INSIDE_TMP}/home", "--chdir", INSIDE_TMP, "--clearenv"]
+                 "--dir", f"{INSIDE_TMP}/home", "--size", str(16 * 2**20), "--tmpfs", "/dev/shm",
+                 "--remount-ro", "/dev", "--remount-ro", "/", "--chdir", INSIDE_TMP,
+                 "--clearenv"]  # the root and /dev bwrap builds are tmpfs: made read-only, only /tmp is written
         for key, value in self._env().items():
             args += ["--setenv", key, value]
         path = [INSIDE_GRADER, INSIDE_LIB, *site]

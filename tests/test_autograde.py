@@ -50,7 +50,7 @@ WRONG_ANSWER_MESSAGE = {"lab01_transformer_basics": "LayerNorm", "lab02_rope": "
 
 
 @pytest.fixture(scope="module")
-def graded(tmp_path_factory):
+def graded(tmp_path_factory, bubblewrap_available):
     """``graded(lab)``: grade that lab's demo class once (on first use); every test reads the results."""
     results = {}
 
