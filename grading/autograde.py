@@ -231,6 +231,9 @@ c.Autograde.autograde_preprocessors = [ClearMetadataPreprocessor, LimitOutput, S
                                        CheckCellMetadata]
 c.Autograde.create_student = True
 c.GenerateFeedback.preprocessors = [GetGrades, CSSHTMLHeaderPreprocessor, ClearHiddenTests, ShortenTestTracebacks]
+# A student's markdown and raw cells are the student's HTML: sanitised, so the page runs no script and
+# cannot restyle or cover the grader's summary.
+c.HTMLExporter.sanitize_html = True
 c.OverwriteKernelspec.enabled = True
 c.OverwriteCells.add_missing_cells = True
 c.ClearSolutions.code_stub = {{"python": "# YOUR CODE HERE\\nraise NotImplementedError()"}}
@@ -640,7 +643,7 @@ def main(argv=None) -> int:
     work = Path(tempfile.mkdtemp(prefix="effml-autograde-"))
     opts.sandbox_work = work / "sandbox"
     # What no sandbox may see even where it lies under a folder the sandbox is given.
-    opts.secrets = [ROOT / "grading", ROOT / "solutions", opts.submissions.resolve(), out, work, ROOT / "gradebook.db"]
+    opts.secrets = [ROOT, ROOT / "grading", ROOT / "solutions", opts.submissions.resolve(), out, work, ROOT / "gradebook.db"]
     if os.environ.get("EFFML_HIDDEN_TESTS"):
         opts.secrets.append(Path(os.environ["EFFML_HIDDEN_TESTS"]).resolve())
     try:

@@ -208,7 +208,8 @@ class Decoder:
         if not (isinstance(spec, list) and len(spec) == 4):
             raise ChannelError("a malformed tensor")
         dtype, shape, offset, nbytes = spec
-        if dtype not in DTYPES or not isinstance(shape, list) or not all(type(s) is int and s >= 0 for s in shape):
+        if dtype not in DTYPES or not isinstance(shape, list) or len(shape) > 16 \
+                or not all(type(s) is int and 0 <= s < 2**40 for s in shape):
             raise ChannelError("a tensor with an unknown dtype or a bad shape")
         dtype = DTYPES[dtype]
         count = 1
@@ -321,13 +322,25 @@ class Decoder:
             m.add_module(pair[0], None if pair[1] is None else self.module(pair[1], depth + 1))
         for pair in _list(body.get("attrs")):
             if not (type(pair) is list and len(pair) == 2 and type(pair[0]) is str and NAME.match(pair[0])) \
-                    or pair[0] in _MODULE_INTERNALS or pair[0].startswith("__") or hasattr(type(m), pair[0]):
+                    or pair[0] in _MODULE_INTERNALS or pair[0].startswith("__") or hasattr(type(m), pair[0]) \
+                    or pair[0] in m._parameters or pair[0] in m._buffers or pair[0] in m._modules:
                 raise ChannelError("a bad module attribute")
+            if _refers(pair[1]):
+                raise ChannelError("a module attribute that is not data")
             value = self(pair[1], depth + 1)
-            if isinstance(value, Handle) or isinstance(value, nn.Module):
+            if isinstance(value, nn.Module):
                 raise ChannelError("a module attribute that is not data")
             object.__setattr__(m, pair[0], value)
         return m
+
+
+def _refers(node) -> bool:
+    """Whether a JSON tree holds a handle or a reference to the receiver's objects anywhere."""
+    if type(node) is list:
+        return any(_refers(v) for v in node)
+    if type(node) is dict:
+        return any(k in ("$handle", "$yours", "$module") or _refers(v) for k, v in node.items())
+    return False
 
 
 def _list(value) -> list:

@@ -103,6 +103,15 @@ def forged(request):
 worker.answer = forged
 '''
 
+CHANGES_THE_INPUTS = '''
+import torch
+
+def rms_norm(x, weight, eps=1e-5):  # make the test's inputs trivial, then give the trivial answer
+    x.fill_(1.0)
+    weight.fill_(1.0)
+    return torch.full_like(x, (1 + eps) ** -0.5)
+'''
+
 # -- the reference ---------------------------------------------------------------------------------
 
 HUNTS_THE_REFERENCE = '''
@@ -174,11 +183,12 @@ def causal_attention(q, k, v):
 # -- other students, the output, resources: an extra cell at the end of the notebook -----------------
 
 LOOKS_AROUND = f'''
-import os, socket
+import os, socket, sys
 
 found = []
 for root, dirs, files in os.walk("/"):  # anything of the grader's or the class's within reach?
-    if root.startswith(("/proc", "/sys", "/dev", "/usr")) or "/lib/python" in root:  # not Python's own files
+    python = os.path.dirname(os.path.dirname(sys.executable))
+    if root.startswith(("/proc", "/sys", "/dev", "/usr", sys.prefix, sys.base_prefix, python)):  # not Python's own files
         dirs[:] = []
         continue
     for name in files:
@@ -275,13 +285,14 @@ for i in range(5000):
 '''
 
 
-CASES = ("patches_the_grader", "lying_results", "forges_the_channel", "hunts_the_reference", "attacks_others",
+CASES = ("patches_the_grader", "lying_results", "changes_the_inputs", "forges_the_channel", "hunts_the_reference", "attacks_others",
          "floods_output", "tampered_flags")
 # What each must score: the parts its attack replaced the work of score zero; an attack beside a
 # correct solution costs nothing.
 EXPECTED = {
     "patches_the_grader": {**FULL, "p2_tests": 0, "p4_tests": 0},  # rms_norm is wrong; the block uses it
     "lying_results": {**FULL, "p1_tests": 0, "p3_tests": 0, "p4_tests": 0, "p5_tests": 0},
+    "changes_the_inputs": {**FULL, "p2_tests": 0, "p4_tests": 0},  # a changed input fails the test, not the reference
     "forges_the_channel": dict.fromkeys(FULL, 0),  # every answer forged, so every part is wrong
     "hunts_the_reference": {**FULL, "p1_tests": 0, "p4_tests": 0, "p5_tests": 0},  # no way found
     "attacks_others": FULL,  # two extra cells: one looks around (and finds nothing), one is lost
@@ -298,6 +309,7 @@ def cases(filled, release_cell, add_cell, solution_code):
     out = {}
     out["patches_the_grader"] = filled({"p2_solution": PATCHES_THE_GRADER})
     out["lying_results"] = filled({"p1_solution": LYING_RESULTS, "p3_solution": "pass"})
+    out["changes_the_inputs"] = filled({"p2_solution": CHANGES_THE_INPUTS})
     nb = filled()
     add_cell(nb, FORGES_THE_CHANNEL)
     out["forges_the_channel"] = nb

@@ -221,6 +221,7 @@ class Sandbox:
         if self.bwrap is None and require_sandbox:
             raise RuntimeError("no working bubblewrap (bwrap) here: install Debian's bubblewrap package")
         self.proc: subprocess.Popen | None = None
+        self.worker_pid: int | None = None
         self.cgroups: list[Path] = []
         self.output = bytearray()
         self.output_lost = 0
@@ -234,8 +235,11 @@ class Sandbox:
 
         to_worker_r, to_worker_w = os.pipe()
         from_worker_r, from_worker_w = os.pipe()
-        arena_fd = os.memfd_create("effml-arena", 0)  # shared memory for timed calls (grading/channel.py Arena)
+        arena_fd = os.memfd_create("effml-arena", os.MFD_ALLOW_SEALING)  # shared memory for timed calls (channel.Arena)
         os.ftruncate(arena_fd, self.limits.arena_bytes)
+        import fcntl  # sealed at its size: a sandbox that shrank it would crash the grader's next write (SIGBUS)
+
+        fcntl.fcntl(arena_fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
         command = self._command(to_worker_r, from_worker_w, arena_fd)
         self.cgroups = _make_cgroups(self.limits) if os.geteuid() == 0 else []
         env = self._env() if self.bwrap is None else {}
@@ -311,17 +315,25 @@ class Sandbox:
         for f in ("/etc/ld.so.cache", "/etc/localtime", "/etc/fonts", "/etc/ssl/certs/ca-certificates.crt"):
             if os.path.exists(f):
                 args += ["--ro-bind", f, f]
-        for tree in _python_trees():
-            args += ["--ro-bind", tree, tree]
-        binds = ["/usr", *_python_trees()]
         import effml_lib
 
         real_lib = str(Path(effml_lib.__file__).resolve().parent)
-        for secret in [*self.hide, Path(real_lib), self.work, Path.home()]:
-            secret = str(secret)
-            if any(secret == b or secret.startswith(b.rstrip("/") + "/") for b in binds):
-                args += ["--tmpfs", secret]  # under a bind: covered by an empty folder
-        if any(real_lib.startswith(b.rstrip("/") + "/") for b in binds):
+        secrets = [str(p) for p in [*self.hide, Path(real_lib), self.work, Path.home()]]
+
+        def under(path, trees):
+            return any(path == t or path.startswith(t.rstrip("/") + "/") for t in trees)
+
+        system = ["/usr", "/etc"]
+        for secret in secrets:  # under a system folder: covered by an empty folder before Python goes in
+            if under(secret, system):
+                args += ["--tmpfs", secret]
+        trees = _python_trees()
+        for tree in trees:
+            args += ["--ro-bind", tree, tree]
+        for secret in secrets:  # under Python's own folders (an installed copy of the library, say)
+            if under(secret, trees) and not any(under(t, [secret]) for t in trees):
+                args += ["--tmpfs", secret]
+        if under(real_lib, [*system, *trees]):
             args += ["--ro-bind", str(self.lib / "effml_lib"), real_lib]  # an installed copy: the stubbed one instead
         args += ["--ro-bind", str(self.lib), INSIDE_LIB]
         for name in WORKER_FILES:

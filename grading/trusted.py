@@ -21,7 +21,9 @@ still cross the channel's encoding both ways, so a submission sees the same type
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
+import signal
 import json
 import os
 import re
@@ -45,6 +47,10 @@ MAX_MESSAGE = 400  # characters of one failure message in feedback
 
 # ----------------------------------------------------------------------------- failures
 
+BUILTIN_EXCEPTIONS = {name for name, value in vars(__import__("builtins")).items()
+                      if isinstance(value, type) and issubclass(value, BaseException)}
+
+
 class StudentRaised(Exception):
     """The student's code raised. ``type_name`` and ``message`` may be checked (is it a ValueError
     that names ``positions``?) but are never shown: the text is the student's."""
@@ -53,11 +59,15 @@ class StudentRaised(Exception):
         self.type_name = str(raised.get("type", "Exception"))[:100]
         self.builtin = bool(raised.get("builtin"))
         self.message = str(raised.get("message", ""))
-        shown = self.type_name if self.builtin and re.fullmatch(r"[A-Za-z]+", self.type_name) else "an exception"
+        shown = self.type_name if self.builtin and self.type_name in BUILTIN_EXCEPTIONS else "an exception"
         why = (" (its result could not be read)" if raised.get("unsendable") else
                " (a stub not yet written, or a library function this lab hides while your code is graded)"
                if shown == "NotImplementedError" else "")
         super().__init__(f"{what} raised {shown}{why}")
+
+
+class StudentMissing(AttributeError):
+    """The student's notebook does not define a name a test asks for."""
 
 
 class StudentGone(Exception):
@@ -98,8 +108,13 @@ class Remote:
                 raise ChannelError("a handle this side never gave")
             return self.objects[handle]
 
-        return parse(text, data, lambda d: Decoder(d, lambda h: RemoteObject(self, h.id, h.kind), local,
-                                                   arena=self.arena, arena_results=True))
+        try:
+            return parse(text, data, lambda d: Decoder(d, lambda h: RemoteObject(self, h.id, h.kind), local,
+                                                       arena=self.arena, arena_results=True))
+        except ChannelError:
+            raise
+        except Exception as error:  # noqa: BLE001 - whatever a crafted message breaks, it is a broken message
+            raise ChannelError(f"a message that could not be read ({type(error).__name__})") from None
 
     def request(self, shared: bool = False, **message) -> dict:
         """``shared``: send the message's tensors through the arena (a performance part's timed calls)."""
@@ -155,8 +170,11 @@ class Remote:
         if not self.library_open:
             return {"raised": f"effml_lib.{name} is not available while your code is graded: the lab asks for "
                               f"your own implementation"}
+        function = real_function(name)
+        if isinstance(function, type):  # a constructor would let the caller size the grader's allocations
+            return {"raised": "no such library function"}
         try:
-            return {"value": call_with(real_function(name), params)}
+            return {"value": call_with(function, params)}
         except Exception as error:  # noqa: BLE001 - the library refused the arguments, as it would there
             return {"raised": f"effml_lib.{name} raised {type(error).__name__}"}
 
@@ -240,23 +258,17 @@ def named(value, name):
 
 
 def copy_back(arg, after, name: str) -> None:
-    """Make an argument the student changed in place look changed here too, as it would in one
-    process (a test that checks "the input is unchanged" then sees the change)."""
+    """A function that changes an argument in place fails: the test's own inputs (from which it may
+    compute the expected value after the call) are never overwritten with what the student made of them."""
     if isinstance(arg, torch.Tensor):
-        if not isinstance(after, torch.Tensor) or after.shape != arg.shape or after.dtype != arg.dtype:
-            raise AssertionError(f"{name} changed the shape or dtype of a tensor passed to it, in place")
-        if not torch.equal(after, arg):
-            with torch.no_grad():
-                arg.copy_(after)
-    elif isinstance(arg, nn.Module):
-        ours, theirs = arg.state_dict(keep_vars=True), after.state_dict(keep_vars=True) if isinstance(after, nn.Module) else None
-        if theirs is None or ours.keys() != theirs.keys() or any(ours[k].shape != theirs[k].shape for k in ours) \
-                or getattr(arg, "config", None) != getattr(after, "config", None):
-            raise AssertionError(f"{name} changed the structure or config of the model passed to it, in place")
-        with torch.no_grad():
-            for key, tensor in ours.items():
-                if not torch.equal(tensor, theirs[key]):
-                    tensor.copy_(theirs[key])
+        same = isinstance(after, torch.Tensor) and after.shape == arg.shape and after.dtype == arg.dtype \
+            and torch.equal(after, arg.detach().cpu())
+    else:
+        ours, theirs = arg.state_dict(), after.state_dict() if isinstance(after, nn.Module) else None
+        same = (theirs is not None and ours.keys() == theirs.keys() and getattr(arg, "config", None) == getattr(after, "config", None)
+                and all(ours[k].shape == theirs[k].shape and torch.equal(ours[k], theirs[k]) for k in ours))
+    if not same:
+        raise AssertionError(f"{name} changed an input passed to it, in place: it must leave its inputs as they were")
 
 
 class RemoteStudent:
@@ -271,7 +283,7 @@ class RemoteStudent:
             raise AttributeError(name)
         reply = self._remote.request(op="lookup", part=self._part, name=name)
         if reply.get("missing"):
-            raise AttributeError(f"your notebook defines no {name}")
+            raise StudentMissing(f"your notebook defines no {name}")
         return named(reply.get("value"), name)
 
     def stage(self, value):
@@ -289,8 +301,10 @@ class LocalStudent:
         self.namespace = namespace
 
     def __getattr__(self, name):
-        if name.startswith("__") or name not in self.namespace:
-            raise AttributeError(f"your notebook defines no {name}")
+        if name.startswith("__"):
+            raise AttributeError(name)
+        if name not in self.namespace:
+            raise StudentMissing(f"your notebook defines no {name}")
         return roundtrip(self.namespace[name], name)
 
     def stage(self, value):
@@ -359,9 +373,9 @@ def expect_value_error(call, name: str, what: str) -> None:
     try:
         call()
     except StudentRaised as error:
-        if error.type_name != "ValueError":
-            raise AssertionError(f"{what} should raise a ValueError naming {name}, "
-                                 f"got {error.type_name if error.builtin else 'another exception'}") from None
+        if error.type_name != "ValueError" or not error.builtin:
+            shown = error.type_name if error.builtin and error.type_name in BUILTIN_EXCEPTIONS else "another exception"
+            raise AssertionError(f"{what} should raise a ValueError naming {name}, got {shown}") from None
         assert name in error.message, f"the ValueError for {what} should name {name}"
         return
     raise AssertionError(f"{what} must raise a ValueError naming {name}")
@@ -397,9 +411,10 @@ class Timing:
         ``(your_args, reference_args)`` (tuples), new each time; ``check(got, expected)`` says
         whether a timed result of yours is right. Raises AssertionError on a wrong timed result."""
         def timed_reference(pairs):
-            start = time.perf_counter()
-            outs = [reference(*ref_args) for _, ref_args in pairs]
-            return time.perf_counter() - start, outs
+            with self.frozen(yours):  # the student's processes cannot load the machine while the reference runs
+                start = time.perf_counter()
+                outs = [reference(*ref_args) for _, ref_args in pairs]
+                return time.perf_counter() - start, outs
 
         threads = torch.get_num_threads()
         torch.set_num_threads(self.threads)
@@ -444,14 +459,20 @@ class Timing:
             raise AssertionError(f"{yours._name}: the timed calls returned no results")
         if self.echo is not None and expected is not None:
             like = [["tensor", list(e.shape), e.dtype] if isinstance(e, torch.Tensor) else ["value", e] for e in expected]
-            echo_start = time.perf_counter()
-            self.echo.request(shared=True, op="echo", calls=_for_echo(calls), result_like=like)
-            echo_seconds = time.perf_counter() - echo_start
+            with self.frozen(yours):  # nothing of the student's runs while the channel's own cost is measured
+                echo_start = time.perf_counter()
+                self.echo.request(shared=True, op="echo", calls=_for_echo(calls), result_like=like)
+                echo_seconds = time.perf_counter() - echo_start
             if os.environ.get("EFFML_TIMING_LOG"):
                 with open(os.environ["EFFML_TIMING_LOG"], "a") as log:
                     log.write(json.dumps({"calls": len(calls), "rtt": seconds, "echo": echo_seconds}) + "\n")
             seconds -= echo_seconds
         return max(seconds, 0.0), got
+
+    def frozen(self, yours):
+        """Stop every process of the student's sandbox (SIGSTOP) for the length of a block."""
+        box = _BOXES.get(yours._remote) if isinstance(yours, RemoteObject) else None
+        return _Frozen(box) if box is not None else contextlib.nullcontext()
 
     def peak_bytes(self, fn, *args) -> int:
         """The most memory the student's process held during one call of ``fn(*args)`` above what it
@@ -475,6 +496,47 @@ def _for_echo(calls):
 
 
 _WATCH: dict = {}
+_BOXES: dict = {}  # Remote -> its Sandbox, for freezing
+
+
+class _Frozen:
+    """SIGSTOP to every process of a sandbox on entry, SIGCONT on exit (whatever happens in between)."""
+
+    def __init__(self, box):
+        self.box, self.stopped = box, []
+
+    def __enter__(self):
+        for _ in range(3):  # again, for anything started while the first ones were being stopped
+            for pid in _descendants(self.box.proc.pid):
+                if pid not in self.stopped:
+                    try:
+                        os.kill(pid, signal.SIGSTOP)
+                        self.stopped.append(pid)
+                    except OSError:
+                        pass
+        return self
+
+    def __exit__(self, *exc):
+        for pid in self.stopped:
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except OSError:
+                pass
+        return False
+
+
+def _descendants(root: int) -> list[int]:
+    found, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        try:
+            for task in Path(f"/proc/{pid}/task").iterdir():
+                children = [int(c) for c in (task / "children").read_text().split()]
+                found += children
+                todo += children
+        except OSError:
+            continue
+    return found
 
 
 class _Watch:
@@ -581,11 +643,18 @@ class Plugin:
                 crash = getattr(report.longrepr, "reprcrash", None)
                 message = crash.message if crash is not None else str(report.longrepr).splitlines()[-1]
                 message = message.split("\nassert ")[0].strip()
+                kind = message.split(":", 1)[0].strip()
+                if kind not in ("AssertionError", "trusted.StudentRaised", "trusted.StudentGone", "trusted.StudentMissing",
+                                "Failed"):
+                    # raised while checking a student's value: its text may quote that value
+                    shown = kind if kind in BUILTIN_EXCEPTIONS else "an error"
+                    message = f"what your code returned could not be checked ({shown} while checking it)"
             self.results.append((report.nodeid.split("::")[-1], report.outcome, clean(message)))
 
 
 def clean(message: str) -> str:
-    message = message.removeprefix("trusted.StudentRaised: ").removeprefix("trusted.StudentGone: ")
+    for prefix in ("trusted.StudentRaised: ", "trusted.StudentGone: ", "trusted.StudentMissing: "):
+        message = message.removeprefix(prefix)
     message = re.sub(r"[^\S\n]+", " ", "".join(ch for ch in message if ch.isprintable() or ch == "\n"))
     return message if len(message) <= MAX_MESSAGE else message[:MAX_MESSAGE] + " …"
 
@@ -654,7 +723,9 @@ def grade(job: dict) -> dict:
         hello = remote.decode(*remote.endpoint.receive(remote.deadline))
         if not hello.get("ready"):
             raise StudentGone("the sandbox did not start")
+        box.worker_pid = _worker_pid(box)  # found now, before any student code can start a look-alike
         remote.request(op="setup", threads=threads, ban_sdpa=table["ban_sdpa"], preload=preload(lab))
+        _BOXES[remote] = box
         sandbox_state.update(box=box, remote=remote)
         return box, remote
 
@@ -676,7 +747,7 @@ def grade(job: dict) -> dict:
                     remote.request(op="snapshot", part=cell["part"])
                 else:
                     reply = remote.request(op="run", source=cell["source"])
-                    outputs[index] = reply.get("outputs", []) if isinstance(reply.get("outputs"), list) else []
+                    outputs[index] = _capped(reply.get("outputs"))
             except StudentGone:
                 broken[index] = "timeout" if time.monotonic() >= remote.deadline else "crash"
                 stop()
@@ -717,9 +788,8 @@ def grade(job: dict) -> dict:
                 echo = Remote(echo_endpoint, time.monotonic() + cell_timeout, echo_box.arena)
                 echo.decode(*echo.endpoint.receive(echo.deadline))
             echo.deadline = time.monotonic() + cell_timeout
-            pid = _worker_pid(box)
-            if pid:
-                _WATCH[remote] = _Watch(pid)
+            if box.worker_pid:
+                _WATCH[remote] = _Watch(box.worker_pid)
         try:
             result = run_part(lab, name, RemoteStudent(remote, name), Timing(echo, threads))
         except Exception as error:  # noqa: BLE001 - a fault of the grader's: the part scores zero, say why
@@ -736,6 +806,17 @@ def grade(job: dict) -> dict:
     return {"cells": {str(k): v for k, v in outputs.items()}, "broken": {str(k): v for k, v in broken.items()},
             "parts": results, "notes": notes, "isolated": isolated, "output_lost": output_lost,
             "stages": stages, "seconds": time.monotonic() - started}
+
+
+def _capped(outputs, limit: int = 256 * 2**10) -> list:
+    """A cell's outputs as the sandbox sent them, each text cut here already (the driver cuts again)."""
+    if not isinstance(outputs, list):
+        return []
+    kept = []
+    for output in outputs[:50]:
+        if isinstance(output, dict):
+            kept.append({k: (v[:limit] if isinstance(v, str) else v) for k, v in list(output.items())[:8]})
+    return kept
 
 
 def _worker_pid(box) -> int | None:
