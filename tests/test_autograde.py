@@ -294,7 +294,7 @@ def test_no_case_reads_what_it_must_not(graded):
     assert "NETWORK: " in printed and "NETWORK: reached" not in printed
     wrote = re.search(r"WROTE IN: \[(.*)\]", printed)[1]
     assert all(folder.strip("' ").startswith("/tmp") for folder in wrote.split(",")), f"it wrote outside /tmp: {wrote}"
-    assert CANARY not in printed and "HOME: []" in printed
+    assert CANARY not in printed and hostile.CANARY_FILE not in printed.split("HOME:", 1)[1].split("\n", 1)[0]
 
 
 def test_no_case_outlives_its_grading_or_writes_outside_its_sandbox(graded, tmp_path_factory):
@@ -306,6 +306,13 @@ def test_no_case_outlives_its_grading_or_writes_outside_its_sandbox(graded, tmp_
               for p in folder.glob(f"{hostile.MARKER}*")]
     marked += list(tmp_path_factory.getbasetemp().rglob(f"{hostile.MARKER}*"))
     assert not marked, f"files written outside a sandbox: {marked[:5]}"
+
+
+def test_a_timed_part_shows_its_plot(graded):
+    out, _, _ = graded(GRADER_LAB)
+    nb = nbformat.read(out / "autograded" / sid("solution", GRADER_LAB) / f"{GRADER_LAB}.ipynb", as_version=4)
+    timed = next(c for c in nb.cells if c.metadata.get("nbgrader", {}).get("grade_id") == "p5_tests")
+    assert any("image/png" in o.get("data", {}) for o in timed.outputs), "the performance part's plot is missing"
 
 
 def test_output_is_capped_and_the_flood_costs_nothing(graded):
