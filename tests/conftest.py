@@ -80,6 +80,48 @@ def bubblewrap_available():
     return True
 
 
+def _lab_cells(name: str) -> list:
+    import nbformat
+
+    return nbformat.read(ROOT / "solutions" / name / f"{name}.ipynb", as_version=4).cells
+
+
+def visible_failure(name: str, part: str, namespace: dict) -> str | None:
+    """Lab ``name``'s visible tests of ``part`` (a hidden suite's name, e.g. "apply_rope") run on
+    ``namespace``, as a student runs them: the visible cells up to that part's, in order, in one copy of
+    the namespace (a visible cell may set up what a later one uses; an earlier part's failure is not
+    this part's). Returns the failure's message, or None when the part's visible tests pass."""
+    sys.path.insert(0, str(ROOT / "grading"))
+    from parts import BY_NOTEBOOK, PARTS
+
+    grade_id = next(p["grade_id"] for p in PARTS[BY_NOTEBOOK[name]]["parts"] if p["part"] == part)
+    target = grade_id.removesuffix("_tests") + "_visible"
+    scope = dict(namespace)
+    for cell in _lab_cells(name):
+        grade_id = cell.metadata.get("nbgrader", {}).get("grade_id", "")
+        if cell.cell_type != "code" or not grade_id.endswith("_visible"):
+            continue
+        try:
+            exec(cell.source, scope)
+        except Exception as error:  # noqa: BLE001 - a student's answer may raise anything
+            if grade_id == target:
+                return f"{type(error).__name__}: {error}"
+        if grade_id == target:
+            return None
+    raise KeyError(f"{name} has no visible cell {target}")
+
+
+def assert_visible_fails(name: str, part: str, namespace: dict, mistake: str) -> str:
+    """Visible tests cover every input form the hidden tests use: an answer with ``mistake`` (one
+    input form handled wrong) that the hidden tests reject must fail the visible tests too, before
+    the student submits. Returns the visible failure's message."""
+    message = visible_failure(name, part, namespace)
+    if message is None:
+        pytest.fail(f"{name} {part}: the visible tests pass an answer with this mistake, which the hidden "
+                    f"tests reject: {mistake}")
+    return message
+
+
 def hidden(lab: str, part: str, namespace: dict) -> dict:
     """Lab ``lab``'s hidden suite of ``part`` run against ``namespace`` in this process, as the grader
     runs it against a sandboxed notebook (grading/trusted.py; values still cross the channel's
