@@ -292,20 +292,31 @@ class Attention(nn.Module):
         return self.wo(out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
 
 
-def _pool_heads(linear: nn.Linear, n_groups: int, head_dim: int) -> nn.Linear:
-    """A new projection whose ``n_groups`` output heads are the means of consecutive groups of ``linear``'s heads."""
-    n_heads = linear.out_features // head_dim
-    group = n_heads // n_groups
-    pooled = nn.Linear(linear.in_features, n_groups * head_dim, bias=linear.bias is not None,
-                       device=linear.weight.device, dtype=linear.weight.dtype)
-    exact = torch.promote_types(linear.weight.dtype, torch.float32)  # average in fp32 (fp64 stays), round once
-    with torch.no_grad():
-        # (Hkv_old * D, in) -> (n_groups, group, D, in): heads g*group .. (g+1)*group-1 form group g
-        weight = linear.weight.to(exact).view(n_groups, group, head_dim, linear.in_features)
-        pooled.weight.copy_(weight.mean(dim=1).reshape(n_groups * head_dim, linear.in_features))
-        if linear.bias is not None:
-            pooled.bias.copy_(linear.bias.to(exact).view(n_groups, group, head_dim).mean(dim=1).reshape(-1))
-    return pooled
+def pool_heads(weight: torch.Tensor, head_dim: int, n_groups: int) -> torch.Tensor:
+    """A projection's output heads mean-pooled into ``n_groups`` heads: the GQA paper's conversion.
+
+    ``weight`` is a projection's weight ``(n_heads * head_dim, in)`` (rows ``i*D .. (i+1)*D - 1`` make
+    head i) or its bias ``(n_heads * head_dim,)``. New head g is the mean of old heads
+    ``g*G .. (g+1)*G - 1``, ``G = n_heads // n_groups``: the adjacent grouping attention uses. Averaged
+    in float32 (float64 stays float64) and rounded once to the input's dtype; the input is unchanged.
+    Returns ``(n_groups * head_dim, in)`` (or ``(n_groups * head_dim,)``).
+    """
+    if not isinstance(weight, torch.Tensor) or not weight.is_floating_point() or weight.dim() not in (1, 2):
+        raise TypeError(f"weight must be a floating-point tensor (n_heads * head_dim, in) or a bias "
+                        f"(n_heads * head_dim,), got {getattr(weight, 'shape', type(weight).__name__)}")
+    for name, value in (("head_dim", head_dim), ("n_groups", n_groups)):
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if weight.shape[0] % head_dim:
+        raise ValueError(f"weight's first dimension ({weight.shape[0]}) must be a multiple of head_dim ({head_dim})")
+    n_heads = weight.shape[0] // head_dim
+    if n_heads % n_groups:
+        raise ValueError(f"n_groups ({n_groups}) must divide the {n_heads} heads: "
+                         f"each new head is the mean of a whole group of old ones")
+    rest = weight.shape[1:]  # (in,) for a weight, () for a bias
+    exact = torch.promote_types(weight.dtype, torch.float32)
+    grouped = weight.to(exact).reshape(n_groups, n_heads // n_groups, head_dim, *rest)  # (n_groups, G, D, ...)
+    return grouped.mean(dim=1).reshape(n_groups * head_dim, *rest).to(weight.dtype)
 
 
 def _attention_to_gqa(attention: "Attention", n_kv_heads: int) -> None:
@@ -313,8 +324,15 @@ def _attention_to_gqa(attention: "Attention", n_kv_heads: int) -> None:
     if attention.n_kv_heads % n_kv_heads:
         raise ValueError(f"n_kv_heads ({n_kv_heads}) must divide the module's {attention.n_kv_heads} KV heads: "
                          f"each new head is the mean of a whole group of old ones")
-    attention.wk = _pool_heads(attention.wk, n_kv_heads, attention.head_dim)
-    attention.wv = _pool_heads(attention.wv, n_kv_heads, attention.head_dim)
+    for name in ("wk", "wv"):
+        old = getattr(attention, name)  # (n_kv_heads_old * D, dim)
+        pooled = nn.Linear(old.in_features, n_kv_heads * attention.head_dim, bias=old.bias is not None,
+                           device=old.weight.device, dtype=old.weight.dtype)
+        with torch.no_grad():
+            pooled.weight.copy_(pool_heads(old.weight, attention.head_dim, n_kv_heads))
+            if old.bias is not None:
+                pooled.bias.copy_(pool_heads(old.bias, attention.head_dim, n_kv_heads))
+        setattr(attention, name, pooled)
     attention.n_kv_heads = n_kv_heads
 
 

@@ -88,11 +88,12 @@ CLASSES = {
             "def rms_norm(x, weight, eps=1e-5):\n"
             "    xf = x.float() - x.float().mean(-1, keepdim=True)  # LayerNorm's centring: not RMSNorm\n"
             "    return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)")},
-        "infinite_loop": {"p4_solution": "def decoder_block(x, block, rope_cos, rope_sin):\n    while True:\n        pass"},
+        "infinite_loop": {"p4_solution": "def decoder_block(x, block, rope_cos, rope_sin, lengths=None):\n    while True:\n        pass"},
         "kernel_crash": {"p3_solution": "import os\n\ndef swiglu(x, w1, w2, w3):\n    os._exit(1)"},
-        "library_call": {"p1_solution": ("from effml_lib.attention import attention\n\n"
-                                         "def causal_attention(q, k, v):\n    return attention(q, k, v, causal=True)")},
-        "noisy": ("p1_solution", "def causal_attention(q, k, v):\n"),
+        "library_call": {"p1_solution": ("from effml_lib.attention import attention as library_attention\n\n"
+                                         "def attention(q, k, v, causal=True, mask=None):\n"
+                                         "    return library_attention(q, k, v, causal=causal, mask=mask)")},
+        "noisy": ("p1_solution", "def attention(q, k, v, causal=True, mask=None):\n"),
         "edited": {"forged": "p1_tests", "visible": "p1_visible", "renamed": "p4_tests", "deleted": ("p2_tests", "p3_visible")},
     },
     "lab02_rope": {
@@ -128,7 +129,7 @@ CLASSES = {
             "library_call": {**FULL_LAB03, "p4_tests": 0, "p5_tests": 0},
         },
         "wrong": {"p2_solution": (
-            "class KVCache:\n"
+            "class StaticKVCache:\n"
             "    def __init__(self, n_layers, batch_size, max_seq_len, n_kv_heads, head_dim, dtype=torch.float32):\n"
             "        shape = (batch_size, n_kv_heads, max_seq_len, head_dim)\n"
             "        self.k = [torch.zeros(shape, dtype=dtype) for _ in range(n_layers)]\n"
@@ -142,7 +143,7 @@ CLASSES = {
             "        where = positions[0]  # every sequence at sequence 0's positions\n"
             "        self.k[layer][:, :, where] = k_new\n"
             "        self.v[layer][:, :, where] = v_new\n"
-            "        return self.k[layer], self.v[layer]")},
+            "        return self.k[layer], self.v[layer], (positions[:, -1] + 1).to(torch.int32)")},
         "library_call": {"p4_solution": (
             "from effml_lib.kvcache import StaticKVCache\n\n"
             "def generate_greedy(model, prompts, max_new_tokens):\n"
@@ -168,21 +169,23 @@ CLASSES = {
             "library_call": {**FULL_LAB04, "p3_tests": 0},
         },
         "wrong": {"p1_solution": (
-            "def grouped_attention(q, k, v, causal=True):\n"
+            "def attention(q, k, v, causal=True, mask=None):\n"
             "    b, h, tq, d = q.shape\n"
             "    h_kv, tk = k.shape[1], k.shape[2]\n"
             "    g = h // h_kv\n"
             "    # heads h, h + Hkv, h + 2 Hkv, ... share a KV head: interleaved, not adjacent\n"
             "    q_grouped = q.float().view(b, g, h_kv, tq, d).transpose(1, 2).reshape(b, h_kv, g * tq, d)\n"
             "    scores = q_grouped @ k.float().transpose(-2, -1) / math.sqrt(d)\n"
+            "    scores = scores.view(b, h_kv, g, tq, tk)\n"
             "    if causal:\n"
-            "        visible = torch.ones(tq, tk, dtype=torch.bool).tril(tk - tq)\n"
-            "        scores = scores.view(b, h_kv, g, tq, tk).masked_fill(~visible, float('-inf')).view(b, h_kv, g * tq, tk)\n"
-            "    out = scores.softmax(-1) @ v.float()\n"
+            "        scores = scores.masked_fill(~torch.ones(tq, tk, dtype=torch.bool).tril(tk - tq), float('-inf'))\n"
+            "    if mask is not None:  # the mask's heads in the same interleaved order\n"
+            "        grouped = torch.broadcast_to(mask, (b, h, tq, tk)).view(b, g, h_kv, tq, tk).transpose(1, 2)\n"
+            "        scores = scores.masked_fill(~grouped, float('-inf'))\n"
+            "    out = scores.view(b, h_kv, g * tq, tk).softmax(-1).nan_to_num(0.0) @ v.float()\n"
             "    return out.view(b, h_kv, g, tq, d).transpose(1, 2).reshape(b, h, tq, d).to(q.dtype)")},
         "library_call": {"p3_solution": (
-            "from effml_lib.attention import mha_to_gqa\n\n"
-            "def convert_to_gqa(model, n_kv_heads):\n    return mha_to_gqa(model, n_kv_heads)")},
+            "from effml_lib.attention import mha_to_gqa  # the library's own conversion, as the answer")},
     },
 }
 EXPECTED = CLASSES[LAB]["expected"]

@@ -71,7 +71,7 @@ class Liar(torch.Tensor):  # zeros that claim to equal anything
             return True
         return super().__torch_function__(func, types, args, kwargs or {})
 
-def causal_attention(q, k, v):
+def attention(q, k, v, causal=True, mask=None):
     return torch.zeros_like(q).as_subclass(Liar)
 
 class PosesAsATensor:  # shape, dtype and comparisons of a right answer, and no data
@@ -176,7 +176,7 @@ for root, dirs, files in os.walk("/"):
         OTHER_COPIES.append(os.path.join(root, "attention.py"))
 print("OTHER COPIES:", OTHER_COPIES)
 
-def causal_attention(q, k, v):
+def attention(q, k, v, causal=True, mask=None):
     return _attempts(q, k, v)
 '''
 

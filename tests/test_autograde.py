@@ -258,7 +258,7 @@ def test_tampered_flags_are_put_back_from_the_release():
     cell["p2_tests"].metadata.nbgrader.update(grade=False, points=100)
     cell["p2_tests"].source = "passed = 2"
     cell["p1_solution"].metadata.nbgrader["locked"] = True
-    cell["p1_solution"].source = "def causal_attention(q, k, v):\n    return q"
+    cell["p1_solution"].source = "def attention(q, k, v, causal=True, mask=None):\n    return q"
     assert sorted(autograde.restore_cells(student, release)) == ["p1_solution", "p2_tests"]
     ours = {c.metadata.nbgrader.grade_id: c for c in release.cells}
     for gid in ("p1_solution", "p2_tests"):

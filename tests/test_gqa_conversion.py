@@ -1,10 +1,11 @@
-"""mha_to_gqa: mean-pooling K/V projection heads (the GQA paper's conversion), on a layer and a model."""
+"""pool_heads and mha_to_gqa: mean-pooling K/V projection heads (the GQA paper's conversion), on a
+weight, a layer and a model."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from effml_lib.attention import Attention, mha_to_gqa
+from effml_lib.attention import Attention, mha_to_gqa, pool_heads
 from effml_lib.kvcache import StaticKVCache
 from effml_lib.model import ModelConfig, Transformer
 from effml_lib.rope import rope_frequencies
@@ -36,6 +37,49 @@ def expected_output(original, x, n_kv_heads, cos, sin):
     repeat = HEADS // n_kv_heads
     out = F.scaled_dot_product_attention(q, k.repeat_interleave(repeat, 1), v.repeat_interleave(repeat, 1), is_causal=True)
     return original.wo(out.transpose(1, 2).reshape(b, t, HEADS * HEAD_DIM))
+
+
+def pooled_by_loop(weight, head_dim, n_groups):
+    """The definition, one head at a time, in float64: new head g = the mean of old heads g*G .. g*G+G-1."""
+    n_heads = weight.shape[0] // head_dim
+    group = n_heads // n_groups
+    heads = [weight[i * head_dim:(i + 1) * head_dim].double() for i in range(n_heads)]  # (D, ...) each
+    return torch.cat([sum(heads[g * group + j] for j in range(group)) / group for g in range(n_groups)])
+
+
+@pytest.mark.parametrize("n_heads,head_dim,n_groups", [(8, 4, 2), (6, 8, 3), (6, 8, 1), (4, 2, 4), (32, 16, 8)],
+                         ids=["8to2", "6to3", "6to1_mqa", "4to4_same", "32to8_llama3"])
+def test_pool_heads_equals_the_loop(n_heads, head_dim, n_groups, gen):
+    weight = torch.randn(n_heads * head_dim, 24, generator=gen)
+    bias = torch.randn(n_heads * head_dim, generator=gen)
+    got_weight, got_bias = pool_heads(weight, head_dim, n_groups), pool_heads(bias, head_dim, n_groups)
+    assert got_weight.shape == (n_groups * head_dim, 24) and got_bias.shape == (n_groups * head_dim,)
+    assert_close(got_weight, pooled_by_loop(weight, head_dim, n_groups).float(), what="pooled weight")
+    assert_close(got_bias, pooled_by_loop(bias, head_dim, n_groups).float(), what="pooled bias")
+
+
+def test_pool_heads_dtypes_and_the_input():
+    weight = torch.randn(8 * 16, 32, generator=torch.Generator().manual_seed(0))
+    low = weight.to(torch.bfloat16)
+    before = low.clone()
+    got = pool_heads(low, 16, 2)
+    assert got.dtype == torch.bfloat16
+    assert torch.equal(got, pooled_by_loop(low.float(), 16, 2).float().to(torch.bfloat16)), "average in float32, round once"
+    assert torch.equal(low, before), "the input must not change"
+    exact = pool_heads(weight.double(), 16, 2)
+    assert exact.dtype == torch.float64, "float64 stays float64"
+    assert_close(exact, pooled_by_loop(weight.double(), 16, 2), what="float64 pooling")
+
+
+def test_pool_heads_bad_arguments():
+    with pytest.raises(ValueError, match=r"n_groups \(4\) must divide the 6 heads"):
+        pool_heads(torch.randn(12, 3), 2, 4)
+    with pytest.raises(ValueError, match="n_groups must be a positive int"):
+        pool_heads(torch.randn(12, 3), 2, 0)
+    with pytest.raises(ValueError, match=r"multiple of head_dim \(5\)"):
+        pool_heads(torch.randn(12, 3), 5, 1)
+    with pytest.raises(TypeError, match="floating-point"):
+        pool_heads(torch.ones(12, 3, dtype=torch.int64), 2, 1)
 
 
 @pytest.mark.parametrize("n_kv_heads", [6, 3, 2, 1], ids=["mha", "gqa3", "gqa2", "mqa"])

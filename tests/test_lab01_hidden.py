@@ -1,4 +1,5 @@
-"""Lab 01's hidden suites (grading/hidden/lab01) pass a correct solution and fail realistic mistakes.
+"""Lab 01's hidden suites (grading/hidden/lab01) pass the solution and fail realistic mistakes; every
+mistake that gets an input form wrong fails the visible tests too, before the student submits.
 
 Run in this process (conftest.hidden); that calls of the library or of PyTorch's fused attention fail
 is the sandbox's doing, tested in tests/test_sandbox.py."""
@@ -7,97 +8,145 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-from conftest import assert_part_fails, assert_part_passes
-from effml_lib.rope import apply_rope
+from conftest import assert_part_fails, assert_part_passes, assert_visible_fails, lab_solution
 
+nbformat = pytest.importorskip("nbformat", reason="the lab tooling is in the dev extra")
 
-# --- a correct solution, written the way the lab asks -----------------------------------------
-
-def causal_attention(q, k, v):
-    tq, tk, d = q.shape[2], k.shape[2], q.shape[3]
-    scores = q.float() @ k.float().transpose(-2, -1) / math.sqrt(d)  # (B, H, Tq, Tk)
-    visible = torch.ones(tq, tk, dtype=torch.bool).tril(diagonal=tk - tq)  # end-aligned
-    probs = scores.masked_fill(~visible, float("-inf")).softmax(-1)
-    return (probs @ v.float()).to(q.dtype)
+LAB = "lab01_transformer_basics"
+PARTS = ["attention", "rmsnorm", "swiglu", "block", "performance"]
 
 
-def rms_norm(x, weight, eps=1e-5):
-    xf = x.float()
-    return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+@pytest.fixture(scope="module")
+def solution():
+    return lab_solution(LAB)
 
 
-def swiglu(x, w1, w2, w3):
-    return F.linear(F.silu(F.linear(x, w1)) * F.linear(x, w3), w2)
+def with_answer(solution, source):
+    """The solution's namespace with one answer rewritten: ``source`` runs in a copy of it, as if the
+    student had written it in the solution cell."""
+    namespace = dict(solution)
+    exec(source, namespace)
+    return namespace
 
 
-def decoder_block(x, block, rope_cos, rope_sin):
-    attn, ffn = block.attention, block.feed_forward
-    b, t, _ = x.shape
-    h = rms_norm(x, block.attention_norm.weight, block.attention_norm.eps)
-    q = F.linear(h, attn.wq.weight).view(b, t, attn.n_heads, attn.head_dim).transpose(1, 2)
-    k = F.linear(h, attn.wk.weight).view(b, t, attn.n_kv_heads, attn.head_dim).transpose(1, 2)
-    v = F.linear(h, attn.wv.weight).view(b, t, attn.n_kv_heads, attn.head_dim).transpose(1, 2)
-    q, k = apply_rope(q, rope_cos, rope_sin), apply_rope(k, rope_cos, rope_sin)
-    out = causal_attention(q, k, v).transpose(1, 2).reshape(b, t, -1)
-    x = x + F.linear(out, attn.wo.weight)
-    h = rms_norm(x, block.ffn_norm.weight, block.ffn_norm.eps)
-    return x + swiglu(h, ffn.w1.weight, ffn.w2.weight, ffn.w3.weight)
+@pytest.mark.parametrize("part", PARTS)
+def test_solution_passes(part, solution):
+    assert_part_passes("lab01", part, dict(solution))
 
 
-SOLUTION = dict(causal_attention=causal_attention, rms_norm=rms_norm, swiglu=swiglu, decoder_block=decoder_block)
+# --- an input form handled wrong: the hidden tests reject it, and so do the visible tests -----------
+
+ATTENTION = "def attention(q, k, v, causal=True, mask=None):\n"
+FORM_MISTAKES = {
+    "attention": {
+        # the mask of SDPA's is_causal: aligned to the start of the keys
+        "start-aligned causal mask": ATTENTION + (
+            "    tq, tk = q.shape[2], k.shape[2]\n"
+            "    allowed = torch.ones(tq, tk, dtype=torch.bool).tril() if causal else torch.ones(tq, tk, dtype=torch.bool)\n"
+            "    if mask is not None:\n        allowed = allowed & mask\n"
+            "    probs = (q.float() @ k.float().transpose(-2, -1) / math.sqrt(q.shape[-1])).masked_fill(~allowed, float('-inf')).softmax(-1)\n"
+            "    return (probs.nan_to_num(0.0) @ v.float()).to(q.dtype)\n"),
+        "mask ignored": ATTENTION + "    return SOLVED(q, k, v, causal)\n",
+        "causal=False ignored": ATTENTION + "    return SOLVED(q, k, v, True, mask)\n",
+        "NaN for a query that sees no key": ATTENTION + (
+            "    tq, tk = q.shape[2], k.shape[2]\n"
+            "    allowed = torch.ones(tq, tk, dtype=torch.bool).tril(tk - tq) if causal else torch.ones(tq, tk, dtype=torch.bool)\n"
+            "    if mask is not None:\n        allowed = allowed & mask\n"
+            "    probs = (q.float() @ k.float().transpose(-2, -1) / math.sqrt(q.shape[-1])).masked_fill(~allowed, float('-inf')).softmax(-1)\n"
+            "    return (probs @ v.float()).to(q.dtype)\n"),
+        "float32 returned for bf16/fp16 inputs": ATTENTION + "    return SOLVED(q.float(), k.float(), v.float(), causal, mask)\n",
+        "a (B, H, Tq, Tk) mask read as one pattern": ATTENTION + (
+            "    if mask is not None and mask.dim() == 4:\n        mask = mask[0, 0]\n"
+            "    return SOLVED(q, k, v, causal, mask)\n"),
+    },
+    "rmsnorm": {
+        "squares averaged in float16": "def rms_norm(x, weight, eps=1e-5):\n"
+            "    return weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)\n",
+        "only 2-D x": "def rms_norm(x, weight, eps=1e-5):\n"
+            "    assert x.dim() == 2, 'made for (tokens, dim)'\n    return SOLVED(x, weight, eps)\n",
+        "eps outside the root": "def rms_norm(x, weight, eps=1e-5):\n"
+            "    xf = x.float()\n    return weight * (xf / (xf.pow(2).mean(-1, keepdim=True).sqrt() + eps)).to(x.dtype)\n",
+    },
+    "swiglu": {
+        "gate and up swapped": "def swiglu(x, w1, w2, w3):\n    return SOLVED(x, w3, w2, w1)\n",
+        "only 3-D x": "def swiglu(x, w1, w2, w3):\n    b, t, d = x.shape\n    return SOLVED(x, w1, w2, w3)\n",
+    },
+    "block": {
+        "lengths ignored": "def decoder_block(x, block, rope_cos, rope_sin, lengths=None):\n"
+            "    return SOLVED(x, block, rope_cos, rope_sin)\n",
+        "padding keys attended": "def decoder_block(x, block, rope_cos, rope_sin, lengths=None):\n"
+            "    return SOLVED(x, block, rope_cos, rope_sin, lengths, keep_padding_keys=True)\n",
+    },
+}
+NAMES = {"attention": "attention", "rmsnorm": "rms_norm", "swiglu": "swiglu", "block": "decoder_block"}
 
 
-@pytest.mark.parametrize("part", ["attention", "rmsnorm", "swiglu", "block", "performance"])
-def test_solution_passes(part):
-    assert_part_passes("lab01", part, dict(SOLUTION))
+def block_variant(solution, keep_padding_keys=False, shift_positions=True):
+    """The solution's decoder_block with one of its two padding steps left out. (Not shifting the
+    positions is no mistake: RoPE scores depend on distances only; test_positions_need_no_shift.)"""
+    import torch.nn.functional as F
+    from effml_lib.rope import apply_rope
+
+    attention, rms_norm, swiglu = solution["attention"], solution["rms_norm"], solution["swiglu"]
+
+    def decoder_block(x, block, rope_cos, rope_sin, lengths=None):
+        attn, ffn = block.attention, block.feed_forward
+        b, t, _ = x.shape
+        lengths = torch.full((b,), t) if lengths is None else lengths
+        pad = t - lengths[:, None]  # (B, 1)
+        positions = (torch.arange(t)[None, :] - pad).clamp(min=0) if shift_positions else torch.arange(t).expand(b, t)
+        keys = torch.ones(b, 1, 1, t, dtype=torch.bool) if keep_padding_keys else (torch.arange(t)[None, :] >= pad)[:, None, None, :]
+        h = rms_norm(x, block.attention_norm.weight, block.attention_norm.eps)
+        q = F.linear(h, attn.wq.weight).view(b, t, attn.n_heads, attn.head_dim).transpose(1, 2)
+        k = F.linear(h, attn.wk.weight).view(b, t, attn.n_kv_heads, attn.head_dim).transpose(1, 2)
+        v = F.linear(h, attn.wv.weight).view(b, t, attn.n_kv_heads, attn.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, rope_cos, rope_sin, positions), apply_rope(k, rope_cos, rope_sin, positions)
+        x = x + F.linear(attention(q, k, v, mask=keys).transpose(1, 2).reshape(b, t, -1), attn.wo.weight)
+        h = rms_norm(x, block.ffn_norm.weight, block.ffn_norm.eps)
+        return x + swiglu(h, ffn.w1.weight, ffn.w2.weight, ffn.w3.weight)
+
+    return decoder_block
 
 
-# --- realistic mistakes, each must cost its part -----------------------------------------------
-
-def start_aligned_attention(q, k, v):  # the mask of SDPA's is_causal: aligned to the start of the keys
-    tq, tk, d = q.shape[2], k.shape[2], q.shape[3]
-    visible = torch.ones(tq, tk, dtype=torch.bool).tril()
-    return ((q @ k.transpose(-2, -1) / math.sqrt(d)).masked_fill(~visible, float("-inf")).softmax(-1) @ v)
-
-
-def unscaled_attention(q, k, v):
-    tq, tk = q.shape[2], k.shape[2]
-    visible = torch.ones(tq, tk, dtype=torch.bool).tril(diagonal=tk - tq)
-    return (q @ k.transpose(-2, -1)).masked_fill(~visible, float("-inf")).softmax(-1) @ v
+def mistaken(solution, part, source):
+    solved = solution[NAMES[part]]
+    if part == "block":
+        def solved(x, block, rope_cos, rope_sin, lengths=None, **variant):  # noqa: F811
+            if not variant:
+                return solution["decoder_block"](x, block, rope_cos, rope_sin)  # lengths=None
+            return block_variant(solution, **variant)(x, block, rope_cos, rope_sin, lengths)
+    return with_answer(dict(solution, SOLVED=solved), source)
 
 
-def layer_norm(x, weight, eps=1e-5):
-    return F.layer_norm(x, x.shape[-1:], weight, eps=eps)
+CASES = [(part, mistake) for part, mistakes in FORM_MISTAKES.items() for mistake in mistakes]
 
 
-def swapped_swiglu(x, w1, w2, w3):
-    return swiglu(x, w3, w2, w1)
+@pytest.mark.parametrize("part,mistake", CASES, ids=[f"{p}: {m}" for p, m in CASES])
+def test_input_form_mistake_fails_hidden_and_visible_tests(solution, part, mistake):
+    namespace = mistaken(solution, part, FORM_MISTAKES[part][mistake])
+    assert_part_fails("lab01", part, namespace, mistake)
+    assert_visible_fails(LAB, part, namespace, mistake)
 
 
-def post_norm_block(x, block, rope_cos, rope_sin):
-    attn_out = decoder_block(x, block, rope_cos, rope_sin) - x  # not how a pre-norm block composes
-    return rms_norm(x + attn_out, block.ffn_norm.weight)
+def test_positions_need_no_shift(solution):
+    """RoPE's scores depend only on the distance between tokens, so positions that start at the padding
+    count, not at 0, give the same block: the hidden tests must not take points for it."""
+    namespace = mistaken(solution, "block", "def decoder_block(x, block, rope_cos, rope_sin, lengths=None):\n"
+                         "    return SOLVED(x, block, rope_cos, rope_sin, lengths, shift_positions=False)\n")
+    assert_part_passes("lab01", "block", namespace)
 
 
-MISTAKES = [
-    ("attention", "causal_attention", start_aligned_attention, "queries and"),
-    ("attention", "causal_attention", unscaled_attention, "wrong output"),
-    ("rmsnorm", "rms_norm", layer_norm, "LayerNorm"),
-    ("swiglu", "swiglu", swapped_swiglu, "gate"),
-    ("block", "decoder_block", post_norm_block, "differ"),
-]
-
-
-@pytest.mark.parametrize("part,name,wrong,hint", MISTAKES, ids=[m[2].__name__ for m in MISTAKES])
-def test_mistake_fails_with_a_useful_message(part, name, wrong, hint):
-    assert hint in assert_part_fails("lab01", part, {**SOLUTION, name: wrong}, wrong.__name__)
+def test_messages_say_what_was_expected(solution):
+    out = assert_part_fails("lab01", "block", mistaken(solution, "block", FORM_MISTAKES["block"]["lengths ignored"]), "")
+    assert "left-padded batch" in out and "padding" in out, out
+    out = assert_part_fails("lab01", "attention", mistaken(solution, "attention", FORM_MISTAKES["attention"]["mask ignored"]), "")
+    assert "mask of shape" in out, out
 
 
 # --- part 5: correct and within the factor of the reference --------------------------------------
 
-def loop_attention(q, k, v):  # correct, one query at a time
+def loop_attention(q, k, v, causal=True, mask=None):  # correct for what part 5 times, one query at a time
     tq, tk, d = q.shape[2], k.shape[2], q.shape[3]
     out = torch.empty_like(q)
     for i in range(tq):
@@ -107,18 +156,17 @@ def loop_attention(q, k, v):  # correct, one query at a time
     return out
 
 
-def unmasked_attention(q, k, v):  # fast, but every query sees the future
+def unmasked_attention(q, k, v, causal=True, mask=None):  # fast, but every query sees the future
     return (q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])).softmax(-1) @ v
 
 
-def test_loop_over_queries_is_correct_but_too_slow():
-    assert_part_passes("lab01", "attention", {**SOLUTION, "causal_attention": loop_attention})  # correct
-    out = assert_part_fails("lab01", "performance", {**SOLUTION, "causal_attention": loop_attention}, "loop")
+def test_loop_over_queries_is_too_slow(solution):
+    out = assert_part_fails("lab01", "performance", dict(solution, attention=loop_attention), "loop")
     assert "too slow" in out and "allowed 4×" in out, out
 
 
-def test_fast_but_wrong_attention_fails_the_speed_part():
-    out = assert_part_fails("lab01", "performance", {**SOLUTION, "causal_attention": unmasked_attention}, "unmasked")
+def test_fast_but_wrong_attention_fails_the_speed_part(solution):
+    out = assert_part_fails("lab01", "performance", dict(solution, attention=unmasked_attention), "unmasked")
     assert "wrong output" in out and "too slow" not in out, out
 
 

@@ -5,7 +5,8 @@
 # them past the trained context), the rotation itself for both ways of pairing channels, the conversion
 # of a checkpoint's projections between pairings, and a use of the property that makes RoPE work: a
 # query–key score depends only on the distance between their positions. Part 5 times your rotation.
-# Notebook `02_rope` explains each piece; read it first.
+# Parts 1–3 have the names and argument order of their counterparts in `effml_lib.rope` (less the
+# library's `device` and `impl` options). Notebook `02_rope` explains each piece; read it first.
 #
 # How this lab is graded: each part has **visible tests** (run them as often as you like; a failure says
 # what is wrong) and a **graded cell** whose hidden tests decide that part's points (12 in all). While
@@ -66,12 +67,38 @@ def rope_frequencies(head_dim, max_positions, theta=10000.0, scaling=None):
 # Visible tests for part 1
 cos, sin = rope_frequencies(8, 16)
 assert cos.shape == (16, 4) and sin.shape == (16, 4), f"cos, sin should be (16, 4), got {tuple(cos.shape)}, {tuple(sin.shape)}"
-assert cos.dtype == torch.float32, f"the tables should be float32, got {cos.dtype}"
+assert cos.dtype == torch.float32 and sin.dtype == torch.float32, f"the tables should be float32, got {cos.dtype}, {sin.dtype}"
 assert torch.allclose(cos[0], torch.ones(4)) and torch.allclose(sin[0], torch.zeros(4)), "position 0 is not rotated"
 assert math.isclose(sin[1, 0].item(), math.sin(1.0), rel_tol=1e-6), "pair 0 turns 1 radian per position"
 assert math.isclose(sin[1, 1].item(), math.sin(10000 ** -0.25), rel_tol=1e-5), "pair 1 of 4 turns theta^(-2/8) per position"
-cos_pi, _ = rope_frequencies(8, 16, scaling={"type": "linear", "factor": 4})
-assert torch.allclose(cos_pi[8], cos[2]), "with linear scaling by 4, position 8 must get position 2's angles"
+assert math.isclose(cos[9, 3].item(), math.cos(9 * 10000 ** -0.75), rel_tol=1e-5), (
+    "theta defaults to 10000: position 9, pair 3 of 4 is at angle 9 * 10000^(-6/8)")
+
+cos2, sin2 = rope_frequencies(2, 5)  # head_dim 2: a single pair
+assert cos2.shape == (5, 1), f"rope_frequencies(2, 5) should give tables of shape (5, 1), got {tuple(cos2.shape)}"
+cos6, sin6 = rope_frequencies(6, 9, theta=100.0)  # head_dim 6: three pairs, another base
+assert cos6.shape == (9, 3), f"rope_frequencies(6, 9) should give tables of shape (9, 3), got {tuple(cos6.shape)}"
+assert math.isclose(sin6[5, 2].item(), math.sin(5 * 100.0 ** (-4 / 6)), rel_tol=1e-5), (
+    "with theta=100, position 5, pair 2 of 3 is at angle 5 * 100^(-4/6): use the theta you are given")
+cos_l, sin_l = rope_frequencies(128, 4096, theta=500000.0)  # Llama-3's head size and base, long tables
+assert abs(sin_l[4095, 0].item() - math.sin(4095)) < 1e-3 and abs(cos_l[4095, 63].item() - math.cos(4095 * 500000.0 ** (-126 / 128))) < 1e-3, (
+    "rope_frequencies(128, 4096, theta=500000.0): wrong angles at position 4095 (compute them in float32)")
+
+cos_pi, sin_pi = rope_frequencies(8, 16, scaling={"type": "linear", "factor": 4})
+assert torch.allclose(cos_pi[8], cos[2]) and torch.allclose(sin_pi[8], sin[2]), (
+    "with linear scaling by 4, position 8 must get position 2's angles")
+cos_pi, sin_pi = rope_frequencies(8, 16, scaling={"type": "linear", "factor": 2.5})
+assert torch.allclose(cos_pi[5], cos[2]) and torch.allclose(sin_pi[5], sin[2]), (
+    "with linear scaling by 2.5 (factors need not be integers), position 5 must get position 2's angles")
+
+for factor in (4, 8):
+    cos_ntk, sin_ntk = rope_frequencies(8, 16, scaling={"type": "ntk", "factor": factor})
+    base = 10000.0 * factor ** (8 / 6)  # theta * s^(D / (D - 2))
+    assert math.isclose(sin_ntk[3, 1].item(), math.sin(3 * base ** (-2 / 8)), rel_tol=1e-5), (
+        f"with NTK scaling by {factor}, position 3, pair 1 is at angle 3 * theta'^(-2/8), theta' = 10000 * {factor}^(8/6)")
+    assert torch.allclose(sin_ntk[:, 0], sin[:, 0]), f"NTK scaling by {factor} must leave the fastest pair (i = 0) unchanged"
+    assert math.isclose(sin_ntk[1, 3].item(), math.sin(10000 ** -0.75 / factor), rel_tol=1e-5), (
+        f"NTK scaling by {factor} must turn the slowest pair {factor} times slower")
 print("part 1: visible tests passed")
 
 
@@ -83,14 +110,16 @@ print("part 1: visible tests passed")
 # `apply_rope(x, cos, sin, positions=None, interleaved=False)` rotates `x` of shape `(B, H, T, D)` and
 # returns the same shape and dtype. Token `t` is at position `positions[t]`, or `t` when `positions` is
 # None; `positions` may also be `(B, T)`, one row per sequence (a batch of decode steps, each at its own
-# cache length). Positions can be any integers below `cos.shape[0]`, in any order.
+# cache length). Positions can be any integers below `cos.shape[0]`, in any order, with repeats. Rotate by
+# the rows of the `cos` and `sin` you are given (they may come from any `theta` or scaling), and leave `x`
+# as it was: it may be a non-contiguous view, and `x.float()` of a float32 `x` is `x` itself.
 #
 # Pair `i` is the 2-vector `(x1, x2)`, rotated to `(x1 cos − x2 sin, x2 cos + x1 sin)`, where:
 #
 # * `interleaved=False` (**half-split**, Hugging Face's Llama): `x1 = x[..., i]`, `x2 = x[..., i + D/2]`;
 # * `interleaved=True` (the paper's pairing, Meta's original Llama code): `x1 = x[..., 2i]`, `x2 = x[..., 2i + 1]`.
 #
-# Compute in float32 and return `x`'s dtype.
+# Compute in float32 and return `x`'s dtype (float32, bfloat16 or float16).
 
 # %% nbgrader={"grade_id": "p2_solution", "solution": true}
 def apply_rope(x, cos, sin, positions=None, interleaved=False):
@@ -112,21 +141,62 @@ def apply_rope(x, cos, sin, positions=None, interleaved=False):
 
 
 # %% nbgrader={"grade_id": "p2_visible", "locked": true}
-# Visible tests for part 2
-x = torch.randn(1, 2, 5, 8)
-cos, sin = rope_frequencies(8, 64)
-positions = torch.tensor([0, 3, 4, 40, 63])
-expected = complex_rotation(x, positions)  # defined with adjacent pairs: the interleaved convention
-got = apply_rope(x, cos, sin, positions, interleaved=True)
-assert got.shape == x.shape, f"output shape should be {tuple(x.shape)}, got {tuple(got.shape)}"
-assert torch.allclose(got.double(), expected, atol=1e-5), "interleaved: pairs (2i, 2i+1) rotated as complex numbers"
-half = apply_rope(x, cos, sin, positions)
-half_as_pairs = torch.stack(half.chunk(2, dim=-1), dim=-1).flatten(-2)  # reorder (i, i+D/2) to adjacent pairs
-x_as_pairs = torch.stack(x.chunk(2, dim=-1), dim=-1).flatten(-2)
-assert torch.allclose(half_as_pairs.double(), complex_rotation(x_as_pairs, positions), atol=1e-5), (
-    "half-split: channel i pairs with channel i + D/2")
-assert torch.equal(apply_rope(x, cos, sin), apply_rope(x, cos, sin, torch.arange(5))), "positions=None means 0..T-1"
-assert apply_rope(x.bfloat16(), cos, sin).dtype == torch.bfloat16, "return x's dtype"
+# Visible tests for part 2, one per input form the hidden tests use
+def expected_rotation(x, positions, interleaved, theta=10000.0):
+    # The definition for every input form (float64): positions (T,) or (B, T) (row b: sequence b's
+    # positions); half-split pairs (i, i + D/2) are moved side by side, rotated, and moved back.
+    if positions.dim() == 2:
+        return torch.cat([expected_rotation(x[b:b + 1], positions[b], interleaved, theta) for b in range(x.shape[0])])
+    if interleaved:
+        return complex_rotation(x, positions, theta)
+    side_by_side = torch.stack(x.chunk(2, dim=-1), dim=-1).flatten(-2)  # (i, i + D/2) -> (2i, 2i + 1)
+    rotated = complex_rotation(side_by_side, positions, theta)
+    return torch.cat((rotated[..., 0::2], rotated[..., 1::2]), dim=-1)  # and back
+
+
+def check_rotation(what, x, cos, sin, positions=None, interleaved=False, theta=10000.0, atol=1e-5, rtol=0.0):
+    # Calls apply_rope(x, cos, sin, positions, interleaved) and compares it with the definition;
+    # `what` names the input form and what is expected of it.
+    before = x.clone()
+    try:
+        got = apply_rope(x, cos, sin, positions, interleaved=interleaved)
+    except Exception as error:
+        raise AssertionError(f"{what}: apply_rope raised {type(error).__name__}: {error}") from error
+    assert torch.equal(x, before), f"{what}: apply_rope changed x in place; it must leave x as it was"
+    assert isinstance(got, torch.Tensor) and got.shape == x.shape, (
+        f"{what}: output shape should be {tuple(x.shape)}, got {tuple(getattr(got, 'shape', ()))}")
+    assert got.dtype == x.dtype, f"{what}: return x's dtype ({x.dtype}), got {got.dtype}"
+    when = torch.arange(x.shape[2]) if positions is None else positions
+    assert torch.allclose(got.double(), expected_rotation(x.double(), when, interleaved, theta), atol=atol, rtol=rtol), what
+
+
+cos, sin = rope_frequencies(8, 64)  # more rows than any test's T: a token uses the row of its position
+x = torch.randn(2, 3, 5, 8)  # (B, H, T, D), with B != H
+positions = torch.tensor([40, 3, 63, 3, 0])  # (T,): any order, repeats allowed
+check_rotation("interleaved: pairs (2i, 2i+1) rotated as complex numbers; token t at position positions[t] "
+               "(unsorted, with repeats)", x, cos, sin, positions, interleaved=True)
+check_rotation("half-split (interleaved=False, the default): channel i pairs with channel i + D/2; token t at "
+               "position positions[t]", x, cos, sin, positions)
+for interleaved in (False, True):
+    check_rotation(f"positions=None with interleaved={interleaved}: token t is at position t (rows 0..T-1 of a "
+                   "64-row table)", x, cos, sin, None, interleaved)
+    per_sequence = torch.tensor([[9, 40, 2, 17, 17], [60, 61, 62, 63, 0]])  # (B, T)
+    check_rotation(f"positions of shape (B, T) with interleaved={interleaved}: row b gives sequence b's positions, "
+                   "the same for each of its heads", x, cos, sin, per_sequence, interleaved)
+check_rotation("a decode step, x (B, H, 1, D) with positions (B, 1): sequence b's one new token is at positions[b, 0]",
+               torch.randn(3, 2, 1, 8), cos, sin, torch.tensor([[17], [0], [63]]))
+
+cos_big, sin_big = rope_frequencies(8, 64, theta=500000.0)  # tables of another base
+check_rotation("tables made with theta=500000: rotate by the rows of the cos and sin you are given",
+               x, cos_big, sin_big, positions, theta=500000.0)
+check_rotation("a non-contiguous x (a (B, H, T, D) view of a (B, T, H, D) tensor): the same rotation; and "
+               "x.float() of a float32 x is x itself, so do not write into it", torch.randn(2, 5, 3, 8).transpose(1, 2), cos, sin)
+
+cos_long, sin_long = rope_frequencies(32, 2048)
+far = torch.arange(1000, 1009)  # (T,) = (9,): late positions, where low precision hurts most
+for dtype in (torch.bfloat16, torch.float16):
+    check_rotation(f"x in {dtype}: compute in float32 and cast the result back to {dtype} once",
+                   (torch.randn(1, 2, 9, 32) * 4).to(dtype), cos_long, sin_long, far, atol=6e-2, rtol=2e-2)
 print("part 2: visible tests passed")
 
 
@@ -140,35 +210,78 @@ print("part 2: visible tests passed")
 # key projection so that, within every head, the channels that formed pair `(2i, 2i+1)` land at
 # `(i, i + D/2)`. Because q and k are reordered alike, every score `q · k` stays the same.
 #
-# `interleaved_to_half_split(weight, n_heads)` takes a projection weight `(n_heads · D, in_features)`, or
-# a bias `(n_heads · D,)`, and returns it with each head's rows reordered: new row `j < D/2` of a head is
-# its old row `2j`, new row `D/2 + j` its old row `2j + 1`.
+# `permute_qk_weight(weight, n_heads, to="half_split")` (the library's name and arguments) takes a
+# projection weight `(n_heads · D, in_features)`, or a bias `(n_heads · D,)`, and returns it with each
+# head's rows reordered for the pairing `to`:
+#
+# * `to="half_split"` (an interleaved checkpoint for half-split code): new row `j < D/2` of a head is its
+#   old row `2j`, new row `D/2 + j` its old row `2j + 1`;
+# * `to="interleaved"`, the inverse (a half-split checkpoint for interleaved code): new row `2j` of a head
+#   is its old row `j`, new row `2j + 1` its old row `D/2 + j`;
+# * any other `to` raises a `ValueError` whose message names `to`, as the library's does.
+#
+# A model with fewer key heads than query heads converts `wk` with its own head count.
 
 # %% nbgrader={"grade_id": "p3_solution", "solution": true}
-def interleaved_to_half_split(weight, n_heads):
+def permute_qk_weight(weight, n_heads, to="half_split"):
     ### BEGIN SOLUTION
+    if to not in ("half_split", "interleaved"):
+        raise ValueError(f"to must be 'half_split' or 'interleaved', got {to!r}")
     head_dim = weight.shape[0] // n_heads
-    per_head = weight.reshape(n_heads, head_dim // 2, 2, *weight.shape[1:])  # (H, D/2, pair, ...)
-    return per_head.transpose(1, 2).reshape(weight.shape)  # (H, pair, D/2, ...): evens, then odds
+    if to == "half_split":  # rows (2i, 2i+1) of each head: (H, D/2, pair, ...)
+        per_head = weight.reshape(n_heads, head_dim // 2, 2, *weight.shape[1:])
+    else:  # rows (i, i + D/2) of each head: (H, half, D/2, ...)
+        per_head = weight.reshape(n_heads, 2, head_dim // 2, *weight.shape[1:])
+    return per_head.transpose(1, 2).reshape(weight.shape)  # swap the two row axes within each head
     ### END SOLUTION
 
 
 # %% nbgrader={"grade_id": "p3_visible", "locked": true}
 # Visible tests for part 3
-w = torch.arange(8.0)[:, None].expand(8, 3)  # 2 heads of head_dim 4; row r holds r
-got = interleaved_to_half_split(w, n_heads=2)
-assert got.shape == w.shape, f"shape should stay {tuple(w.shape)}, got {tuple(got.shape)}"
-assert got[:, 0].tolist() == [0, 2, 1, 3, 4, 6, 5, 7], f"rows should be [0, 2, 1, 3, 4, 6, 5, 7], got {got[:, 0].tolist()}"
-x, wq, wk = torch.randn(6, 16), torch.randn(8, 16), torch.randn(8, 16)
+w = torch.arange(12.0)[:, None].expand(12, 3)  # 2 heads of head_dim 6; row r holds r
+to_half = [0, 2, 4, 1, 3, 5, 6, 8, 10, 7, 9, 11]  # per head: old rows 2j first, then old rows 2j + 1
+to_inter = [0, 3, 1, 4, 2, 5, 6, 9, 7, 10, 8, 11]  # per head: old rows j and D/2 + j side by side
+for to, rows in (("half_split", to_half), ("interleaved", to_inter)):
+    got = permute_qk_weight(w, 2, to=to)
+    assert isinstance(got, torch.Tensor) and got.shape == w.shape, (
+        f"to={to!r}: a (12, 3) weight keeps its shape, got {tuple(getattr(got, 'shape', ()))}")
+    got_rows = [int(r) for r in got[:, 0].tolist()]
+    assert got_rows == rows, f"to={to!r}, 2 heads of head_dim 6: rows should be {rows}, got {got_rows}"
+    try:
+        bias = permute_qk_weight(torch.arange(12.0), 2, to=to)
+    except Exception as error:
+        raise AssertionError(f"to={to!r}: a bias, shape (12,), must work too; got {type(error).__name__}: {error}") from error
+    assert isinstance(bias, torch.Tensor) and bias.shape == (12,) and [int(r) for r in bias.tolist()] == rows, (
+        f"to={to!r}: a bias (12,) keeps its shape and is reordered like a weight's rows, {rows}")
+assert permute_qk_weight(w, 2)[:, 0].tolist() == to_half, "to defaults to 'half_split'"
+assert permute_qk_weight(w, 1)[:, 0].tolist() == [0, 2, 4, 6, 8, 10, 1, 3, 5, 7, 9, 11], (
+    "one head of head_dim 12, to='half_split': rows 0, 2, ..., 10, then 1, 3, ..., 11")
+w_rand = torch.randn(12, 5)
+assert torch.equal(permute_qk_weight(permute_qk_weight(w_rand, 2, to="interleaved"), 2, to="half_split"), w_rand), (
+    "to='interleaved' then to='half_split' must give the weight back: the two undo each other")
+for bad in ("half-split", None):
+    try:
+        permute_qk_weight(w, 2, to=bad)
+    except ValueError as error:
+        assert "to" in str(error), f"the ValueError for to={bad!r} should name `to`, got: {error}"
+    else:
+        raise AssertionError(f"to={bad!r} (neither 'half_split' nor 'interleaved') must raise a ValueError naming `to`")
+
+x, wq, wk = torch.randn(6, 16), torch.randn(8, 16), torch.randn(4, 16)  # 2 query heads, 1 key head, head_dim 4
 cos, sin = rope_frequencies(4, 6)
 def scores(wq, wk, interleaved):
     q = (x @ wq.T).view(6, 2, 4).transpose(0, 1)[None]  # (1, H, T, D)
-    k = (x @ wk.T).view(6, 2, 4).transpose(0, 1)[None]
+    k = (x @ wk.T).view(6, 1, 4).transpose(0, 1)[None].expand(1, 2, 6, 4)  # the key head serves both query heads
     q, k = apply_rope(q, cos, sin, interleaved=interleaved), apply_rope(k, cos, sin, interleaved=interleaved)
     return q @ k.transpose(-2, -1)
 meta = scores(wq, wk, interleaved=True)
-hf = scores(interleaved_to_half_split(wq, 2), interleaved_to_half_split(wk, 2), interleaved=False)
-assert torch.allclose(meta, hf, atol=1e-4), "converted projections with half-split RoPE must give the same scores"
+hf = scores(permute_qk_weight(wq, 2), permute_qk_weight(wk, 1), interleaved=False)
+assert torch.allclose(meta, hf, atol=1e-4), (
+    "an interleaved checkpoint converted with to='half_split' (wq with 2 heads, wk with 1) and half-split RoPE "
+    "must give the same scores")
+back = scores(permute_qk_weight(wq, 2, to="interleaved"), permute_qk_weight(wk, 1, to="interleaved"), interleaved=True)
+assert torch.allclose(scores(wq, wk, interleaved=False), back, atol=1e-4), (
+    "a half-split checkpoint converted with to='interleaved' and interleaved RoPE must give the same scores")
 print("part 3: visible tests passed")
 
 
@@ -182,9 +295,9 @@ print("part 3: visible tests passed")
 # for near or far tokens can be read off without trying every pair of positions.
 #
 # `score_by_distance(q, k, cos, sin)` takes one query vector `q` and one key vector `k` (each `(D,)`,
-# half-split pairing) and returns a float32 tensor `s` of shape `(cos.shape[0],)` where `s[d]` is the
-# score of `q` at any position `n + d` against `k` at position `n`. Use your `apply_rope`, and the
-# property: one rotation per distance, not one per pair of positions.
+# half-split pairing, float32 or bfloat16) and returns a float32 tensor `s` of shape `(cos.shape[0],)`
+# where `s[d]` is the score of `q` at any position `n + d` against `k` at position `n`. Use your
+# `apply_rope`, and the property: one rotation per distance, not one per pair of positions.
 #
 # Then answer a question about the course model (the cell after the tests sets it up): at which distance
 # below 512 does layer 0, head 1 score a `)` against a `(` highest? Set `peak_distance` to that integer,
@@ -204,13 +317,23 @@ def score_by_distance(q, k, cos, sin):
 q, k = torch.randn(16), torch.randn(16)
 cos, sin = rope_frequencies(16, 100)
 s = score_by_distance(q, k, cos, sin)
-assert s.shape == (100,), f"one score per distance: shape (100,), got {tuple(s.shape)}"
-def score_at(m, n):
-    qm = apply_rope(q.view(1, 1, 1, 16), cos, sin, torch.tensor([m]))
-    kn = apply_rope(k.view(1, 1, 1, 16), cos, sin, torch.tensor([n]))
-    return (qm * kn).sum().item()
-assert math.isclose(s[7].item(), score_at(30, 23), abs_tol=1e-4), "s[7] must equal the score of q at n + 7 against k at n"
+assert isinstance(s, torch.Tensor) and s.shape == (100,), (
+    f"one score per distance: shape (100,), got {tuple(getattr(s, 'shape', ()))}")
+assert s.dtype == torch.float32, f"the scores should be float32, got {s.dtype}"
+def score_at(q, k, m, n):
+    qm = apply_rope(q.view(1, 1, 1, -1), cos, sin, torch.tensor([m]))
+    kn = apply_rope(k.view(1, 1, 1, -1), cos, sin, torch.tensor([n]))
+    return (qm.float() * kn.float()).sum().item()
+assert math.isclose(s[7].item(), score_at(q, k, 30, 23), abs_tol=1e-4), (
+    "s[7] must equal the score of q at n + 7 against k at n (half-split pairing)")
+assert math.isclose(s[99].item(), score_at(q, k, 99, 0), abs_tol=1e-4), (
+    "s[99], the last distance, must equal the score of q at 99 against k at 0")
 assert math.isclose(s[0].item(), (q @ k).item(), abs_tol=1e-4), "at distance 0 the rotations cancel: s[0] = q . k"
+q_low, k_low = q.bfloat16(), k.bfloat16()
+s_low = score_by_distance(q_low, k_low, cos, sin)
+assert s_low.dtype == torch.float32, f"bfloat16 q and k: the scores should still be float32, got {s_low.dtype}"
+assert math.isclose(s_low[7].item(), score_at(q_low.float(), k_low.float(), 30, 23), abs_tol=0.1, rel_tol=0.05), (
+    "bfloat16 q and k: s[7] must be the score of q at n + 7 against k at n")
 print("part 4: visible tests passed")
 
 # %% nbgrader={"grade_id": "p4_question", "locked": true}

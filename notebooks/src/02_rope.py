@@ -159,16 +159,18 @@ print(f"spread of the score over all shifts: sinusoidal {absolute.max() - absolu
 # $$
 #
 # Multiplying by $e^{\mathrm{i}\phi}$ rotates a point of the plane by $\phi$, keeping its length. Pair 0 turns by
-# 1 radian per token; the last pair turns almost $\text{base}$ times more slowly. The real and imaginary parts
-# written out are the library's reference, four multiplies and two adds per pair:
-
-# %%
-from effml_lib.rope import rotate_reference
-
-show_source(rotate_reference)
-
-
-# %% [markdown]
+# 1 radian per token; the last pair turns almost $\text{base}$ times more slowly. Written with the pair's two
+# channels $z_i = x_1 + \mathrm{i}\,x_2$ and its angle $\phi = m\theta_i$, the product has real and imaginary parts
+#
+# $$
+# (x_1 + \mathrm{i}\,x_2)(\cos\phi + \mathrm{i}\sin\phi) \;=\; (x_1\cos\phi - x_2\sin\phi) \;+\;
+# \mathrm{i}\,(x_2\cos\phi + x_1\sin\phi),
+# $$
+#
+# so in real arithmetic RoPE is four multiplies and two adds per pair, with $\cos\phi$ and $\sin\phi$ read from
+# tables computed once for every position and pair (the library's `rope_frequencies`). Which two channels
+# are $x_1$ and $x_2$ depends on the checkpoint, as we see below.
+#
 # Below we rotate a random `(B, H, T, D)` tensor at arbitrary positions with the library (pairs
 # $(2i, 2i{+}1)$, `interleaved=True`) and with complex numbers: `torch.view_as_complex` turns each
 # adjacent pair into one complex number, `torch.polar(1, angle)` makes $e^{\mathrm{i}\cdot\text{angle}}$.
@@ -577,9 +579,10 @@ pd.DataFrame(table).set_index("variant").round(2).astype(object).fillna("—")  
 # compared with the fastest way to move bytes, a device-to-device copy. "Fraction of copy bandwidth" is
 # that ratio; 100% would mean the rotation costs no more than copying $q$ and $k$.
 #
-# The reference does not come close: every line of `rotate_reference` is a separate PyTorch operation that
-# reads its inputs from memory and writes its result back (a float32 copy, four products, two sums, a
-# concatenation, a cast back), about 48 bytes of traffic per bf16 channel instead of 4. Two fixes:
+# The library's eager reference does not come close: it writes section 2's real and imaginary parts as
+# PyTorch operations on whole tensors, and each is a separate operation that reads its inputs from memory
+# and writes its result back (a float32 copy, four products, two sums, a concatenation, a cast back), about
+# 48 bytes of traffic per bf16 channel instead of 4. Two fixes:
 #
 # - `torch.compile` fuses the whole function into one generated kernel;
 # - the library's Triton kernel (`effml_lib/kernels/rope.py`) does it by hand: one program per token loads
@@ -748,14 +751,14 @@ decode.rename_axis(index="batch (sequences)", columns=None).round(0)
 # ## What the lab asks
 #
 # Lab 02 ([`labs/lab02_rope/lab02_rope.ipynb`](../labs/lab02_rope/lab02_rope.ipynb), 12 points) has you build
-# RoPE yourself, each part graded by hidden tests:
+# RoPE yourself, under the library's names, each part graded by hidden tests:
 #
 # 1. **`rope_frequencies`** (3 points): the cos/sin tables for any head size, base and length, with linear
 #    (PI) and NTK scaling.
 # 2. **`apply_rope`** (3 points) for both pairings, at arbitrary, unsorted positions given per token or per
 #    sequence (a batch of decode steps), in float32, bfloat16 and float16.
-# 3. **`interleaved_to_half_split`** (2 points): the checkpoint converter's reordering of a q/k projection,
-#    checked by equal attention scores (section 2).
+# 3. **`permute_qk_weight`** (2 points): the checkpoint converter's reordering of a q/k projection, both
+#    ways (`to="half_split"` and `to="interleaved"`), checked by equal attention scores (section 2).
 # 4. **`score_by_distance`** (2 points): section 3's identity put to work, one rotation per distance instead
 #    of one per pair of positions; then a question about the course model: how far back does layer 0,
 #    head 1 look from a `)` for a `(`?

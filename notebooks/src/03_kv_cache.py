@@ -222,13 +222,10 @@ for name in ("llama-2-7b", "llama-3-8b", "qwen2.5-7b"):
 # $$
 #
 # The leading 2 counts K and V. The number of *query* heads does not appear: only K/V heads are cached,
-# which is the whole point of GQA and MQA (module 04). Here is the library's version:
-
-# %%
-show_source(kv_cache_bytes)
-show_source(kv_cache_bytes_per_token)
-
-# %% [markdown]
+# which is the whole point of GQA and MQA (module 04). The library's `kv_cache_bytes(batch_size, seq_len,
+# n_layers, n_kv_heads, head_dim, bytes_per_elem=2)` returns this product in bytes, as an int (lab 03 has you
+# write it), and `kv_cache_bytes_per_token(name)` gives one token's bytes for a model of the catalog below.
+#
 # The lecture's figures, reproduced (fp16, 2 bytes per element). Llama-2-70B uses 8 KV heads for its
 # 64 query heads; to see what that saves, we also size it as if it used multi-head attention (64 KV heads):
 
@@ -409,17 +406,24 @@ print(f"  one sequence's cache = the weights at {tiny_weights / tiny_per_token:,
 # ### The code: a static cache and a step that uses it
 #
 # `StaticKVCache` preallocates, for every layer, K and V buffers of shape `(batch, n_kv_heads, max_seq_len,
-# head_dim)`. The model talks to it through a small protocol that a paged cache (module 07) will also
-# implement: each layer calls `cache.update(layer, k, v, positions)`, which stores the step's keys and values
-# with `write` (every sequence at its own positions) and returns the buffers with each sequence's length,
-# then `cache.attention(...)`, which attends each sequence's queries to its first `context_lens[b]`
-# positions (`decode_attention`; on a GPU our split-K kernel of section 6):
+# head_dim)`, and never reallocates them: every decode step works on tensors of the same shapes at the same
+# addresses. The model talks to it through a small protocol that a paged cache (module 07) will also
+# implement. Each attention layer calls
+#
+# - `cache.update(layer, k, v, positions)`, with the step's keys and values `k`, `v` of shape
+#   `(B, n_kv_heads, T, head_dim)` and their positions `(B, T)`: consecutive within a row, but different from
+#   row to row when the sequences have different lengths. It stores token `t` of sequence `b` in slot
+#   `positions[b, t]` of that sequence's buffers and returns `(keys, values, context_lens)`: the layer's
+#   whole buffers, and each sequence's length after the step, `positions[b, -1] + 1`;
+# - then `cache.attention(q, keys, values, context_lens)`, which attends each sequence's queries to its first
+#   `context_lens[b]` positions (`decode_attention`; on a GPU our split-K kernel of section 6).
+#
+# Here is the layer's side of the protocol:
 
 # %%
 from effml_lib.attention import Attention
 from effml_lib.kvcache import StaticKVCache
 
-show_source(StaticKVCache.write)
 show_source(Attention.forward)
 
 # %% [markdown]
@@ -947,8 +951,9 @@ else:
 #
 # 1. **`kv_cache_bytes`** (3 points), and with it how many 4096-token sequences fit beside Llama-3-8B's
 #    weights on an 80 GiB GPU (section 3's question, by hand);
-# 2. **a cache's `update`** (3 points) for a batch whose sequences sit at different positions, with a clear
-#    error on overflow;
+# 2. **`StaticKVCache.update`** (3 points), the protocol's method above, for a batch whose sequences sit at
+#    different positions: it returns the buffers and each sequence's length, and raises a clear error on
+#    overflow, on positions that are not consecutive, or on a shape that does not fit;
 # 3. **the model one step at a time** on top of that cache (3 points): projections, RoPE at each token's
 #    position, the cache update, and attention masked per sequence;
 # 4. **cached greedy decoding of a batch** of prompts of different lengths (3 points), whose tokens must be

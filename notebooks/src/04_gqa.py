@@ -116,15 +116,29 @@ plt.show()
 #
 # The obvious way is to copy each K/V head $G$ times (`repeat_kv`) and run ordinary MHA. That allocates
 # the full MHA-sized K and V again, on every step, which is exactly the memory and traffic GQA was
-# meant to remove. The better way uses the adjacency above: reshape `q` from `(B, H, Tq, D)` to
-# `(B, Hkv, G·Tq, D)`. The $G$ query heads of a group become $G·Tq$ rows of *one* query matrix, and one
-# batched matmul against that group's single K head gives all their scores. The library's reference does this:
+# meant to remove:
 
 # %%
 show_source(repeat_kv)
-show_source(attention_reference)
 
 # %% [markdown]
+# The better way uses the adjacency above. The $G$ query heads of group $j$ are heads $jG \dots jG+G-1$,
+# next to each other in `q`, so a reshape of `q` stacks them into one taller query matrix per K/V head
+# (K and V are not touched), and each step below is one batched matmul for all the groups at once:
+#
+# | step | shape |
+# |---|---|
+# | `q` | `(B, H, Tq, D)` |
+# | a group's $G$ query heads stacked along the query axis | `(B, Hkv, G·Tq, D)`: rows $g·Tq \dots (g+1)·Tq - 1$ of group $j$ are query head $jG + g$ |
+# | scores against the group's one K head | `(B, Hkv, G·Tq, D) @ (B, Hkv, D, Tk)` → `(B, Hkv, G·Tq, Tk)` |
+# | softmax, then the group's one V head | `(B, Hkv, G·Tq, Tk) @ (B, Hkv, Tk, D)` → `(B, Hkv, G·Tq, D)` |
+# | the heads back in place | `(B, H, Tq, D)` |
+#
+# K and V are read as they lie in the cache. A mask belongs to (query head, query position, key): the
+# causal mask is the same `(Tq, Tk)` block for each of the $G$ stacked heads, and a mask given per query
+# head goes to that head's block of rows. The library's `attention_reference` computes attention this
+# way; we use it below without reading it, since writing it is part 1 of the lab.
+#
 # Both give the same output. We check it on a decode-like shape (a few new queries against a long
 # cache), and measure each one's peak memory with `measure.peak_memory` (on a CPU it replays the
 # profiler's allocation and free events; the peak is the most extra memory alive at once):
@@ -156,9 +170,11 @@ print(f"  peak extra memory, repeat_kv:     {human_bytes(copied_peak)}   "
       f"(the copies alone: {human_bytes(group * kv_bytes)}, G × the cache)")
 
 # %% [markdown]
-# The outputs agree to float32 rounding. The grouped version's peak is the score matrix and the output,
-# a few MiB; `repeat_kv` adds copies of K and V that are $G$ times the size of the cache it started
-# from. In a decode step that is also $G$ times more bytes written and read again, every step, every layer.
+# The outputs agree (the largest difference is printed above). The grouped version's peak, 24 MiB, is the
+# score matrix `(B, H, Tq, Tk)`, 8 MiB in float32 here, held in up to three stages at once (scores,
+# probabilities, probabilities with empty rows zeroed); none of it is a copy of the cache. `repeat_kv`
+# adds copies of K and V that are $G$ times the size of the cache it started from. In a decode step that
+# is also $G$ times more bytes written and read again, every step, every layer.
 # (PyTorch's `scaled_dot_product_attention` has taken `enable_gqa=True` since 2.5 for the same reason.)
 
 # %% [markdown]
@@ -223,12 +239,18 @@ plt.show()
 #
 # effml-tiny has **6** query heads and 6 K/V heads (MHA). A GQA group must be a whole number of query
 # heads, so $H_{kv}$ must divide 6: we can go to **3, 2 or 1** KV heads. Four KV heads is impossible,
-# because 4 does not divide 6 (the library raises a `ValueError` if you ask). Here is the conversion:
-
-# %%
-show_source(mha_to_gqa)
-
-# %% [markdown]
+# because 4 does not divide 6 (the library raises a `ValueError` if you ask).
+#
+# The conversion in symbols. A projection `wk = nn.Linear(dim, H·D)` holds one block of $D$ rows per
+# head, $W_k = [W_k^{(0)}; W_k^{(1)}; \dots; W_k^{(H-1)}]$, and head $i$'s key is $k^{(i)} = W_k^{(i)} x + b_k^{(i)}$.
+# With $G = H / H_{kv}$, new head $j$ is the mean of the $G$ heads whose queries will share it:
+#
+# $$\tilde W_k^{(j)} = \frac{1}{G} \sum_{i=jG}^{jG+G-1} W_k^{(i)}, \qquad \tilde b_k^{(j)} = \frac{1}{G} \sum_{i=jG}^{jG+G-1} b_k^{(i)},$$
+#
+# and the same for $W_v$; $W_q$, $W_o$ and everything else are kept. The library's
+# `mha_to_gqa(model, n_kv_heads)` returns a copy of the model with every layer's `wk` and `wv` pooled this
+# way (by `pool_heads`, which averages one weight or bias) and `n_kv_heads` set to the new count.
+#
 # Mean-pooling the *projection weights* equals mean-pooling the keys: $k = W_k x$ is linear in $W_k$, and
 # RoPE rotates every head of a position by the same angles, so it commutes with the average. We load
 # effml-tiny and the held-out split (standard-library files the model never trained on; tokenizing it
@@ -312,9 +334,9 @@ for n_kv in (3, 2, 1):
     group, pooled = cfg.n_heads // n_kv, mha_to_gqa(model, n_kv)
     ratios = []
     for old, new in zip(model.layers, pooled.layers):
-        old_heads = old.attention.wk.weight.view(n_kv, group, cfg.head_dim, -1)  # (Hkv, G, D, dim)
-        new_heads = new.attention.wk.weight.view(n_kv, cfg.head_dim, -1)         # (Hkv, D, dim)
-        ratios.append(new_heads.norm(dim=(1, 2)) / old_heads.norm(dim=(2, 3)).mean(dim=1))  # (Hkv,)
+        old_norms = old.attention.wk.weight.view(cfg.n_heads, cfg.head_dim, -1).norm(dim=(1, 2))  # (H,): one per head
+        new_norms = new.attention.wk.weight.view(n_kv, cfg.head_dim, -1).norm(dim=(1, 2))         # (Hkv,)
+        ratios.append(new_norms / old_norms.view(n_kv, group).mean(dim=1))  # each pooled head vs its group's mean norm
     print(f"{n_kv} KV heads (G = {group}): pooled wk head norm / its group's mean norm = "
           f"{torch.cat(ratios).mean():.3f}   (1/√G = {group**-0.5:.3f})")
 
@@ -601,15 +623,18 @@ plt.show()
 # **Lab 04** ([`labs/lab04_gqa/lab04_gqa.ipynb`](../labs/lab04_gqa/lab04_gqa.ipynb), 10 points) has you
 # build the pieces, each part graded by hidden tests:
 #
-# 1. **grouped attention without copying K/V** (3 points): your function must match SDPA run on repeated
-#    heads, for prefill and decode shapes and for MQA;
-# 2. **mean-pooling projection heads** (2 points): a K or V projection's heads averaged in adjacent groups
-#    of $G$, as `mha_to_gqa` does (section 3);
-# 3. **converting a model** (3 points): a copy of a course `Transformer` with every layer pooled to
-#    $H_{kv}$ KV heads, the original left unchanged;
-# 4. **what grouping saves** (2 points): your grouped attention at an MQA decode step of a Llama-3-8B-sized
+# 1. **`attention(q, k, v, causal=True, mask=None)` with shared K/V heads, without copying them**
+#    (3 points): the library's `attention`, which lab 01 asked for MHA, now for $H_{kv} < H$; it must match
+#    attention on repeated heads for MHA, GQA and MQA, prefill and decode shapes, with boolean masks of
+#    every shape that broadcasts to `(B, H, Tq, Tk)` combined with the causal one, and zeros for a query
+#    that may see no key;
+# 2. **`pool_heads(weight, head_dim, n_groups)`** (2 points): a K or V projection's weight or bias with its
+#    heads averaged in adjacent groups of $G$, the formula of section 3;
+# 3. **`mha_to_gqa(model, n_kv_heads)`** (3 points): a copy of a course `Transformer` (from MHA or GQA) with
+#    every layer pooled to $H_{kv}$ KV heads by your `pool_heads`, the original left unchanged;
+# 4. **what grouping saves** (2 points): your `attention` at an MQA decode step of a Llama-3-8B-sized
 #    layer (16 384 cached tokens) must keep its peak memory within 16 MiB, where copying K/V per query
 #    head would take 256 MiB each, and its time within 3× the library's reference.
 #
-# While the hidden tests run, the library's own `attention` and `mha_to_gqa` are unavailable, so the
-# notebook above is the explanation, not the answer key.
+# While the hidden tests run, the library's own `attention`, `pool_heads` and `mha_to_gqa` are
+# unavailable, so the notebook above is the explanation, not the answer key.

@@ -1,4 +1,4 @@
-"""Lab 01, part 5: causal_attention runs within FACTOR times the library's reference on the grading machine.
+"""Lab 01, part 5: attention runs within FACTOR times the library's reference on the grading machine.
 
 Checked correct at the timed shapes first (a fast wrong answer must not score). Then timed from the
 grader's side, in turns with the reference, each round on new random inputs, every timed result
@@ -20,7 +20,7 @@ SEQ_LENS = (32, 64, 128)  # judged at the longest; at T >= 256 a loop's matmuls 
 def test_as_fast_as_the_reference(student, gen, close, timing):
     for t in SEQ_LENS:
         q, k, v = (torch.randn(B, H, t, D, generator=gen) for _ in range(3))
-        assert close(student.causal_attention(q, k, v), attention_reference(q, k, v), 1e-5, 1e-4), (
+        assert close(student.attention(q, k, v), attention_reference(q, k, v), 1e-5, 1e-4), (
             f"wrong output for q, k, v of shape {(B, H, t, D)}: only a correct attention is timed")
 
     def inputs_of_length(t):
@@ -29,9 +29,9 @@ def test_as_fast_as_the_reference(student, gen, close, timing):
             return [(qkv, qkv) for qkv in qkvs]
         return inputs
 
-    medians = [timing.compare(student.causal_attention, attention_reference, inputs_of_length(t),
+    medians = [timing.compare(student.attention, attention_reference, inputs_of_length(t),
                               check=lambda got, expected: close(got, expected, 1e-5, 1e-4)) for t in SEQ_LENS]
-    judge_speed(medians, SEQ_LENS, FACTOR, "causal_attention",
+    judge_speed(medians, SEQ_LENS, FACTOR, "attention",
                 f"Causal attention, q, k, v of shape ({B}, {H}, T, {D}), float32, cpu",
                 "A Python loop over queries pays every op's overhead once per query: compute all queries "
                 "at once with one matmul and a mask")

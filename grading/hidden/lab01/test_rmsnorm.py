@@ -39,3 +39,13 @@ def test_low_precision_keeps_dtype(student, gen, close, dtype):
     out = student.rms_norm(x, weight, 1e-5)
     assert out.dtype == dtype, f"output dtype should be {dtype}, got {describe(out)}"
     assert close(out, reference(x, weight, 1e-5), 3e-2, 3e-2), f"wrong output in {dtype}: compute the mean in float32"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_squares_beyond_float16(student, gen, close, dtype):
+    x = (torch.randn(2, 128, generator=gen) * 400).to(dtype)  # squares up to ~10^6: past float16's 65 504
+    weight = torch.ones(128, dtype=dtype)
+    out = student.rms_norm(x, weight, 1e-5)
+    assert out.dtype == dtype, f"output dtype should be {dtype}, got {describe(out)}"
+    assert close(out, reference(x, weight, 1e-5), 3e-2, 3e-2), (
+        f"{dtype} inputs of a few hundred: their squares overflow {dtype} if averaged in it; compute in float32")

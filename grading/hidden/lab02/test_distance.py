@@ -19,21 +19,27 @@ def test_scores_equal_the_definition_at_any_base_position(student, gen, exact, h
     q, k = torch.randn(head_dim, generator=gen), torch.randn(head_dim, generator=gen)
     cos, sin = rope_frequencies(head_dim, 300)
     s = student.score_by_distance(q, k, cos, sin)
-    assert isinstance(s, torch.Tensor) and s.shape == (300,), "score_by_distance should return one score per distance: (P,)"
+    assert isinstance(s, torch.Tensor) and s.shape == (300,), (
+        f"score_by_distance should return one score per distance, shape (P,) = (cos.shape[0],), got {describe(s)}")
     assert s.dtype == torch.float32, f"scores should be float32, got {s.dtype}"
     for distance, base in [(0, 0), (1, 50), (37, 0), (150, 149), (299, 0)]:
         expected = brute_force(q, k, distance, base, exact)
         assert abs(s[distance].item() - expected) <= 1e-4 * (1 + abs(expected)), (
-            f"s[{distance}] should be the score of q at position n + {distance} against k at n "
-            f"(checked at n = {base}); half-split pairing")
+            f"wrong scores for q and k of shape ({head_dim},): s[d] should be the score of q at position n + d "
+            f"against k at position n, for every distance d and any n; half-split pairing")
 
 
 def test_low_precision_inputs(student, gen, exact):
     q, k = torch.randn(16, generator=gen).bfloat16(), torch.randn(16, generator=gen).bfloat16()
     cos, sin = rope_frequencies(16, 64)
     s = student.score_by_distance(q, k, cos, sin)
+    assert isinstance(s, torch.Tensor) and s.shape == (64,), (
+        f"bfloat16 q and k: one score per distance, shape (P,) = (cos.shape[0],), got {describe(s)}")
+    assert s.dtype == torch.float32, f"bfloat16 q and k: the scores should still be float32, got {s.dtype}"
     expected = torch.tensor([brute_force(q.float(), k.float(), d, 0, exact) for d in range(64)])
-    assert torch.allclose(s.double(), expected.double(), atol=0.1, rtol=0.05), "wrong scores for bfloat16 q and k"
+    assert torch.allclose(s.double(), expected.double(), atol=0.1, rtol=0.05), (
+        "wrong scores for bfloat16 q and k: s[d] should be the score of q at n + d against k at n "
+        "(computed in float32)")
 
 
 def test_peak_distance(student):

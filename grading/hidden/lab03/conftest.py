@@ -2,10 +2,13 @@
 (how grading/trusted.py runs these files) the message is all a student sees. The fixtures
 student, gen, close, value_error and timing come from grading/trusted.py, shared by every lab."""
 
+import contextlib
+
 import pytest
 import torch
 
 from effml_lib.model import ModelConfig, Transformer
+from trusted import StudentRaised
 
 
 def _small_model(n_heads=4, n_kv_heads=2, dim=64, n_layers=2, vocab_size=97, max_seq_len=256, seed=0,
@@ -28,7 +31,8 @@ def small_model():
 
 
 class ReferenceCache:
-    """A correct cache with the lab's interface, so part 3's tests do not depend on part 2."""
+    """A correct cache with the lab's StaticKVCache interface (update returns keys, values and
+    context_lens, as the library's does), so part 3's tests do not depend on part 2."""
 
     def __init__(self, n_layers, batch_size, max_seq_len, n_kv_heads, head_dim, dtype=torch.float32):
         shape = (batch_size, n_kv_heads, max_seq_len, head_dim)
@@ -43,7 +47,7 @@ class ReferenceCache:
             for t in range(k_new.shape[2]):
                 self.k[layer][b, :, positions[b, t]] = k_new[b, :, t]
                 self.v[layer][b, :, positions[b, t]] = v_new[b, :, t]
-        return self.k[layer], self.v[layer]
+        return self.k[layer], self.v[layer], (positions[:, -1] + 1).to(torch.int32)
 
 
 @pytest.fixture
@@ -63,3 +67,18 @@ def _uncached_greedy(model, prompt, max_new_tokens):
 def uncached_greedy():
     """``uncached_greedy(model, prompt, max_new_tokens)``: the tokens every cached decoder must match."""
     return _uncached_greedy
+
+
+@contextlib.contextmanager
+def _form(what):
+    try:
+        yield
+    except StudentRaised as error:  # its text is "<name> raised <builtin type>": the student's message is never shown
+        raise AssertionError(f"{what}: {error}") from None
+
+
+@pytest.fixture
+def form():
+    """``with form("a bf16 cache"): ...``: if the student's code raises inside, the failure names the input
+    form it was given (and the exception's type, never its text)."""
+    return _form

@@ -23,21 +23,24 @@ def test_weights(student, gen, close, n_heads, head_dim, n_groups):
 
 def test_bias(student, gen, close):
     bias = torch.randn(6 * 4, generator=gen)
-    assert close(student.pool_heads(bias, 4, 2), slow_pool(bias, 4, 2), 1e-6, 1e-6), "a bias (H*D,) pools per head too"
+    assert close(student.pool_heads(bias, 4, 2), slow_pool(bias, 4, 2), 1e-6, 1e-6), (
+        "a bias (6 heads of 4, shape (24,)) into 2 groups: pool it per head as a weight is, head g the mean of heads 3g .. 3g+2")
 
 
 def test_low_precision_is_averaged_in_float32(student, gen):
     weight = torch.randn(8 * 16, 32, generator=gen).to(torch.bfloat16)
     got = student.pool_heads(weight, 16, 2)
-    assert got.dtype == torch.bfloat16, f"return the input's dtype, got {describe(got)}"
-    assert torch.equal(got, slow_pool(weight.float(), 16, 2).to(torch.bfloat16)), "average in float32, round once"
+    assert got.dtype == torch.bfloat16, f"a bfloat16 weight (8 heads of 16, 32): return bfloat16, got {describe(got)}"
+    assert torch.equal(got, slow_pool(weight.float(), 16, 2).to(torch.bfloat16)), (
+        "a bfloat16 weight (8 heads of 16, 32) into 2 groups: average in float32, round once to bfloat16")
 
 
 def test_input_unchanged(student, gen):
     weight = torch.randn(4 * 2, 3, generator=gen)
     before = weight.clone()
     student.pool_heads(weight, 2, 2)
-    assert torch.equal(weight, before), "pool_heads must not change its input"
+    assert torch.equal(weight, before), (
+        "pool_heads must leave its input as it was (a (8, 3) weight, 4 heads of 2, into 2 groups)")
 
 
 @pytest.mark.parametrize("n_groups", [4, 5])
