@@ -5,9 +5,9 @@
 # (03) avoids recomputing it, GQA (04) shrinks its keys and values, quantization (05) its weights,
 # FlashAttention its memory traffic. To know what they save, we first take the pass apart.
 #
-# We open **effml-tiny** (17.3 M parameters, 8 layers, 6 heads of 64) and recompute everything it does
-# with a few lines of PyTorch each — tokens, embeddings, attention, RMSNorm, SwiGLU, the residual
-# block — checking at every step that our numbers equal the library's. Then we count its parameters
+# We open **effml-tiny** (17.3 M parameters, 8 layers, 6 heads of 64) and follow everything it does —
+# tokens, embeddings, attention, RMSNorm, SwiGLU, the residual block — recomputing attention with a few
+# lines of PyTorch and checking the other pieces against their formulas. Then we count its parameters
 # and FLOPs by formula, check the counts against the model and a FLOP counter, and measure how
 # attention's time and memory grow with the sequence length on your device.
 #
@@ -165,7 +165,7 @@ print(allowed[:6, :6].int())
 # `torch.tril` of a non-square matrix aligns to the start and would hide most of the cache.
 
 # %%
-from effml_lib.attention import attention, attention_reference, causal_mask
+from effml_lib.attention import attention, causal_mask
 
 torch.testing.assert_close(causal_mask(T, T), allowed)  # square: the same as tril
 print("causal_mask(3, 6): 3 new queries, 6 keys\n", causal_mask(3, 6).int())
@@ -182,12 +182,10 @@ torch.testing.assert_close(out, attention(q, k, v, impl="sdpa"))   # PyTorch's f
 print("our four lines == attention(q, k, v) for impl='torch' and impl='sdpa'")
 
 # %% [markdown]
-# The library's reference is the same computation. Its only extra is a reshape that lets several query
-# heads share one key/value head without copying it (grouped-query attention, module 04); with
-# `H == Hkv`, as here, the group size is 1 and it reduces to our lines.
-
-# %%
-show_source(attention_reference)
+# The library's `attention` computes the same function in general: any number of queries `Tq <= Tk`
+# with the mask aligned to the end, an optional boolean mask of its own (to hide the padding of a
+# batch), `causal=False`, and query heads that share key/value heads (module 04). Our four lines are the
+# square case; writing the general one is part 1 of the lab.
 
 
 # %% [markdown]
@@ -348,19 +346,15 @@ plt.show()
 # %%
 from effml_lib.model import RMSNorm
 
-show_source(RMSNorm)
-
-
-# %%
-def rms_norm(x, weight, eps=cfg.norm_eps):
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
-
-
-torch.testing.assert_close(rms_norm(x, block.attention_norm.weight), block.attention_norm(x))
+unit_rms_norm = RMSNorm(cfg.dim, eps=cfg.norm_eps)  # γ = 1: the bare normalisation
+normed = unit_rms_norm(x)
+print(f"after RMSNorm every token's vector has RMS {normed.pow(2).mean(-1).sqrt().min():.4f} … "
+      f"{normed.pow(2).mean(-1).sqrt().max():.4f}")
 
 layer_norm = torch.nn.LayerNorm(cfg.dim, eps=cfg.norm_eps, elementwise_affine=False)
 centred = x - x.mean(-1, keepdim=True)
-torch.testing.assert_close(layer_norm(centred), rms_norm(centred, 1.0))  # zero mean: the same function
+torch.testing.assert_close(layer_norm(centred), unit_rms_norm(centred))  # zero mean: the same function
+print("on zero-mean input, LayerNorm == RMSNorm")
 
 ratio = x.mean(-1).abs() / x.pow(2).mean(-1).sqrt()
 print(f"residual stream entering block {LAYER}: |mean| / RMS per token = {ratio.mean():.3f} on average, "
@@ -435,13 +429,11 @@ plt.show()
 # much of the linear signal $W_3x$ passes.
 
 # %%
-from effml_lib.model import FeedForward
-
-show_source(FeedForward)
-ff = block.feed_forward
-hf = block.ffn_norm(x)  # (B, T, d) the normalised input of a feed-forward layer
-torch.testing.assert_close(ff.w2(F.silu(ff.w1(hf)) * ff.w3(hf)), ff(hf))
-print("w2(silu(w1 x) * w3 x) == FeedForward(x)")
+ff = block.feed_forward  # effml_lib.model.FeedForward: three nn.Linear layers, w1 (gate), w3 (up), w2 (down)
+hf = block.ffn_norm(x)   # (B, T, d) the normalised input of a feed-forward layer
+gate = F.silu(ff.w1(hf))  # (B, T, hidden)
+print(f"w1, w3: {tuple(ff.w1.weight.shape)}, w2: {tuple(ff.w2.weight.shape)}; "
+      f"share of hidden units the gate nearly shuts (|silu| < 0.05): {(gate.abs() < 0.05).float().mean():.0%}")
 
 # %%
 d, hidden = cfg.dim, cfg.hidden_dim
@@ -478,20 +470,20 @@ show_source(Block.forward)
 
 
 # %% [markdown]
-# Now the whole model, from its weights, with nothing from the library but `apply_rope` and the
-# parameters: our `rms_norm`, our `attention_by_hand`, our SwiGLU line, the residual sums.
+# Now the whole model: the embedding lookup, our `attention_by_hand` in every block, the library's norm
+# and feed-forward modules, and the residual sums. (The lab has you write the norm and the feed-forward
+# yourself, and a block that serves a batch of sequences of different lengths.)
 
 # %%
 def forward_by_hand(model, tokens):
-    """tokens (B, T) -> logits (B, T, V), from the model's parameters and this notebook's functions."""
+    """tokens (B, T) -> logits (B, T, V): our attention, the library's norms and feed-forward layers."""
     positions = torch.arange(tokens.shape[1])
     x = model.tok_embeddings.weight[tokens]                                    # (B, T, d)
     for blk in model.layers:
-        attn_out, _ = attention_by_hand(blk.attention, rms_norm(x, blk.attention_norm.weight), positions)
+        attn_out, _ = attention_by_hand(blk.attention, blk.attention_norm(x), positions)
         x = x + attn_out                                                       # residual 1
-        hf, ff = rms_norm(x, blk.ffn_norm.weight), blk.feed_forward
-        x = x + ff.w2(F.silu(ff.w1(hf)) * ff.w3(hf))                           # residual 2
-    return model.output(rms_norm(x, model.norm.weight))                        # (B, T, V)
+        x = x + blk.feed_forward(blk.ffn_norm(x))                              # residual 2
+    return model.output(model.norm(x))                                         # (B, T, V)
 
 
 logits_ours = forward_by_hand(model, tokens)
@@ -736,18 +728,20 @@ pd.DataFrame({"latency slope": loglog_slope(sweep, "min_ms"),
 # %% [markdown]
 # ## What the lab asks
 #
-# Lab 01 has you write the pieces of this notebook yourself, graded by hidden tests against the
-# library's reference:
+# Lab 01 ([`labs/lab01_transformer_basics/lab01_transformer_basics.ipynb`](../labs/lab01_transformer_basics/lab01_transformer_basics.ipynb),
+# 12 points) has you write the pieces of this notebook yourself, in general form, graded by hidden tests:
 #
-# 1. **Causal scaled-dot-product attention** for `q (B, H, Tq, D)` and `k, v (B, H, Tk, D)`, with the
-#    mask aligned to the end of the keys so it stays correct when the queries are fewer than the keys
-#    (a decode step, `Tq = 1`) — the case `torch.tril` gets wrong.
-# 2. **RMSNorm**, matching `effml_lib.model.RMSNorm` (including its float32 computation).
-# 3. **A SwiGLU feed-forward layer**, `w2(silu(w1 x) * w3 x)`.
-# 4. **A pre-norm decoder block** that, loaded with effml-tiny's weights and stacked, reproduces the
-#    course model's logits.
-# 5. **A performance part**: time your attention against the reference across sequence lengths, plot
-#    both, and explain the slope you see.
+# 1. **`attention(q, k, v, causal=True, mask=None)`** (3 points), the library's signature: any number of
+#    queries with the causal mask aligned to the end of the keys (a decode step, `Tq = 1`, is the case
+#    `torch.tril` gets wrong), `causal=False`, a boolean mask of any broadcast shape, zeros for a query
+#    that may see no key, float32 softmax for bf16/fp16 inputs.
+# 2. **`rms_norm`** (2 points), computed in float32 whatever the input's dtype.
+# 3. **`swiglu`** (2 points), the feed-forward layer from its three weight matrices.
+# 4. **`decoder_block`** (3 points) from your pieces and a block's weights: stacked, it reproduces
+#    effml-tiny's logits, for one sequence and for a left-padded batch of sequences of different
+#    lengths, each of which must come out as if it ran alone.
+# 5. **Speed** (2 points): your attention must stay within 4× the library's reference on the grading
+#    machine; the graded cell plots both.
 #
 # While the hidden tests run, the library's own versions of these functions are unavailable, so the
 # notebook above is the explanation, not the answer key.
