@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from conftest import assert_part_fails, assert_part_passes, assert_visible_fails, lab_solution
+from conftest import assert_part_fails, assert_part_passes, assert_visible_fails, lab_solution, visible_failure
 
 nbformat = pytest.importorskip("nbformat", reason="the lab tooling is in the dev extra")
 
@@ -33,6 +33,11 @@ def with_answer(solution, source):
 @pytest.mark.parametrize("part", PARTS)
 def test_solution_passes(part, solution):
     assert_part_passes("lab01", part, dict(solution))
+
+
+def test_solution_passes_the_visible_tests(solution):
+    for part in ("attention", "rmsnorm", "swiglu", "block"):
+        assert visible_failure(LAB, part, solution) is None, f"{part}: {visible_failure(LAB, part, solution)}"
 
 
 # --- an input form handled wrong: the hidden tests reject it, and so do the visible tests -----------

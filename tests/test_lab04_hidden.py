@@ -1,20 +1,26 @@
 """Lab 04's hidden suites (grading/hidden/lab04) pass the solution and fail realistic mistakes, and
 every mistake that ignores an input form the hidden tests use fails the lab's visible tests too."""
 
+import ast
 import copy
 import dataclasses
+import importlib
+import inspect
 import math
+import sys
 import types
+from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import assert_part_fails, assert_part_passes, assert_visible_fails, lab_solution
+from conftest import assert_part_fails, assert_part_passes, assert_visible_fails, hidden, lab_solution
 
 nbformat = pytest.importorskip("nbformat", reason="the lab tooling is in the dev extra")
 
 LAB, NOTEBOOK = "lab04", "lab04_gqa"
 PARTS = ["attention", "pooling", "conversion", "memory"]
+RELEASE = Path(__file__).resolve().parents[1] / "labs" / NOTEBOOK / f"{NOTEBOOK}.ipynb"
 
 
 @pytest.fixture(scope="module")
@@ -130,15 +136,111 @@ def test_broadcasting_instead_of_grouping(solution):
     rejected("attention", dict(solution, attention=attention), "k broadcast over query heads")
 
 
-def test_repeating_the_cache(solution):
-    def attention(q, k, v, causal=True, mask=None):  # right answer, but K/V copied per query head
+def copied_heads_attention(q, k, v, causal=True, mask=None):
+    """Right answer, but K/V copied to every query head first: what the lab asks not to do. (Once the lab's
+    own read-only helper for its visible tests, a working answer to part 1 that a student could copy.)"""
+    n_rep = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)  # (B, H, Tk, D)
+    tq, tk = q.shape[2], k.shape[2]
+    scores = q.double() @ k.double().transpose(-2, -1) / math.sqrt(q.shape[-1])  # (B, H, Tq, Tk)
+    allowed = torch.ones(tq, tk, dtype=torch.bool)
+    if causal:
+        allowed = allowed.tril(tk - tq)
+    if mask is not None:
+        allowed = allowed & mask
+    probs = scores.masked_fill(~allowed, float("-inf")).softmax(-1).nan_to_num(0.0)
+    return (probs @ v.double()).to(q.dtype)
+
+
+def solution_on_copied_heads(solution):
+    def attention(q, k, v, causal=True, mask=None):  # the solution's grouping, fed K/V copied per query head
         n_rep = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(n_rep, 1), v.repeat_interleave(n_rep, 1)
         return solution["attention"](q, k, v, causal, mask)
+    return attention
+
+
+@pytest.mark.parametrize("answer", ["copied_heads_attention", "solution_on_copied_heads"])
+def test_repeating_the_cache(solution, answer):
+    attention = copied_heads_attention if answer == "copied_heads_attention" else solution_on_copied_heads(solution)
     namespace = dict(solution, attention=attention)
     assert_part_passes(LAB, "attention", namespace)  # part 1 checks the function only
     message = rejected("memory", namespace, "repeat_interleave")
     assert "do not copy K/V per query head" in message, message
+
+
+# --- no cell of the released lab answers part 1 ----------------------------------------------------------
+
+def release_code_cells():
+    """(grade_id, source) of every code cell of the released lab, as the student receives it."""
+    cells = nbformat.read(RELEASE, as_version=4).cells
+    return [(c.metadata.get("nbgrader", {}).get("grade_id", ""), c.source) for c in cells if c.cell_type == "code"]
+
+
+def functions_in(source):
+    """(name, code) of every function the code defines, at any depth: each def, and each lambda (bound to
+    ``_lambda``), unparsed alone, as a student would copy it out of the cell."""
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            yield node.name, ast.unparse(node)
+        elif isinstance(node, ast.Lambda):
+            yield "_lambda", f"_lambda = {ast.unparse(node)}"
+
+
+def as_part1_answer(solution, name, code):
+    """The solved namespace whose ``attention`` is the function ``code`` defines under ``name``, pasted into
+    the student's notebook (its globals are the notebook's, where ``attention`` is now that function)."""
+    namespace = {n: value for n, value in solution.items() if n != "attention"}
+    exec(code, namespace)
+    namespace["attention"] = namespace[name]
+    return namespace
+
+
+def test_the_copy_check_catches_a_copyable_answer(solution):
+    """The check below would have caught the lab's former read-only helper, a copy-based attention."""
+    [(name, code)] = [f for f in functions_in(inspect.getsource(copied_heads_attention)) if f[0] == "copied_heads_attention"]
+    assert_part_passes(LAB, "attention", as_part1_answer(solution, name, code))
+
+
+RELEASED_FUNCTIONS = [(grade_id, name, code) for grade_id, source in release_code_cells()
+                      for name, code in functions_in(source)]
+
+
+@pytest.mark.parametrize("grade_id,name,code", RELEASED_FUNCTIONS,
+                         ids=[f"{g}-{n}" for g, n, _ in RELEASED_FUNCTIONS])
+def test_no_function_of_the_release_answers_part_1(solution, grade_id, name, code):
+    """A lab part is not answered by any cell of its notebook (DESIGN.md): every function that a cell of the
+    release defines (read-only, visible, the solution cells' stubs), copied as the student's
+    ``attention``, fails part 1's hidden tests."""
+    fails("attention", as_part1_answer(solution, name, code), f"{grade_id}'s {name} copied as attention")
+
+
+def test_the_release_defines_functions_to_check():
+    cells = {grade_id for grade_id, _, _ in RELEASED_FUNCTIONS}
+    assert {"p1_solution", "p1_visible", "p3_visible"} <= cells, cells
+    assert not any("softmax" in code for _, _, code in RELEASED_FUNCTIONS), "a released cell defines a softmax"
+
+
+def test_library_functions_the_release_imports_are_hidden_if_they_answer_part_1(solution):
+    """What the release imports from the library (attention_reference, for the visible tests) answers
+    part 1 here, in-process; the sandbox must lack every such name while the lab is graded."""
+    sys.path.insert(0, str(RELEASE.parents[2] / "grading"))
+    from parts import library_names
+
+    hidden_names = library_names(LAB)
+    answering = []
+    for _, source in release_code_cells():
+        for node in ast.walk(ast.parse(source)):
+            if not (isinstance(node, ast.ImportFrom) and (node.module or "").startswith("effml_lib.")):
+                continue
+            module = importlib.import_module(node.module)
+            for alias in node.names:
+                name = f"{node.module.removeprefix('effml_lib.')}.{alias.name}"
+                fn = getattr(module, alias.name)
+                if callable(fn) and not isinstance(fn, type) and hidden(LAB, "attention", dict(solution, attention=fn))["ok"]:
+                    answering.append(name)
+                    assert name in hidden_names, f"the release imports {name}, which answers part 1, and grading does not hide it"
+    assert "attention.attention_reference" in answering, answering  # the visible tests' definition, checked here
 
 
 # --- part 2: pool_heads --------------------------------------------------------------------------------

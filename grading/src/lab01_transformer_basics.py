@@ -73,8 +73,9 @@ assert torch.allclose(out[:, :, 0], v[:, :, 0], atol=1e-6), "the first query can
 last = attention(q[:, :, -1:], k, v)
 assert torch.allclose(last, out[:, :, -1:], atol=1e-5), (
     "one query against 4 keys must equal the last row of the full result: align the causal mask to the end of the keys")
-assert torch.allclose(attention(q[:, :, 1:3], k, v), out[:, :, 1:3], atol=1e-5), (
-    "queries 2 and 3 of 4 (Tq = 2, Tk = 4) must equal rows 2 and 3 of the full result")
+assert torch.allclose(attention(q[:, :, 2:], k, v), out[:, :, 2:], atol=1e-5), (
+    "the last 2 queries against 4 keys (Tq = 2, Tk = 4) sit at positions 2 and 3: they must equal rows 2 and 3 "
+    "of the full result")
 everything = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(8), dim=-1) @ v
 assert torch.allclose(attention(q, k, v, causal=False), everything, atol=1e-5), "causal=False: every query sees every key"
 keys_kept = torch.tensor([True, True, False, True])  # one pattern (Tk,), broadcast over B, H and Tq
