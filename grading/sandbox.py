@@ -327,6 +327,9 @@ class Sandbox:
         for secret in secrets:  # under a system folder: covered by an empty folder before Python goes in
             if under(secret, system):
                 args += ["--tmpfs", secret]
+        # The scratch /tmp comes before Python's trees: a venv or a clone under /tmp is bound on top of it,
+        # not hidden by it.
+        args += ["--size", str(self.limits.scratch_bytes), "--tmpfs", INSIDE_TMP, "--dir", f"{INSIDE_TMP}/home"]
         trees = _python_trees()
         for tree in trees:
             args += ["--ro-bind", tree, tree]
@@ -342,8 +345,7 @@ class Sandbox:
         if not passwd.exists():
             passwd.write_text("student:x:65534:65534:student:/tmp/home:/bin/sh\n")
         args += ["--ro-bind", str(passwd), "/etc/passwd"]
-        args += ["--proc", "/proc", "--dev", "/dev", "--size", str(self.limits.scratch_bytes), "--tmpfs", INSIDE_TMP,
-                 "--dir", f"{INSIDE_TMP}/home", "--size", str(16 * 2**20), "--tmpfs", "/dev/shm",
+        args += ["--proc", "/proc", "--dev", "/dev", "--size", str(16 * 2**20), "--tmpfs", "/dev/shm",
                  "--remount-ro", "/dev", "--remount-ro", "/", "--chdir", INSIDE_TMP,
                  "--clearenv"]  # the root and /dev bwrap builds are tmpfs: made read-only, only /tmp is written
         for key, value in self._env().items():
