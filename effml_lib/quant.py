@@ -1,0 +1,153 @@
+"""Quantization: weights stored as small integers and a scale per group (module 05).
+
+A group of numbers ``w`` becomes integer codes ``c`` and a ``scale`` (and, asymmetric, a zero point
+``z``) such that ``w ≈ (c - z) * scale``. Rounding to the nearest code makes every element's error at
+most ``scale / 2``; the smaller the group, the smaller its range, its scale and its error, and the more
+scales to store. Groups run along the last dimension: ``group_size=None`` is one scale per row (per
+output channel of an ``(out, in)`` weight), ``g`` one per ``g`` consecutive elements of a row, and
+``per_tensor=True`` one for the whole tensor.
+
+- symmetric: ``scale = absmax / (2**(bits-1) - 1)``, codes in ``[-(2**(bits-1) - 1), 2**(bits-1) - 1]``,
+  no zero point (0.0 is code 0);
+- asymmetric: the group's range ``[min, max]`` (widened to hold 0.0, so that zero is exact) over
+  ``2**bits - 1`` steps, codes in ``[0, 2**bits - 1]``, an integer zero point ``z`` (the code of 0.0).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class QTensor:
+    """A quantized tensor: ``dequantize`` gives back ``(codes - zero) * scale`` in ``dtype``, of ``shape``.
+
+    ``codes`` has the tensor's shape (int8 symmetric, uint8 asymmetric); ``scale`` (float32) and ``zero``
+    (uint8, None when symmetric) have one entry per group: shape ``(*rows, n_groups)``, or ``()`` per tensor.
+    """
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor | None
+    bits: int
+    group_size: int | None
+    shape: torch.Size
+    dtype: torch.dtype = torch.float32
+
+    @property
+    def symmetric(self) -> bool:
+        return self.zero is None
+
+
+def _check(w, bits, group_size, per_tensor) -> None:
+    if not isinstance(w, torch.Tensor) or not w.is_floating_point():
+        raise TypeError(f"w must be a floating-point tensor, got {getattr(w, 'dtype', type(w).__name__)}")
+    if w.dim() == 0 or w.numel() == 0:
+        raise ValueError(f"w must have at least one dimension and one element, got shape {tuple(w.shape)}")
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
+        raise ValueError(f"bits must be an int in 2..8, got {bits!r}")
+    if group_size is not None:
+        if per_tensor:
+            raise ValueError("give group_size or per_tensor=True, not both")
+        if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size <= 0:
+            raise ValueError(f"group_size must be a positive int or None (one group per row), got {group_size!r}")
+        if w.shape[-1] % group_size:
+            raise ValueError(f"group_size {group_size} must divide the row length {w.shape[-1]} (w's last dimension)")
+
+
+def _grouped(w, group_size, per_tensor) -> torch.Tensor:
+    """w (..., n) as float32 groups (..., n_groups, group): one scale per group."""
+    wf = w.float()
+    if per_tensor:
+        return wf.reshape(1, -1)
+    group = w.shape[-1] if group_size is None else group_size
+    return wf.reshape(*w.shape[:-1], w.shape[-1] // group, group)
+
+
+def quantize(w: torch.Tensor, bits: int = 8, group_size: int | None = None, symmetric: bool = True,
+             per_tensor: bool = False) -> QTensor:
+    """Round-to-nearest quantization of ``w`` to ``bits``-bit codes, one scale per group (module docstring)."""
+    _check(w, bits, group_size, per_tensor)
+    groups = _grouped(w, group_size, per_tensor)  # (..., n_groups, group)
+    if symmetric:
+        qmax = 2 ** (bits - 1) - 1
+        scale = groups.abs().amax(dim=-1) / qmax  # (..., n_groups)
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero group: any scale, codes 0
+        codes = torch.round(groups / scale[..., None]).clamp(-qmax, qmax).to(torch.int8)
+        zero = None
+    else:
+        levels = 2**bits - 1
+        low = groups.amin(dim=-1).clamp(max=0.0)  # the range holds 0.0, so that zero has an exact code
+        high = groups.amax(dim=-1).clamp(min=0.0)
+        scale = (high - low) / levels
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero group
+        zero_point = torch.round(-low / scale).clamp(0, levels)  # the code of 0.0
+        codes = (torch.round(groups / scale[..., None]) + zero_point[..., None]).clamp(0, levels).to(torch.uint8)
+        zero = zero_point.to(torch.uint8)
+    if per_tensor:
+        scale, zero = scale.reshape(()), None if zero is None else zero.reshape(())
+    return QTensor(codes.reshape(w.shape), scale, zero, bits, group_size, w.shape, w.dtype)
+
+
+def dequantize(qt: QTensor) -> torch.Tensor:
+    """``(codes - zero) * scale`` per group, in the original dtype and shape."""
+    if not isinstance(qt, QTensor):
+        raise TypeError(f"qt must be a QTensor (from quantize), got {type(qt).__name__}")
+    per_tensor = qt.scale.dim() == 0
+    groups = _grouped(qt.codes, qt.group_size, per_tensor)  # float32 codes (..., n_groups, group)
+    scale = qt.scale.reshape(1) if per_tensor else qt.scale
+    if qt.zero is not None:
+        groups = groups - (qt.zero.reshape(1) if per_tensor else qt.zero).float()[..., None]
+    return (groups * scale[..., None]).reshape(qt.shape).to(qt.dtype)
+
+
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """Two unsigned 4-bit codes (0..15) per byte along the last dim: element ``2i`` in the low nibble of
+    byte ``i``, element ``2i + 1`` in its high nibble. ``(..., 2n)`` -> uint8 ``(..., n)``."""
+    if not isinstance(codes, torch.Tensor) or codes.is_floating_point() or codes.is_complex() or codes.dtype == torch.bool:
+        raise TypeError(f"codes must be an integer tensor, got {getattr(codes, 'dtype', type(codes).__name__)}")
+    if codes.dim() == 0 or codes.shape[-1] % 2:
+        raise ValueError(f"codes' last dimension must be even (two codes per byte), got shape {tuple(codes.shape)}")
+    if codes.numel() and (codes.min() < 0 or codes.max() > 15):
+        raise ValueError(f"codes must lie in 0..15 for 4 bits, got {codes.min().item()} to {codes.max().item()}")
+    c = codes.to(torch.uint8)
+    return c[..., 0::2] | (c[..., 1::2] << 4)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """The inverse of :func:`pack_int4`: uint8 ``(..., n)`` -> uint8 codes ``(..., 2n)``."""
+    if not isinstance(packed, torch.Tensor) or packed.dtype != torch.uint8:
+        raise TypeError(f"packed must be a uint8 tensor (from pack_int4), got {getattr(packed, 'dtype', type(packed).__name__)}")
+    low, high = packed & 0x0F, packed >> 4
+    return torch.stack((low, high), dim=-1).flatten(-2)  # (..., n, 2) -> (..., 2n): low nibble first
+
+
+def kmeans_quantize(w: torch.Tensor, bits: int = 4, iters: int = 25) -> tuple[torch.Tensor, torch.Tensor]:
+    """Deep Compression's weight sharing: ``2**bits`` shared values (a codebook) for the whole tensor,
+    found by k-means (Lloyd's algorithm, started evenly between min and max), each weight stored as the
+    index of its nearest one. Returns ``(codes, centroids)``: uint8 codes of ``w``'s shape and float32
+    ``centroids`` ``(2**bits,)`` in increasing order; ``centroids[codes]`` approximates ``w``.
+
+    Unlike linear quantization, the levels crowd where the weights are (around 0 for a bell-shaped
+    layer), so at 2-4 bits the error is smaller for the same number of codes.
+    """
+    _check(w, bits, None, False)
+    if isinstance(iters, bool) or not isinstance(iters, int) or iters < 0:
+        raise ValueError(f"iters must be a non-negative int, got {iters!r}")
+    x = w.detach().float().flatten()  # (N,)
+    k = 2**bits
+    centroids = torch.linspace(x.min().item(), x.max().item(), k)  # linear start: Deep Compression's best
+    for _ in range(iters):
+        codes = _nearest(x, centroids)
+        sums = torch.zeros(k).index_add_(0, codes, x)
+        counts = torch.bincount(codes, minlength=k)
+        # In 1-D the cells are intervals, so the means stay in order; an empty cell keeps its value.
+        centroids = torch.where(counts > 0, sums / counts.clamp(min=1), centroids)
+    return _nearest(x, centroids).to(torch.uint8).reshape(w.shape), centroids
+
+
+def _nearest(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    """Index of each x's nearest centroid (sorted centroids: the cell boundaries are the midpoints)."""
+    return torch.bucketize(x, (centroids[1:] + centroids[:-1]) / 2)

@@ -1,0 +1,215 @@
+"""effml_lib.quant: linear quantization (symmetric/asymmetric; per tensor, channel, group) and int4 packing.
+
+References: the error bound and code ranges from the math, a worked example by hand, and PyTorch's own
+fake-quantization op given the same scales and zero points."""
+
+import pytest
+import torch
+
+from effml_lib.quant import QTensor, dequantize, pack_int4, quantize, unpack_int4
+
+
+def weights(gen, shape=(6, 64), outliers=True):
+    w = torch.randn(*shape, generator=gen)
+    if outliers:
+        w[..., 3] *= 20  # one large input channel, as real layers have
+    return w
+
+
+def torch_fake_quant(w, qt):
+    """PyTorch's fake quantization with our scales and zero points: per group, as its per-channel op."""
+    bits, symmetric = qt.bits, qt.zero is None
+    qmin, qmax = (-(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1) if symmetric else (0, 2**bits - 1)
+    if qt.scale.dim() == 0:
+        rows, scale = w.reshape(1, -1), qt.scale.reshape(1)
+        zero = torch.zeros(1, dtype=torch.int32) if symmetric else qt.zero.reshape(1).int()
+    else:
+        rows, scale = w.reshape(qt.scale.numel(), -1), qt.scale.reshape(-1)
+        zero = torch.zeros_like(scale, dtype=torch.int32) if symmetric else qt.zero.reshape(-1).int()
+    return torch.fake_quantize_per_channel_affine(rows.float(), scale, zero, 0, qmin, qmax).reshape(w.shape)
+
+
+FORMS = [  # (group_size, per_tensor)
+    (None, False), (16, False), (32, False), (None, True),
+]
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("group_size,per_tensor", FORMS)
+def test_error_is_at_most_half_a_step(gen, bits, symmetric, group_size, per_tensor):
+    w = weights(gen)
+    qt = quantize(w, bits, group_size, symmetric, per_tensor=per_tensor)
+    step = qt.scale if per_tensor else qt.scale.repeat_interleave(w.shape[-1] // qt.scale.shape[-1], dim=-1)
+    error = (dequantize(qt) - w).abs()
+    assert (error <= step / 2 * (1 + 1e-5) + 1e-7).all(), (
+        f"bits={bits} symmetric={symmetric} group_size={group_size} per_tensor={per_tensor}: "
+        f"error {error.max():.3g} exceeds half a step")
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("group_size,per_tensor", FORMS)
+def test_matches_pytorch_fake_quantization(gen, bits, symmetric, group_size, per_tensor):
+    w = weights(gen)
+    qt = quantize(w, bits, group_size, symmetric, per_tensor=per_tensor)
+    torch.testing.assert_close(dequantize(qt), torch_fake_quant(w, qt), atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_code_ranges_and_the_extremes(gen, bits):
+    w = weights(gen, outliers=False)
+    sym = quantize(w, bits, group_size=16)
+    qmax = 2 ** (bits - 1) - 1
+    assert sym.codes.dtype == torch.int8 and sym.codes.abs().max() <= qmax and sym.zero is None
+    groups = sym.codes.reshape(6, 4, 16)
+    assert (groups.abs().amax(-1) == qmax).all(), "each group's largest |w| must take the largest code"
+    asym = quantize(w, bits, group_size=16, symmetric=False)
+    assert asym.codes.dtype == torch.uint8 and asym.codes.max() <= 2**bits - 1
+    groups = asym.codes.reshape(6, 4, 16)
+    assert (groups.amin(-1) == 0).all() and (groups.amax(-1) == 2**bits - 1).all(), "min and max take codes 0 and 2^bits - 1"
+
+
+def test_asymmetric_keeps_zero_exact(gen):
+    w = weights(gen)
+    w[:, ::5] = 0.0
+    qt = quantize(w, 4, group_size=32, symmetric=False)
+    assert (dequantize(qt)[:, ::5] == 0).all(), "0.0 must dequantize to exactly 0.0"
+
+
+def test_a_worked_example():
+    w = torch.tensor([[-1.0, -0.2, 0.3, 2.0]])
+    qt = quantize(w, bits=3)  # qmax 3, scale 2/3
+    assert torch.allclose(qt.scale, torch.tensor([[2 / 3]]))
+    assert qt.codes.tolist() == [[-2, 0, 0, 3]]  # -1.5 rounds to even -2; -0.3 and 0.45 to 0
+    qa = quantize(w, bits=2, symmetric=False)  # range [-1, 2] in 3 steps of 1; zero point 1
+    assert qa.scale.item() == 1.0 and qa.zero.tolist() == [[1]] and qa.codes.tolist() == [[0, 1, 1, 3]]
+    assert dequantize(qa).tolist() == [[-1.0, 0.0, 0.0, 2.0]]
+
+
+@pytest.mark.parametrize("value", [0.0, 3.5, -2.25])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_an_all_equal_group_has_no_error(value, symmetric):
+    w = torch.full((2, 8), value)
+    qt = quantize(w, 4, group_size=4, symmetric=symmetric)
+    assert torch.isfinite(qt.scale).all() and (qt.scale > 0).all()
+    assert torch.equal(dequantize(qt), w), f"a group of {value}s (zero range) must come back exactly"
+
+
+def test_smaller_groups_give_smaller_error(gen):
+    w = weights(gen, (16, 256))
+    errors = [(dequantize(quantize(w, 4, g, per_tensor=t)) - w).pow(2).mean().item()
+              for g, t in [(None, True), (None, False), (128, False), (32, False)]]
+    assert errors == sorted(errors, reverse=True), f"error should fall from per tensor to g32: {errors}"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_in_and_out(gen, dtype):
+    w = weights(gen).to(dtype)
+    qt = quantize(w, 8, group_size=32, symmetric=False)
+    out = dequantize(qt)
+    assert out.dtype == dtype and out.shape == w.shape and qt.scale.dtype == torch.float32
+    step = qt.scale.repeat_interleave(32, dim=-1)
+    rounding = out.float().abs() * (2**-8 if dtype == torch.bfloat16 else 2**-11)  # the result's own rounding
+    assert ((out.float() - w.float()).abs() <= step / 2 + rounding + 1e-6).all(), f"{dtype}: error beyond half a step"
+
+
+def test_any_leading_shape(gen):
+    w = torch.randn(2, 3, 32, generator=gen)
+    qt = quantize(w, 4, group_size=8)
+    assert qt.scale.shape == (2, 3, 4) and qt.codes.shape == w.shape
+    torch.testing.assert_close(dequantize(qt), torch_fake_quant(w, qt))
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda w: quantize(w, bits=1), "bits"),
+    (lambda w: quantize(w, bits=9), "bits"),
+    (lambda w: quantize(w, bits=4.0), "bits"),
+    (lambda w: quantize(w, group_size=24), "group_size"),
+    (lambda w: quantize(w, group_size=0), "group_size"),
+    (lambda w: quantize(w.long()), "w"),
+    (lambda w: quantize(w, group_size=16, per_tensor=True), "per_tensor"),
+    (lambda w: dequantize(w), "QTensor"),
+])
+def test_bad_input_gets_a_clear_error(call, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        call(torch.randn(4, 64))
+
+
+# --- int4 packing -----------------------------------------------------------------------------------
+
+def test_pack_puts_the_even_element_in_the_low_nibble():
+    packed = pack_int4(torch.tensor([[1, 2, 3, 4], [15, 0, 0, 15]], dtype=torch.uint8))
+    assert packed.dtype == torch.uint8 and packed.tolist() == [[0x21, 0x43], [0x0F, 0xF0]]
+
+
+def test_unpack_undoes_pack(gen):
+    codes = torch.randint(0, 16, (3, 5, 64), generator=gen, dtype=torch.uint8)
+    packed = pack_int4(codes)
+    assert packed.shape == (3, 5, 32)
+    assert torch.equal(unpack_int4(packed), codes)
+    assert torch.equal(unpack_int4(torch.tensor([0xAB], dtype=torch.uint8)), torch.tensor([0xB, 0xA], dtype=torch.uint8))
+
+
+def test_packed_asymmetric_int4_round_trip(gen):
+    w = weights(gen)
+    qt = quantize(w, 4, group_size=32, symmetric=False)
+    restored = QTensor(unpack_int4(pack_int4(qt.codes)), qt.scale, qt.zero, 4, 32, qt.shape, qt.dtype)
+    assert torch.equal(dequantize(restored), dequantize(qt))
+
+
+@pytest.mark.parametrize("codes,match", [
+    (torch.tensor([1, 2, 3]), "even"),
+    (torch.tensor([1, 16]), "0..15"),
+    (torch.tensor([-1, 2]), "0..15"),
+    (torch.tensor([1.0, 2.0]), "integer"),
+])
+def test_pack_rejects_what_does_not_fit(codes, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        pack_int4(codes)
+
+
+def test_unpack_rejects_other_dtypes():
+    with pytest.raises(TypeError, match="uint8"):
+        unpack_int4(torch.tensor([1, 2], dtype=torch.int32))
+
+
+# --- k-means (Deep Compression's codebook) ------------------------------------------------------------
+
+from effml_lib.quant import kmeans_quantize  # noqa: E402
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_kmeans_codes_point_to_the_nearest_centroid(gen, bits):
+    w = torch.randn(32, 48, generator=gen)
+    codes, centroids = kmeans_quantize(w, bits)
+    assert codes.dtype == torch.uint8 and codes.shape == w.shape and centroids.shape == (2**bits,)
+    assert torch.all(centroids[1:] >= centroids[:-1]), "centroids come sorted"
+    brute = (w.flatten()[:, None] - centroids[None, :]).abs().argmin(dim=1).reshape(w.shape)  # (N, k) distances
+    distance = lambda c: (w - centroids[c.long()]).abs()  # noqa: E731
+    assert torch.allclose(distance(codes), distance(brute)), "every code must name a nearest centroid"
+
+
+def test_kmeans_centroids_are_the_means_of_their_weights(gen):
+    w = torch.randn(4096, generator=gen)
+    codes, centroids = kmeans_quantize(w, 2, iters=100)
+    for c in range(4):
+        assert torch.allclose(centroids[c], w[codes == c].mean(), atol=1e-4), f"centroid {c} is not its cell's mean"
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_kmeans_beats_linear_levels_on_bell_shaped_weights(gen, bits):
+    w = torch.randn(64, 64, generator=gen)
+    codes, centroids = kmeans_quantize(w, bits)
+    kmeans_error = (centroids[codes.long()] - w).pow(2).mean()
+    linear_error = (dequantize(quantize(w, bits, symmetric=False, per_tensor=True)) - w).pow(2).mean()
+    assert kmeans_error < linear_error, f"{bits} bits: k-means {kmeans_error:.4g} vs linear {linear_error:.4g}"
+
+
+def test_kmeans_bad_input():
+    with pytest.raises(ValueError, match="bits"):
+        kmeans_quantize(torch.randn(8), bits=9)
+    with pytest.raises(ValueError, match="iters"):
+        kmeans_quantize(torch.randn(8), bits=2, iters=-1)
+    with pytest.raises(TypeError, match="w"):
+        kmeans_quantize(torch.arange(8), bits=2)
