@@ -151,3 +151,26 @@ def kmeans_quantize(w: torch.Tensor, bits: int = 4, iters: int = 25) -> tuple[to
 def _nearest(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
     """Index of each x's nearest centroid (sorted centroids: the cell boundaries are the midpoints)."""
     return torch.bucketize(x, (centroids[1:] + centroids[:-1]) / 2)
+
+
+def smoothquant_scales(act_absmax: torch.Tensor, w_absmax: torch.Tensor, alpha: float = 0.5) -> torch.Tensor:
+    """SmoothQuant's per-input-channel smoothing factors ``s_j = max|X_j|**alpha / max|W_j|**(1 - alpha)``.
+
+    Dividing the activations' channel ``j`` by ``s_j`` and multiplying the weight's column ``j`` by it
+    leaves ``X W^T`` unchanged and moves the outliers' range from the activations into the weights:
+    ``alpha = 1`` flattens every activation channel to maximum 1 (all the range goes to the weights),
+    ``alpha = 0`` flattens the weight's columns instead (all of it stays with the activations), and
+    ``0.5`` gives both the same per-channel maximum. ``act_absmax`` and ``w_absmax`` are ``(in_features,)`` channel maxima (of
+    calibration activations, and of the weight's columns).
+    """
+    for name, t in (("act_absmax", act_absmax), ("w_absmax", w_absmax)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 1 or not t.is_floating_point():
+            raise ValueError(f"{name} must be a 1-D float tensor of per-channel maxima, got {getattr(t, 'shape', t)!r}")
+        if (t < 0).any():
+            raise ValueError(f"{name} holds maxima of |values|: it cannot be negative")
+    if act_absmax.shape != w_absmax.shape:
+        raise ValueError(f"act_absmax {tuple(act_absmax.shape)} and w_absmax {tuple(w_absmax.shape)} must have one entry per input channel")
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must lie in [0, 1], got {alpha!r}")
+    tiny = 1e-5  # a channel that is zero everywhere: leave it (almost) alone rather than divide by zero
+    return (act_absmax.float().clamp(min=tiny) ** alpha / w_absmax.float().clamp(min=tiny) ** (1 - alpha)).clamp(min=tiny)

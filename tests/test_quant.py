@@ -213,3 +213,42 @@ def test_kmeans_bad_input():
         kmeans_quantize(torch.randn(8), bits=2, iters=-1)
     with pytest.raises(TypeError, match="w"):
         kmeans_quantize(torch.arange(8), bits=2)
+
+
+# --- SmoothQuant --------------------------------------------------------------------------------------
+
+from effml_lib.quant import smoothquant_scales  # noqa: E402
+
+
+def test_smoothquant_formula_by_hand():
+    s = smoothquant_scales(torch.tensor([16.0, 1.0]), torch.tensor([1.0, 4.0]), alpha=0.5)
+    assert torch.allclose(s, torch.tensor([4.0, 0.5])), s  # sqrt(16)/sqrt(1), sqrt(1)/sqrt(4)
+
+
+def test_smoothing_keeps_the_product_and_balances_the_maxima(gen):
+    x = torch.randn(64, 32, generator=gen)
+    x[:, 5] *= 50  # an outlier channel
+    w = torch.randn(16, 32, generator=gen)
+    s = smoothquant_scales(x.abs().amax(0), w.abs().amax(0), alpha=0.5)
+    torch.testing.assert_close((x / s) @ (w * s).T, x @ w.T, atol=1e-3, rtol=1e-4)
+    torch.testing.assert_close((x / s).abs().amax(0), (w * s).abs().amax(0), rtol=1e-4, atol=1e-6)  # alpha = 0.5: equal
+    assert (x / s).abs().amax(0).max() < x.abs().amax(0).max() / 5, "the outlier channel must shrink"
+
+
+@pytest.mark.parametrize("alpha", [0.0, 1.0])
+def test_smoothquant_extremes(gen, alpha):
+    a, w = torch.rand(8, generator=gen) + 0.5, torch.rand(8, generator=gen) + 0.5
+    s = smoothquant_scales(a, w, alpha)
+    expected = 1 / w if alpha == 0.0 else a  # 0: the weight's columns flattened to max 1; 1: the activations'
+    torch.testing.assert_close(s, expected)
+
+
+@pytest.mark.parametrize("args,match", [
+    ((torch.ones(4), torch.ones(5), 0.5), "one entry per input channel"),
+    ((torch.ones(4), torch.ones(4), 1.5), "alpha"),
+    ((-torch.ones(4), torch.ones(4), 0.5), "act_absmax"),
+    ((torch.ones(2, 2), torch.ones(4), 0.5), "act_absmax"),
+])
+def test_smoothquant_bad_input(args, match):
+    with pytest.raises(ValueError, match=match):
+        smoothquant_scales(*args)
