@@ -174,3 +174,38 @@ def smoothquant_scales(act_absmax: torch.Tensor, w_absmax: torch.Tensor, alpha: 
         raise ValueError(f"alpha must lie in [0, 1], got {alpha!r}")
     tiny = 1e-5  # a channel that is zero everywhere: leave it (almost) alone rather than divide by zero
     return (act_absmax.float().clamp(min=tiny) ** alpha / w_absmax.float().clamp(min=tiny) ** (1 - alpha)).clamp(min=tiny)
+
+
+def awq_scales(weight: torch.Tensor, activations: torch.Tensor, bits: int = 4, group_size: int = 128,
+               grid: int = 20) -> torch.Tensor:
+    """AWQ's activation-aware per-input-channel scales for a linear layer (Lin et al., 2023).
+
+    A few input channels carry much larger activations than the rest; their weights matter most to the
+    output. Scaling weight column ``j`` up by ``s_j`` (and the activation down by it) gives those columns
+    more of the quantization grid. AWQ takes ``s = mean|X_j|**a`` and searches ``a`` on ``grid`` points of
+    ``[0, 1)`` for the smallest output error ``|Q(W s) (X / s)^T - W X^T|^2``, ``Q`` the weight-only
+    quantization (asymmetric, ``bits``, ``group_size``) that will be used. ``a = 0`` (no scaling) is on the
+    grid, so the result is never worse than plain quantization on the calibration activations.
+
+    ``weight`` ``(out, in)``, ``activations`` ``(N, in)`` calibration inputs; returns float32 ``(in,)``.
+    """
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or not weight.is_floating_point():
+        raise ValueError(f"weight must be a 2-D float tensor (out, in), got {getattr(weight, 'shape', weight)!r}")
+    if not isinstance(activations, torch.Tensor) or activations.dim() != 2 or activations.shape[1] != weight.shape[1]:
+        raise ValueError(f"activations must be (N, {weight.shape[1]}): calibration inputs of this layer, "
+                         f"got {getattr(activations, 'shape', activations)!r}")
+    if isinstance(grid, bool) or not isinstance(grid, int) or grid < 1:
+        raise ValueError(f"grid must be a positive int, got {grid!r}")
+    _check(weight, bits, group_size, False)
+    w, x = weight.detach().float(), activations.detach().float()
+    reference = x @ w.T  # (N, out): what the layer computes unquantized
+    importance = x.abs().mean(dim=0).clamp(min=1e-8)  # (in,)
+    best, best_error = torch.ones_like(importance), float("inf")
+    for a in torch.arange(grid, dtype=torch.float32) / grid:  # 0, 1/grid, ..., (grid-1)/grid
+        s = importance**a
+        s = s / (s.max() * s.min()).sqrt()  # centre the scales around 1 (only their ratios matter)
+        w_q = dequantize(quantize(w * s, bits, group_size, symmetric=False))
+        error = ((x / s) @ w_q.T - reference).pow(2).mean().item()
+        if error < best_error:
+            best, best_error = s, error
+    return best

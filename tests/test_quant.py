@@ -252,3 +252,46 @@ def test_smoothquant_extremes(gen, alpha):
 def test_smoothquant_bad_input(args, match):
     with pytest.raises(ValueError, match=match):
         smoothquant_scales(*args)
+
+
+# --- AWQ ----------------------------------------------------------------------------------------------
+
+from effml_lib.quant import awq_scales  # noqa: E402
+
+
+def salient_layer(gen, n_salient=3):
+    w = torch.randn(64, 256, generator=gen) / 16
+    x = torch.randn(512, 256, generator=gen)
+    x[:, :n_salient] *= 30  # a few input channels with large activations, as in real LLM layers
+    return w, x
+
+
+def output_error(w, x, s):
+    w_q = dequantize(quantize(w * s, 4, 128, symmetric=False))
+    return ((x / s) @ w_q.T - x @ w.T).pow(2).mean().item()
+
+
+def test_awq_reduces_the_output_error_of_salient_channels(gen):
+    w, x = salient_layer(gen)
+    s = awq_scales(w, x)
+    plain, awq = output_error(w, x, torch.ones(256)), output_error(w, x, s)
+    assert awq < 0.8 * plain, f"AWQ's output error {awq:.4g} should be well below plain W4 g128's {plain:.4g}"
+    assert s[:3].min() > s[3:].max(), "the salient channels get the largest scales"
+    held_out = torch.randn(256, 256, generator=gen)
+    held_out[:, :3] *= 30
+    assert output_error(w, held_out, s) < output_error(w, held_out, torch.ones(256)), "and on new activations too"
+
+
+def test_awq_is_never_worse_than_plain_on_its_calibration(gen):
+    w, x = torch.randn(32, 128, generator=gen), torch.randn(64, 128, generator=gen)  # no salient channels
+    assert output_error(w, x, awq_scales(w, x)) <= output_error(w, x, torch.ones(128)) * (1 + 1e-6)
+
+
+def test_awq_bad_input(gen):
+    w, x = torch.randn(8, 128, generator=gen), torch.randn(4, 128, generator=gen)
+    with pytest.raises(ValueError, match="activations"):
+        awq_scales(w, x[:, :64])
+    with pytest.raises(ValueError, match="group_size"):
+        awq_scales(w, x, group_size=48)
+    with pytest.raises(ValueError, match="grid"):
+        awq_scales(w, x, grid=0)
