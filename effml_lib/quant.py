@@ -18,6 +18,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 
 @dataclass
@@ -209,3 +211,82 @@ def awq_scales(weight: torch.Tensor, activations: torch.Tensor, bits: int = 4, g
         if error < best_error:
             best, best_error = s, error
     return best
+
+
+class QuantLinear(nn.Module):
+    """A weight-only quantized ``nn.Linear`` (W8A16 / W4A16): the weight is stored as codes and per-group
+    scales, and dequantized to the input's dtype in the matmul; activations stay in 16/32 bits.
+
+    - ``bits=8``: symmetric int8 codes, one scale per group, no zero point (W8A16);
+    - ``bits=4``: asymmetric 4-bit codes packed two per byte (:func:`pack_int4`), a scale and a uint8
+      zero point per group (W4A16; the scheme of GGUF's Q4_1 and of AWQ/GPTQ checkpoints).
+
+    Buffers: ``codes`` (int8 ``(out, in)`` or uint8 packed ``(out, in / 2)``), ``scale`` float16
+    ``(out, in / group_size)``, ``zero`` uint8 (4 bits only), ``bias`` (kept in its dtype, if any).
+    """
+
+    def __init__(self, in_features: int, out_features: int, bits: int = 4, group_size: int | None = 128,
+                 bias: bool = False, device=None):
+        super().__init__()
+        if bits not in (4, 8):
+            raise ValueError(f"bits must be 4 (W4A16) or 8 (W8A16), got {bits!r}")
+        group = in_features if group_size is None else group_size
+        if isinstance(group, bool) or not isinstance(group, int) or group <= 0 or in_features % group:
+            raise ValueError(f"group_size {group_size!r} must be a positive int dividing in_features={in_features}")
+        if bits == 4 and group % 2:
+            raise ValueError(f"group_size must be even for packed 4-bit codes, got {group}")
+        self.in_features, self.out_features, self.bits, self.group_size = in_features, out_features, bits, group
+        n_groups = in_features // group
+        if bits == 8:
+            self.register_buffer("codes", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
+            self.zero = None
+        else:
+            self.register_buffer("codes", torch.zeros(out_features, in_features // 2, dtype=torch.uint8, device=device))
+            self.register_buffer("zero", torch.zeros(out_features, n_groups, dtype=torch.uint8, device=device))
+        self.register_buffer("scale", torch.ones(out_features, n_groups, dtype=torch.float16, device=device))
+        self.register_buffer("bias", torch.zeros(out_features, device=device) if bias else None)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, bits: int = 4, group_size: int | None = 128) -> "QuantLinear":
+        """Quantize ``linear``'s weight (round to nearest; the bias is kept as it is)."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+        q = cls(linear.in_features, linear.out_features, bits, group_size, linear.bias is not None, linear.weight.device)
+        qt = quantize(linear.weight.detach(), bits, q.group_size, symmetric=(bits == 8))
+        with torch.no_grad():
+            q.codes.copy_(qt.codes if bits == 8 else pack_int4(qt.codes))
+            q.scale.copy_(qt.scale)  # float16: what the kernels read (the error bound uses this scale)
+            if bits == 4:
+                q.zero.copy_(qt.zero)
+            if linear.bias is not None:
+                q.bias = linear.bias.detach().clone()
+        return q
+
+    def dequantized_weight(self, dtype=torch.float32) -> torch.Tensor:
+        """The weight ``(out, in)`` the layer computes with: ``(codes - zero) * scale`` per group."""
+        codes = self.codes.float() if self.bits == 8 else unpack_int4(self.codes).float()  # (out, in)
+        groups = codes.view(self.out_features, -1, self.group_size)  # (out, n_groups, group)
+        if self.zero is not None:
+            groups = groups - self.zero.float()[..., None]
+        return (groups * self.scale.float()[..., None]).view(self.out_features, self.in_features).to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self.dequantized_weight(x.dtype), bias)  # the PyTorch reference path
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes the weight takes: codes, scales and zero points (what a decode step reads)."""
+        return sum(t.numel() * t.element_size() for t in (self.codes, self.scale, self.zero) if t is not None)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, group_size={self.group_size}"
+
+
+def quantize_model(model: nn.Module, bits: int = 4, group_size: int | None = 128, targets=None) -> nn.Module:
+    """Swap the model's linear layers (by default every block's; not the LM head) for :class:`QuantLinear`,
+    in place (``model.replace_linears``); returns the model."""
+    from .model import replace_linears
+
+    replace_linears(model, lambda name, linear: QuantLinear.from_linear(linear, bits, group_size), targets)
+    return model

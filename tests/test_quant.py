@@ -295,3 +295,84 @@ def test_awq_bad_input(gen):
         awq_scales(w, x, group_size=48)
     with pytest.raises(ValueError, match="grid"):
         awq_scales(w, x, grid=0)
+
+
+# --- QuantLinear and quantize_model -------------------------------------------------------------------
+
+from effml_lib.quant import QuantLinear, quantize_model  # noqa: E402
+
+
+def expected_weight(w, bits, group_size):
+    """The weight a QuantLinear computes with: our quantize, its scales rounded to float16 as stored."""
+    qt = quantize(w, bits, group_size, symmetric=(bits == 8))
+    qt.scale = qt.scale.half().float()
+    return dequantize(qt)
+
+
+@pytest.mark.parametrize("bits,group_size", [(8, None), (8, 64), (4, 128), (4, 32)])
+def test_quant_linear_computes_with_the_quantized_weight(gen, bits, group_size):
+    linear = torch.nn.Linear(256, 48, bias=True)
+    x = torch.randn(3, 5, 256, generator=gen)
+    q = QuantLinear.from_linear(linear, bits, group_size)
+    expected = torch.nn.functional.linear(x, expected_weight(linear.weight.detach(), bits, group_size), linear.bias)
+    torch.testing.assert_close(q(x), expected, atol=1e-5, rtol=1e-5)
+    relative = ((q(x) - linear(x)).norm() / linear(x).norm()).item()
+    assert relative < (0.01 if bits == 8 else 0.15), f"W{bits} g{group_size}: output error {relative:.3f} of the output"
+
+
+def test_quant_linear_stores_what_it_should(gen):
+    q = QuantLinear.from_linear(torch.nn.Linear(256, 64), bits=4, group_size=128)
+    assert q.codes.dtype == torch.uint8 and q.codes.shape == (64, 128), "two 4-bit codes per byte"
+    assert q.scale.shape == q.zero.shape == (64, 2)
+    assert q.weight_bytes == 64 * 128 + 64 * 2 * (2 + 1), "codes + float16 scales + uint8 zero points"
+    w8 = QuantLinear.from_linear(torch.nn.Linear(256, 64), bits=8, group_size=None)
+    assert w8.codes.dtype == torch.int8 and w8.zero is None and w8.weight_bytes == 64 * 256 + 64 * 2
+
+
+def test_quant_linear_keeps_the_input_dtype_and_its_state(gen):
+    linear = torch.nn.Linear(128, 32)
+    q = QuantLinear.from_linear(linear, 4, 64)
+    x = torch.randn(2, 128, generator=gen).bfloat16()
+    assert q(x).dtype == torch.bfloat16
+    copy = QuantLinear(128, 32, 4, 64, bias=True)
+    copy.load_state_dict(q.state_dict())
+    torch.testing.assert_close(copy(x.float()), q(x.float()))
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(bits=3), "bits"), (dict(group_size=48), "group_size"), (dict(group_size=0), "group_size"),
+])
+def test_quant_linear_bad_input(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        QuantLinear.from_linear(torch.nn.Linear(128, 8), **kwargs)
+    with pytest.raises(TypeError, match="nn.Linear"):
+        QuantLinear.from_linear(torch.nn.Conv1d(1, 1, 1))
+
+
+@pytest.fixture(scope="module")
+def code_tokens():
+    import inspect
+    import json
+
+    from effml_lib.tokenizer import load_tokenizer
+
+    return torch.tensor([load_tokenizer().encode(inspect.getsource(json.decoder))[:512]])  # (1, 512) real code
+
+
+def loss(model, tokens):
+    with torch.no_grad():
+        logits = model(tokens[:, :-1])
+    return torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[0, 1:]).item()
+
+
+@pytest.mark.parametrize("bits,group_size,margin", [(8, None, 0.01), (4, 32, 0.15)])
+def test_quantized_effml_tiny_stays_close(code_tokens, bits, group_size, margin):
+    from effml_lib.checkpoints import pretrained
+
+    reference = loss(pretrained("effml-tiny"), code_tokens)
+    model = quantize_model(pretrained("effml-tiny"), bits, group_size)
+    swapped = [n for n, m in model.named_modules() if isinstance(m, QuantLinear)]
+    assert len(swapped) == 7 * model.config.n_layers and not isinstance(model.output, QuantLinear), (
+        "every block's seven projections are quantized, the LM head is not")
+    quantized = loss(model, code_tokens)
+    assert quantized < reference + margin, f"W{bits} g{group_size}: loss {quantized:.3f} vs fp32 {reference:.3f}"
