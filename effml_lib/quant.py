@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .device import IMPLS, resolve_impl
+
 
 @dataclass
 class QTensor:
@@ -226,8 +228,11 @@ class QuantLinear(nn.Module):
     """
 
     def __init__(self, in_features: int, out_features: int, bits: int = 4, group_size: int | None = 128,
-                 bias: bool = False, device=None):
+                 bias: bool = False, device=None, impl: str = "auto"):
         super().__init__()
+        if impl not in IMPLS:
+            raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+        self.impl = impl  # "auto": the Triton kernel on CUDA, else the PyTorch reference
         if bits not in (4, 8):
             raise ValueError(f"bits must be 4 (W4A16) or 8 (W8A16), got {bits!r}")
         group = in_features if group_size is None else group_size
@@ -247,11 +252,12 @@ class QuantLinear(nn.Module):
         self.register_buffer("bias", torch.zeros(out_features, device=device) if bias else None)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, bits: int = 4, group_size: int | None = 128) -> "QuantLinear":
+    def from_linear(cls, linear: nn.Linear, bits: int = 4, group_size: int | None = 128, impl: str = "auto") -> "QuantLinear":
         """Quantize ``linear``'s weight (round to nearest; the bias is kept as it is)."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
-        q = cls(linear.in_features, linear.out_features, bits, group_size, linear.bias is not None, linear.weight.device)
+        q = cls(linear.in_features, linear.out_features, bits, group_size, linear.bias is not None,
+                linear.weight.device, impl)
         qt = quantize(linear.weight.detach(), bits, q.group_size, symmetric=(bits == 8))
         with torch.no_grad():
             q.codes.copy_(qt.codes if bits == 8 else pack_int4(qt.codes))
@@ -271,8 +277,13 @@ class QuantLinear(nn.Module):
         return (groups * self.scale.float()[..., None]).view(self.out_features, self.in_features).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if resolve_impl(self.impl, x.device) == "triton":
+            from .kernels.quant_matmul import quant_matmul  # imports Triton, so only when used
+
+            return quant_matmul(x, self.codes, self.scale, self.zero, self.bias, self.bits, self.group_size,
+                                self.in_features)
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, self.dequantized_weight(x.dtype), bias)  # the PyTorch reference path
+        return F.linear(x, self.dequantized_weight(x.dtype), bias)  # the PyTorch reference
 
     @property
     def weight_bytes(self) -> int:
@@ -283,10 +294,11 @@ class QuantLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, group_size={self.group_size}"
 
 
-def quantize_model(model: nn.Module, bits: int = 4, group_size: int | None = 128, targets=None) -> nn.Module:
+def quantize_model(model: nn.Module, bits: int = 4, group_size: int | None = 128, targets=None,
+                   impl: str = "auto") -> nn.Module:
     """Swap the model's linear layers (by default every block's; not the LM head) for :class:`QuantLinear`,
     in place (``model.replace_linears``); returns the model."""
     from .model import replace_linears
 
-    replace_linears(model, lambda name, linear: QuantLinear.from_linear(linear, bits, group_size), targets)
+    replace_linears(model, lambda name, linear: QuantLinear.from_linear(linear, bits, group_size, impl), targets)
     return model

@@ -376,3 +376,37 @@ def test_quantized_effml_tiny_stays_close(code_tokens, bits, group_size, margin)
         "every block's seven projections are quantized, the LM head is not")
     quantized = loss(model, code_tokens)
     assert quantized < reference + margin, f"W{bits} g{group_size}: loss {quantized:.3f} vs fp32 {reference:.3f}"
+
+
+# --- the Triton kernel, against the PyTorch reference (interpreter on CPU, small shapes) ----------------
+
+@pytest.mark.parametrize("bits,group_size", [(4, 32), (4, 64), (8, 32), (8, None)])
+@pytest.mark.parametrize("rows", [1, 5, 37])  # a decode step, a few tokens, more rows than one tile
+def test_triton_kernel_equals_the_reference(gen, bits, group_size, rows):
+    pytest.importorskip("triton")
+    linear = torch.nn.Linear(128, 80, bias=True)  # 80: not a multiple of the kernel's 64-wide tiles
+    q = QuantLinear.from_linear(linear, bits, group_size, impl="torch")
+    x = torch.randn(rows, 128, generator=gen)
+    if torch.cuda.is_available():
+        q, x = q.cuda(), x.cuda()
+    reference = q(x)
+    q.impl = "triton"
+    torch.testing.assert_close(q(x), reference, atol=1e-4, rtol=1e-4)
+
+
+def test_triton_kernel_keeps_leading_dims_and_dtype(gen):
+    pytest.importorskip("triton")
+    q = QuantLinear.from_linear(torch.nn.Linear(64, 32), 4, 32, impl="torch")
+    x = torch.randn(2, 3, 64, generator=gen).to(torch.bfloat16 if torch.cuda.is_available() else torch.float32)
+    if torch.cuda.is_available():
+        q, x = q.cuda(), x.cuda()
+    reference = q(x)
+    q.impl = "triton"
+    out = q(x)
+    assert out.shape == (2, 3, 32) and out.dtype == x.dtype
+    torch.testing.assert_close(out.float(), reference.float(), atol=2e-2, rtol=2e-2)
+
+
+def test_quant_linear_rejects_an_unknown_impl():
+    with pytest.raises(ValueError, match="impl"):
+        QuantLinear(64, 8, impl="cuda")
