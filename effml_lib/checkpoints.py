@@ -246,3 +246,58 @@ def pretrained_info(name: str = "effml-tiny") -> dict:
     if name not in PRETRAINED:
         raise ValueError(f"unknown pretrained model {name!r}; available: {', '.join(PRETRAINED)}")
     return _read_json(CHECKPOINTS_DIR / name / "config.json")
+
+
+# ---------------------------------------------------------------------------------------------------
+# GGUF block formats (llama.cpp). A quantized tensor is a run of fixed-size blocks of 32 weights;
+# each block carries its own float16 scale (and, for Q4_1, a float16 minimum) in front of its codes.
+
+GGUF_BLOCK_WEIGHTS = 32
+GGUF_BLOCK_BYTES = {"Q8_0": 2 + 32, "Q4_0": 2 + 16, "Q4_1": 2 + 2 + 16}
+
+
+def _blocks(blocks, fmt: str) -> torch.Tensor:
+    """Check ``blocks`` is uint8 ``(..., GGUF_BLOCK_BYTES[fmt])`` (a numpy array is accepted)."""
+    if not isinstance(blocks, torch.Tensor):
+        try:
+            blocks = torch.from_numpy(blocks)
+        except TypeError:
+            raise TypeError(f"blocks must be a uint8 tensor or numpy array, got {type(blocks).__name__}") from None
+    if blocks.dtype != torch.uint8:
+        raise TypeError(f"blocks must be uint8 (the file's raw bytes), got {blocks.dtype}")
+    nbytes = GGUF_BLOCK_BYTES[fmt]
+    if blocks.dim() == 0 or blocks.shape[-1] != nbytes:
+        raise ValueError(f"blocks must have shape (..., {nbytes}) for {fmt} (one {fmt} block of 32 weights "
+                         f"per row), got {tuple(blocks.shape)}")
+    return blocks.contiguous()
+
+
+def _half(raw: torch.Tensor) -> torch.Tensor:
+    """Little-endian float16 from its two bytes ``(..., 2)`` -> float32 ``(..., 1)``."""
+    return raw.view(torch.float16).float()
+
+
+def _nibbles(qs: torch.Tensor) -> torch.Tensor:
+    """GGUF's nibble order: byte ``j`` holds weight ``j`` (low nibble) and weight ``j + 16`` (high),
+    unlike ``quant.pack_int4``'s neighbours. uint8 ``(..., 16)`` -> float32 codes ``(..., 32)``."""
+    return torch.cat((qs & 0x0F, qs >> 4), dim=-1).float()
+
+
+def dequantize_q8_0(blocks) -> torch.Tensor:
+    """Q8_0: ``d`` (float16), then 32 signed int8 codes; ``w = d * q``. uint8 ``(..., 34)`` -> float32 ``(..., 32)``."""
+    b = _blocks(blocks, "Q8_0")
+    return _half(b[..., :2]) * b[..., 2:].view(torch.int8).float()
+
+
+def dequantize_q4_0(blocks) -> torch.Tensor:
+    """Q4_0: ``d`` (float16), then 16 bytes of 4-bit codes; ``w = d * (q - 8)``. ``(..., 18)`` -> ``(..., 32)``."""
+    b = _blocks(blocks, "Q4_0")
+    return _half(b[..., :2]) * (_nibbles(b[..., 2:]) - 8)
+
+
+def dequantize_q4_1(blocks) -> torch.Tensor:
+    """Q4_1: ``d`` and ``m`` (float16 scale and minimum), then 16 bytes of 4-bit codes; ``w = d * q + m``:
+    asymmetric 4-bit quantization with groups of 32, the zero point stored as the float ``m = -d * zero``.
+    uint8 ``(..., 20)`` -> float32 ``(..., 32)``."""
+    b = _blocks(blocks, "Q4_1")
+    return _half(b[..., :2]) * _nibbles(b[..., 4:]) + _half(b[..., 2:4])
