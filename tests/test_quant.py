@@ -381,7 +381,7 @@ def test_quantized_effml_tiny_stays_close(code_tokens, bits, group_size, margin)
 # --- the Triton kernel, against the PyTorch reference (interpreter on CPU, small shapes) ----------------
 
 @pytest.mark.parametrize("bits,group_size", [(4, 32), (4, 64), (8, 32), (8, None)])
-@pytest.mark.parametrize("rows", [1, 5, 37])  # a decode step, a few tokens, more rows than one tile
+@pytest.mark.parametrize("rows", [1, 5, 9, 37])  # decode steps (the GEMV), then the GEMM: 9 rows, more than one tile
 def test_triton_kernel_equals_the_reference(gen, bits, group_size, rows):
     pytest.importorskip("triton")
     linear = torch.nn.Linear(128, 80, bias=True)  # 80: not a multiple of the kernel's 64-wide tiles
@@ -392,6 +392,29 @@ def test_triton_kernel_equals_the_reference(gen, bits, group_size, rows):
     reference = q(x)
     q.impl = "triton"
     torch.testing.assert_close(q(x), reference, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("bits,in_features,group_size", [
+    (4, 96, 32),    # 96 = 1.5 steps of 64: the last step is ragged
+    (4, 120, 24),   # segments of 8 weights: 24 is 8 * 3
+    (4, 128, 128),  # one group per row, longer than a step
+    (8, 120, 15),   # an odd group: segments of one weight
+    (8, 96, None),  # per channel, 96 = 32 * 3
+])
+@pytest.mark.parametrize("tiles", [{"block_n": 16, "block_k": 64, "num_warps": 4},
+                                   {"block_n": 8, "block_k": 32, "num_warps": 1}])
+def test_triton_gemv_equals_the_reference_for_any_group(gen, bits, in_features, group_size, tiles):
+    """The decode path (few rows) splits each step into segments inside one group: any group size and
+    any step length must give the reference's answer."""
+    pytest.importorskip("triton")
+    from effml_lib.kernels.quant_matmul import GEMV_MAX_ROWS, quant_matmul
+
+    q = QuantLinear.from_linear(torch.nn.Linear(in_features, 40, bias=True), bits, group_size, impl="torch")
+    x = torch.randn(GEMV_MAX_ROWS, in_features, generator=gen)
+    if torch.cuda.is_available():
+        q, x = q.cuda(), x.cuda()
+    out = quant_matmul(x, q.codes, q.scale, q.zero, q.bias, bits, q.group_size, in_features, gemv=tiles)
+    torch.testing.assert_close(out, q(x), atol=1e-4, rtol=1e-4)
 
 
 def test_triton_kernel_keeps_leading_dims_and_dtype(gen):
