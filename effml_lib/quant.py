@@ -278,10 +278,11 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if resolve_impl(self.impl, x.device) == "triton":
-            from .kernels.quant_matmul import quant_matmul  # imports Triton, so only when used
+            from .kernels.quant_matmul import fits, quant_matmul_op  # imports Triton, so only when used
 
-            return quant_matmul(x, self.codes, self.scale, self.zero, self.bias, self.bits, self.group_size,
-                                self.in_features)
+            if fits(self.bits, self.group_size, self.in_features):  # else: the reference, below
+                return quant_matmul_op(x, self.codes, self.scale, self.zero, self.bias, self.bits,
+                                       self.group_size, self.in_features)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, self.dequantized_weight(x.dtype), bias)  # the PyTorch reference
 

@@ -398,23 +398,45 @@ def test_triton_kernel_equals_the_reference(gen, bits, group_size, rows):
     (4, 96, 32),    # 96 = 1.5 steps of 64: the last step is ragged
     (4, 120, 24),   # segments of 8 weights: 24 is 8 * 3
     (4, 128, 128),  # one group per row, longer than a step
-    (8, 120, 15),   # an odd group: segments of one weight
+    (8, 120, 12),   # segments of 4 weights, one word of int8 codes
     (8, 96, None),  # per channel, 96 = 32 * 3
 ])
 @pytest.mark.parametrize("tiles", [{"block_n": 16, "block_k": 64, "num_warps": 4},
                                    {"block_n": 8, "block_k": 32, "num_warps": 1}])
-def test_triton_gemv_equals_the_reference_for_any_group(gen, bits, in_features, group_size, tiles):
-    """The decode path (few rows) splits each step into segments inside one group: any group size and
-    any step length must give the reference's answer."""
+@pytest.mark.parametrize("path", ["gemv", "gemm"])
+def test_triton_kernel_equals_the_reference_for_any_group(gen, bits, in_features, group_size, tiles, path):
+    """Both paths split each step into segments inside one group: any group of whole words of codes,
+    and any step length, must give the reference's answer, for the GEMV (up to GEMV_MAX_ROWS rows)
+    and the GEMM."""
     pytest.importorskip("triton")
     from effml_lib.kernels.quant_matmul import GEMV_MAX_ROWS, quant_matmul
 
     q = QuantLinear.from_linear(torch.nn.Linear(in_features, 40, bias=True), bits, group_size, impl="torch")
-    x = torch.randn(GEMV_MAX_ROWS, in_features, generator=gen)
+    x = torch.randn(GEMV_MAX_ROWS + (path == "gemm"), in_features, generator=gen)
     if torch.cuda.is_available():
         q, x = q.cuda(), x.cuda()
-    out = quant_matmul(x, q.codes, q.scale, q.zero, q.bias, bits, q.group_size, in_features, gemv=tiles)
+    gemm = {"block_n": 16, "block_k": 128, "num_warps": tiles["num_warps"]}  # each lane's product: >= 16 deep
+    out = quant_matmul(x, q.codes, q.scale, q.zero, q.bias, bits, q.group_size, in_features, gemv=tiles, gemm=gemm)
     torch.testing.assert_close(out, q(x), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("bits,in_features,group_size", [(8, 120, 15), (4, 36, 12), (4, 60, None)])
+def test_layers_the_kernel_cannot_tile_use_the_reference(gen, bits, in_features, group_size):
+    """The kernels read codes as 32-bit words: a row or a group that is not whole words (8-bit group 15;
+    4-bit rows of 36 or 60 codes: 18 or 30 bytes) is refused by the kernel and computed by QuantLinear's
+    PyTorch reference instead."""
+    pytest.importorskip("triton")
+    from effml_lib.kernels.quant_matmul import quant_matmul
+
+    q = QuantLinear.from_linear(torch.nn.Linear(in_features, 24), bits, group_size, impl="torch")
+    x = torch.randn(3, in_features, generator=gen)
+    if torch.cuda.is_available():
+        q, x = q.cuda(), x.cuda()
+    with pytest.raises(ValueError, match="whole 32-bit words"):
+        quant_matmul(x, q.codes, q.scale, q.zero, q.bias, bits, q.group_size, in_features)
+    reference = q(x)
+    q.impl = "triton"
+    torch.testing.assert_close(q(x), reference)
 
 
 def test_triton_kernel_keeps_leading_dims_and_dtype(gen):

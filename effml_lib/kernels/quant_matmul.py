@@ -1,17 +1,25 @@
 """Weight-only quantized matmul: ``y = x Wᵀ`` with ``W`` dequantized inside the kernel (W8A16 / W4A16).
 
-A decode step is bound by the bytes of weights it reads, so a 4-bit weight should make it up to 4x
-faster than bf16 only if the weight is never written back to memory at full width. Here each program
-loads a tile of codes (one byte holds two 4-bit codes), their groups' scales and zero points, turns
-them into a float tile in registers and multiplies it with the activations' tile: the full-width weight
-exists only inside the kernel.
+A decode step is bound by the bytes of weights it reads, so a 4-bit weight makes it up to 4x faster
+than bf16 only if the weight is never written back to memory at full width. Here each program loads
+codes as 32-bit words (eight 4-bit codes or four 8-bit codes each), with their groups' scales and zero
+points, turns each word's lanes into float weights in registers and multiplies them with the
+activations: the full-width weight exists only inside the kernel.
+
+Two kernels, one answer:
+- the GEMV (decode, up to ``GEMV_MAX_ROWS`` rows): products on the CUDA cores, one row of x per
+  program; memory bound, so what matters is many bytes in flight in few registers (packed words);
+- the GEMM (prefill, batches): each dequantized tile serves BLOCK_M rows on the tensor cores.
 
 Layout (``effml_lib.quant.QuantLinear``'s buffers): ``codes`` int8 ``(N, K)`` (8 bits) or uint8
-``(N, K / 2)`` with element ``2i`` in the low nibble (4 bits); ``scale`` float16 ``(N, K / G)``; ``zero``
-uint8 ``(N, K / G)`` (4 bits only). Runs on CUDA, or on CPU tensors under ``TRITON_INTERPRET=1`` (how
-CI proves it without a GPU). The weight is the reference's, ``(code - zero) * scale`` in float32; with
-float32 inputs the products are exact float32, with 16-bit inputs the weight tile is rounded to x's dtype
-for the tensor cores (as the reference's dequantized weight is); sums accumulate in float32.
+``(N, K / 2)`` with element ``2i`` in the low nibble (4 bits), so word ``w`` holds weights
+``(32 / bits) * w + lane`` in lane order; ``scale`` float16 ``(N, K / G)``; ``zero`` uint8 ``(N, K / G)``
+(4 bits only). The kernels need whole words per row and groups of whole words (``K`` and ``G``
+multiples of 8 for 4 bits, of 4 for 8 bits: :func:`fits`); ``QuantLinear`` uses the PyTorch reference
+otherwise. Runs on CUDA, or on CPU tensors under ``TRITON_INTERPRET=1`` (how CI proves it without a
+GPU). The weight is the reference's, ``(code - zero) * scale`` in float32; with float32 inputs the
+products are exact float32, with 16-bit inputs the GEMM rounds the weight tile to x's dtype for the
+tensor cores (as the reference's dequantized weight is); sums accumulate in float32.
 """
 
 from __future__ import annotations
@@ -22,90 +30,112 @@ import triton.language as tl
 
 
 @triton.jit
-def _quant_matmul_kernel(
-    x, codes, scale, zero, bias, y,
-    M, N, K,
-    x_sm, x_sk, c_sn, c_sk, s_sn, s_sg, y_sm, y_sn,
-    GROUP: tl.constexpr, BITS: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    pid_m, pid_n = tl.program_id(0), tl.program_id(1)
-    m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,) rows of x and y
-    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,) output features: rows of W
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        k = k0 + tl.arange(0, BLOCK_K)  # (BLOCK_K,)
-        x_tile = tl.load(x + m[:, None] * x_sm + k[None, :] * x_sk,
-                         mask=(m[:, None] < M) & (k[None, :] < K), other=0.0)  # (BLOCK_M, BLOCK_K), x's dtype
-        ok = (k[:, None] < K) & (n[None, :] < N)  # the weight tile, transposed: (BLOCK_K, BLOCK_N)
-        if BITS == 4:
-            byte = tl.load(codes + n[None, :] * c_sn + (k[:, None] // 2) * c_sk, mask=ok, other=0).to(tl.int32)
-            code = ((byte >> ((k[:, None] % 2) * 4)) & 0xF).to(tl.float32)  # low nibble for even k
-        else:
-            code = tl.load(codes + n[None, :] * c_sn + k[:, None] * c_sk, mask=ok, other=0).to(tl.float32)
-        group = k[:, None] // GROUP
-        s = tl.load(scale + n[None, :] * s_sn + group * s_sg, mask=ok, other=0.0).to(tl.float32)
-        if BITS == 4:
-            code = code - tl.load(zero + n[None, :] * s_sn + group * s_sg, mask=ok, other=0).to(tl.float32)
-        w_tile = code * s  # (BLOCK_K, BLOCK_N) float32: the dequantized weight, only in registers
-        if IEEE:  # float32 inputs: exact float32 products
-            acc += tl.dot(x_tile.to(tl.float32), w_tile, input_precision="ieee")
-        else:  # 16-bit inputs: the weight rounded to x's dtype once, products on the tensor cores
-            acc += tl.dot(x_tile, w_tile.to(x_tile.dtype))
-    if HAS_BIAS:
-        acc += tl.load(bias + n, mask=n < N, other=0.0).to(tl.float32)[None, :]
-    tl.store(y + m[:, None] * y_sm + n[None, :] * y_sn, acc.to(y.dtype.element_ty),
-             mask=(m[:, None] < M) & (n[None, :] < N))
+def _as_float(code):
+    """Small non-negative int32 codes as exact float32, without the slow int-to-float conversion unit:
+    ``0x4B000000`` is 2**23 as a float, whose mantissa's last bits then hold the code."""
+    return (code | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+
+
+@triton.jit
+def _word_scales(scale, zero, n, n_ok, k0, K, s_sn, s_sg,
+                 GROUP: tl.constexpr, BITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 SEG: tl.constexpr):
+    """Scale and shift of every word of a step, ``(BLOCK_N, BLOCK_K / per_word)`` each, so that a lane's
+    weight is ``float(lane) * scale + shift``. A step is NSEG segments of SEG weights, each inside one
+    group: one scale (and zero point) load per segment."""
+    PER_WORD: tl.constexpr = 32 // BITS
+    NSEG: tl.constexpr = BLOCK_K // SEG
+    seg_start = k0 + tl.arange(0, NSEG) * SEG  # (NSEG,)
+    seg_ok = n_ok[:, None] & (seg_start[None, :] < K)  # (BLOCK_N, NSEG)
+    group = seg_start // GROUP
+    s = tl.load(scale + n[:, None] * s_sn + group[None, :] * s_sg, mask=seg_ok, other=0.0).to(tl.float32)
+    if BITS == 4:  # (q - z) * s = q * s - z * s
+        z = tl.load(zero + n[:, None] * s_sn + group[None, :] * s_sg, mask=seg_ok, other=0).to(tl.float32)
+    else:  # int8 lanes are read offset by 128 (0..255), so the zero point is 128
+        z = tl.full((BLOCK_N, NSEG), 128.0, tl.float32)
+    shift = -z * s
+    if NSEG > 1:  # (BLOCK_N, NSEG) -> every word of its segment: (BLOCK_N, BLOCK_K / PER_WORD)
+        s = tl.reshape(tl.broadcast_to(s[:, :, None], (BLOCK_N, NSEG, SEG // PER_WORD)), (BLOCK_N, BLOCK_K // PER_WORD))
+        shift = tl.reshape(tl.broadcast_to(shift[:, :, None], (BLOCK_N, NSEG, SEG // PER_WORD)), (BLOCK_N, BLOCK_K // PER_WORD))
+    return s, shift
+
+
+@triton.jit
+def _lane(word, lane: tl.constexpr, BITS: tl.constexpr):
+    """Lane ``lane`` of each 32-bit word as an exact float code: 0..15 (4 bits) or int8 + 128 (8 bits)."""
+    v = (word >> (BITS * lane)) & ((1 << BITS) - 1)
+    if BITS == 8:
+        v = v ^ 0x80  # two's complement -> offset binary: -127..127 becomes 1..255
+    return _as_float(v)
 
 
 @triton.jit
 def _quant_gemv_kernel(
-    x, codes, scale, zero, bias, y,
+    x, words, scale, zero, bias, y,
     N, K,
-    x_sm, x_sk, c_sn, c_sk, s_sn, s_sg, y_sm, y_sn,
+    x_sm, x_sk, w_sn, w_sk, s_sn, s_sg, y_sm, y_sn,
     GROUP: tl.constexpr, BITS: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SEG: tl.constexpr,
 ):
     # One row of x per program (axis 0, so the few rows of a decode step share each weight tile in L2)
-    # against BLOCK_N rows of W. A step covers BLOCK_K weights of each row as BLOCK_K // SEG segments of
-    # SEG weights, each inside one group, so a segment needs one scale and one zero point:
-    #   sum_k x_k (q_k - z) s = s * (sum_k x_k q_k - z * sum_k x_k).
-    # No tl.dot (it would pad one row to 16): products and sums on the CUDA cores, which is what a
-    # memory-bound GEMV needs; the weight never exists at full width, not even in registers.
+    # against BLOCK_N rows of W. No tl.dot (it would pad one row to 16): the products go to the CUDA
+    # cores, one accumulator per word position, summed once at the end.
     row, pid_n = tl.program_id(0), tl.program_id(1)
+    PER_WORD: tl.constexpr = 32 // BITS
+    WORDS: tl.constexpr = BLOCK_K // PER_WORD  # words per row and step
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,) output features
     n_ok = n < N
-    NSEG: tl.constexpr = BLOCK_K // SEG
-    seg = tl.arange(0, NSEG)  # (NSEG,)
-    acc = tl.zeros((BLOCK_N, NSEG), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_N, WORDS), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        seg_start = k0 + seg * SEG  # (NSEG,) first weight of each segment
-        seg_ok = seg_start < K
-        ok = n_ok[:, None] & seg_ok[None, :]  # (BLOCK_N, NSEG)
-        group = seg_start // GROUP
-        s = tl.load(scale + n[:, None] * s_sn + group[None, :] * s_sg, mask=ok, other=0.0).to(tl.float32)
-        if BITS == 4:
-            j = tl.arange(0, SEG // 2)  # byte j of a segment holds weights 2j (low nibble) and 2j + 1
-            byte_k = seg_start[:, None] // 2 + j[None, :]  # (NSEG, SEG / 2)
-            byte = tl.load(codes + n[:, None, None] * c_sn + byte_k[None, :, :] * c_sk,
-                           mask=ok[:, :, None], other=0)  # (BLOCK_N, NSEG, SEG / 2) uint8
-            x_even = tl.load(x + row * x_sm + (2 * byte_k) * x_sk, mask=seg_ok[:, None], other=0.0).to(tl.float32)
-            x_odd = tl.load(x + row * x_sm + (2 * byte_k + 1) * x_sk, mask=seg_ok[:, None], other=0.0).to(tl.float32)
-            low, high = (byte & 0xF).to(tl.float32), (byte >> 4).to(tl.float32)
-            xq = tl.sum(low * x_even[None, :, :] + high * x_odd[None, :, :], axis=2)  # (BLOCK_N, NSEG)
-            x_sum = tl.sum(x_even + x_odd, axis=1)  # (NSEG,)
-            z = tl.load(zero + n[:, None] * s_sn + group[None, :] * s_sg, mask=ok, other=0).to(tl.float32)
-            acc += s * (xq - z * x_sum[None, :])
-        else:
-            k = seg_start[:, None] + tl.arange(0, SEG)[None, :]  # (NSEG, SEG)
-            q = tl.load(codes + n[:, None, None] * c_sn + k[None, :, :] * c_sk,
-                        mask=ok[:, :, None], other=0).to(tl.float32)  # (BLOCK_N, NSEG, SEG)
-            xk = tl.load(x + row * x_sm + k * x_sk, mask=seg_ok[:, None], other=0.0).to(tl.float32)
-            acc += s * tl.sum(q * xk[None, :, :], axis=2)
+        wk = k0 // PER_WORD + tl.arange(0, WORDS)  # (WORDS,) word index along the row
+        word = tl.load(words + n[:, None] * w_sn + wk[None, :] * w_sk,
+                       mask=n_ok[:, None] & (wk[None, :] * PER_WORD < K), other=0)  # (BLOCK_N, WORDS) int32
+        s, shift = _word_scales(scale, zero, n, n_ok, k0, K, s_sn, s_sg, GROUP, BITS, BLOCK_N, BLOCK_K, SEG)
+        for lane in tl.static_range(PER_WORD):
+            k = wk * PER_WORD + lane  # (WORDS,) the weights this lane holds
+            x_lane = tl.load(x + row * x_sm + k * x_sk, mask=k < K, other=0.0).to(tl.float32)
+            acc += (_lane(word, lane, BITS) * s + shift) * x_lane[None, :]
     out = tl.sum(acc, axis=1)  # (BLOCK_N,)
     if HAS_BIAS:
         out += tl.load(bias + n, mask=n_ok, other=0.0).to(tl.float32)
     tl.store(y + row * y_sm + n * y_sn, out.to(y.dtype.element_ty), mask=n_ok)
+
+
+@triton.jit
+def _quant_matmul_kernel(
+    x, words, scale, zero, bias, y,
+    M, N, K,
+    x_sm, x_sk, w_sn, w_sk, s_sn, s_sg, y_sm, y_sn,
+    GROUP: tl.constexpr, BITS: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SEG: tl.constexpr,
+):
+    # Each step dequantizes a (BLOCK_N, BLOCK_K) weight tile once for BLOCK_M rows of x: one product
+    # per word lane, of depth BLOCK_K / per_word, with the x columns that lane's weights multiply.
+    pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+    PER_WORD: tl.constexpr = 32 // BITS
+    WORDS: tl.constexpr = BLOCK_K // PER_WORD
+    m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,) rows of x and y
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,) output features: rows of W
+    m_ok, n_ok = m < M, n < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        wk = k0 // PER_WORD + tl.arange(0, WORDS)
+        word = tl.load(words + n[:, None] * w_sn + wk[None, :] * w_sk,
+                       mask=n_ok[:, None] & (wk[None, :] * PER_WORD < K), other=0)  # (BLOCK_N, WORDS)
+        s, shift = _word_scales(scale, zero, n, n_ok, k0, K, s_sn, s_sg, GROUP, BITS, BLOCK_N, BLOCK_K, SEG)
+        for lane in tl.static_range(PER_WORD):
+            k = wk * PER_WORD + lane
+            x_lane = tl.load(x + m[:, None] * x_sm + k[None, :] * x_sk,
+                             mask=m_ok[:, None] & (k[None, :] < K), other=0.0)  # (BLOCK_M, WORDS)
+            w = _lane(word, lane, BITS) * s + shift  # (BLOCK_N, WORDS) float32
+            if IEEE:  # float32 inputs: exact float32 products
+                acc += tl.dot(x_lane.to(tl.float32), tl.trans(w), input_precision="ieee")
+            else:  # 16-bit inputs: the weight rounded to x's dtype, products on the tensor cores
+                acc += tl.dot(x_lane, tl.trans(w.to(x_lane.dtype)))
+    if HAS_BIAS:
+        acc += tl.load(bias + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(y + m[:, None] * y_sm + n[None, :] * y_sn, acc.to(y.dtype.element_ty),
+             mask=m_ok[:, None] & n_ok[None, :])
 
 
 def _segment(group_size: int, block_k: int) -> int:
@@ -114,43 +144,63 @@ def _segment(group_size: int, block_k: int) -> int:
     return min(group_size & -group_size, block_k)
 
 
-GEMV_TILES = {"block_n": 16, "block_k": 256, "num_warps": 4}  # placeholder until the H200 sweep
-GEMV_MAX_ROWS = 8  # up to this many rows (a decode step's batch), the GEMV; beyond, the tiled GEMM
+def fits(bits: int, group_size: int, in_features: int) -> bool:
+    """Whether the kernels tile this layer: whole 32-bit words per row and per group."""
+    per_word = 32 // bits
+    return in_features % per_word == 0 and _segment(group_size, 1 << 30) >= per_word
+
+
+# Tiles: the fastest of a sweep on an H200 (bench/quant.py --parts sweep, bench/results/nvidia-h200/).
+GEMV_TILES = {4: {"block_n": 32, "block_k": 1024, "num_warps": 4}, 8: {"block_n": 8, "block_k": 1024, "num_warps": 4}}
+GEMM_TILES = {4: {"block_n": 128, "block_k": 256, "num_warps": 8}, 8: {"block_n": 128, "block_k": 256, "num_warps": 8}}
+GEMV_MAX_ROWS = 8  # up to this many rows (a decode step's batch), the GEMV; beyond, the GEMM
 
 
 def quant_matmul(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
                  bias: torch.Tensor | None, bits: int, group_size: int, in_features: int,
-                 block_n: int = 32, block_k: int = 64, num_warps: int = 4, gemv: dict | None = None) -> torch.Tensor:
-    """``x (..., K) -> (..., N)`` with the quantized weight; no checks (QuantLinear checked its buffers).
-
-    Up to ``GEMV_MAX_ROWS`` rows run the GEMV (tiles ``gemv``: ``block_n``, ``block_k``, ``num_warps``),
-    more run the tiled GEMM (``block_n``, ``block_k``, ``num_warps``: the fastest of a sweep on an H200 at
-    batch 64, 4096 -> 11008 bf16)."""
+                 gemv: dict | None = None, gemm: dict | None = None) -> torch.Tensor:
+    """``x (..., K) -> (..., N)`` with the quantized weight. No checks of values (QuantLinear checked its
+    buffers); ``gemv`` / ``gemm`` override the tiles (``block_n``, ``block_k``, ``num_warps``)."""
+    if not fits(bits, group_size, in_features):
+        raise ValueError(f"the kernels need in_features and group_size in whole 32-bit words of codes "
+                         f"(multiples of {32 // bits} for {bits} bits), got {in_features} and {group_size}")
     lead = x.shape[:-1]
     x2 = x.reshape(-1, in_features)  # (M, K)
-    m, k, n = x2.shape[0], in_features, codes.shape[0]
+    m, n = x2.shape[0], codes.shape[0]
+    words = codes.contiguous().view(torch.int32)  # (N, K / per_word): the bytes, four at a time
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    common = (x2.stride(0), x2.stride(1), words.stride(0), words.stride(1), scale.stride(0), scale.stride(1),
+              y.stride(0), y.stride(1))
+    args = (x2, words, scale, scale if zero is None else zero, y if bias is None else bias, y)
     if m <= GEMV_MAX_ROWS:
-        tiles = {**GEMV_TILES, **(gemv or {})}
-        grid = (m, triton.cdiv(n, tiles["block_n"]))
-        _quant_gemv_kernel[grid](
-            x2, codes, scale, scale if zero is None else zero, y if bias is None else bias, y,
-            n, k,
-            x2.stride(0), x2.stride(1), codes.stride(0), codes.stride(1), scale.stride(0), scale.stride(1),
-            y.stride(0), y.stride(1),
+        t = {**GEMV_TILES[bits], **(gemv or {})}
+        _quant_gemv_kernel[(m, triton.cdiv(n, t["block_n"]))](
+            *args, n, in_features, *common,
             GROUP=group_size, BITS=bits, HAS_BIAS=bias is not None,
-            BLOCK_N=tiles["block_n"], BLOCK_K=tiles["block_k"], SEG=_segment(group_size, tiles["block_k"]),
-            num_warps=tiles["num_warps"],
+            BLOCK_N=t["block_n"], BLOCK_K=t["block_k"], SEG=_segment(group_size, t["block_k"]),
+            num_warps=t["num_warps"], num_stages=t.get("num_stages", 3),
         )
-        return y.reshape(*lead, n)
-    block_m = 16 if m <= 16 else 32  # tl.dot needs at least 16 rows; a decode step pads its one row
-    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
-    _quant_matmul_kernel[grid](
-        x2, codes, scale, scale if zero is None else zero, y if bias is None else bias, y,
-        m, n, k,
-        x2.stride(0), x2.stride(1), codes.stride(0), codes.stride(1), scale.stride(0), scale.stride(1),
-        y.stride(0), y.stride(1),
-        GROUP=group_size, BITS=bits, HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps,
-    )
+    else:
+        t = {**GEMM_TILES[bits], **(gemm or {})}
+        block_m = 16 if m <= 16 else 32  # tl.dot needs at least 16 rows
+        _quant_matmul_kernel[(triton.cdiv(m, block_m), triton.cdiv(n, t["block_n"]))](
+            *args, m, n, in_features, *common,
+            GROUP=group_size, BITS=bits, HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32,
+            BLOCK_M=block_m, BLOCK_N=t["block_n"], BLOCK_K=t["block_k"], SEG=_segment(group_size, t["block_k"]),
+            num_warps=t["num_warps"],
+        )
     return y.reshape(*lead, n)
+
+
+# An opaque custom operator, so torch.compile (and its CUDA graph) launches the kernel as it is and
+# only needs the output's shape, which the "fake" below gives (as kernels/decode_attention.py does).
+@torch.library.custom_op("effml::quant_matmul", mutates_args=())
+def quant_matmul_op(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
+                    bias: torch.Tensor | None, bits: int, group_size: int, in_features: int) -> torch.Tensor:
+    """:func:`quant_matmul` with its default tiles, as a custom operator."""
+    return quant_matmul(x, codes, scale, zero, bias, bits, group_size, in_features)
+
+
+@quant_matmul_op.register_fake
+def _(x, codes, scale, zero, bias, bits, group_size, in_features):
+    return x.new_empty(*x.shape[:-1], codes.shape[0])
