@@ -333,13 +333,13 @@ def main(argv=None):
     print(f"{env.get('device_name')}: copy bandwidth {bandwidth / 1e12:.2f} TB/s (bytes read + written)")
     result = {"copy_bandwidth_bytes_per_s": bandwidth}
     runners = {"sweep": run_sweep, "gemv": run_gemv, "batch": run_batch, "decode": run_decode, "smollm2": run_smollm2}
+    out = Path(args.out) if args.out else ROOT / "bench" / "results" / device_slug(device)
     with torch.no_grad():
         for part in parts:
             start = time.perf_counter()
             result[part] = runners[part](device, bandwidth)
             print(f"[{part}: {time.perf_counter() - start:.0f} s]")
-    out = Path(args.out) if args.out else ROOT / "bench" / "results" / device_slug(device)
-    path = save_result(out / f"{args.name}.json", result, device)
+            path = save_result(out / f"{args.name}.json", result, device)  # after each part: a partial run still counts
     print(f"wrote {path}")
 
 
