@@ -236,7 +236,7 @@ def quantized_bytes_per_token(model, config, context) -> float:
     return dense["total"] - 2 * layer_params + layer_bytes
 
 
-def run_decode(device, bandwidth, shape="llama-2-7b", prompt_len=32, new_tokens=64, reps=2) -> dict:
+def run_decode(device, bandwidth, shape="llama-2-7b", prompt_len=32, new_tokens=64, reps=2, on_progress=None) -> dict:
     config = ModelConfig(**MODEL_SHAPES[shape], max_seq_len=prompt_len + new_tokens, norm_eps=1e-5)
     gen = torch.Generator(device="cpu").manual_seed(0)
     prompt = torch.randint(0, config.vocab_size, (1, prompt_len), generator=gen).to(device)
@@ -246,13 +246,15 @@ def run_decode(device, bandwidth, shape="llama-2-7b", prompt_len=32, new_tokens=
         replace_in_blocks(model, lambda q: Int4PackLinear(q))
         return model
 
-    variants = {
+    variants = {  # the pair that matters most first: a run cut short still compares them
         "bf16": lambda m: m,
-        "w8": lambda m: quantize_model(m, 8, None, impl="triton"),
         "w4-g128": lambda m: quantize_model(m, 4, 128, impl="triton"),
+        "w8": lambda m: quantize_model(m, 8, None, impl="triton"),
         "int4pack-g128": int4pack,
     }
     results, first_tokens = {}, {}
+    partial = {"model": shape, "prompt_len": prompt_len, "new_tokens": new_tokens, "reps": reps,
+               "decoders": results, "first_16_tokens": first_tokens}
     for name, make in variants.items():
         start = time.perf_counter()
         model = make(random_model(config, device, torch.bfloat16))
@@ -273,6 +275,8 @@ def run_decode(device, bandwidth, shape="llama-2-7b", prompt_len=32, new_tokens=
               f"{100 * r['fraction_of_copy_bandwidth']:.0f}% of copy bandwidth")
         del model, cache
         torch.cuda.empty_cache()
+        if on_progress is not None:
+            on_progress(partial)
     bf16 = results["bf16"].get("tokens_per_s")
     for r in results.values():
         if bf16 and "tokens_per_s" in r:
@@ -337,7 +341,12 @@ def main(argv=None):
     with torch.no_grad():
         for part in parts:
             start = time.perf_counter()
-            result[part] = runners[part](device, bandwidth)
+            if part == "decode":  # slow (a compilation per decoder): saved after each decoder
+                def on_progress(partial):
+                    save_result(out / f"{args.name}.json", {**result, "decode": partial}, device)
+                result[part] = run_decode(device, bandwidth, on_progress=on_progress)
+            else:
+                result[part] = runners[part](device, bandwidth)
             print(f"[{part}: {time.perf_counter() - start:.0f} s]")
             path = save_result(out / f"{args.name}.json", result, device)  # after each part: a partial run still counts
     print(f"wrote {path}")

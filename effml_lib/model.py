@@ -253,7 +253,8 @@ class Transformer(nn.Module):
         weight = self.tok_embeddings.weight
         if weight.device != tokens.device:
             raise ValueError(f"model ({weight.device}) and tokens ({tokens.device}) must be on one device")
-        cache.validate(self, b, last + t, self.layers[0].attention.wk.weight.dtype, tokens.device)
+        # K and V come out in the activations' dtype, the embeddings' (a quantized wk has no float weight)
+        cache.validate(self, b, last + t, weight.dtype, tokens.device)
 
 
 def step_positions(start_pos, batch_size: int, seq_len: int, device) -> torch.Tensor:

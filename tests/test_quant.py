@@ -378,6 +378,20 @@ def test_quantized_effml_tiny_stays_close(code_tokens, bits, group_size, margin)
     assert quantized < reference + margin, f"W{bits} g{group_size}: loss {quantized:.3f} vs fp32 {reference:.3f}"
 
 
+def test_a_quantized_model_decodes_with_a_cache(code_tokens):
+    """generate() over a static cache: the cache takes the activations' dtype, not a (missing) float weight."""
+    from effml_lib.decoding import generate
+    from effml_lib.kvcache import StaticKVCache
+
+    from effml_lib.checkpoints import pretrained
+
+    model = quantize_model(pretrained("effml-tiny"), 4, 32, impl="torch")
+    prompt = code_tokens[:, :16]
+    cache = StaticKVCache.for_model(model, batch_size=1, max_seq_len=32)
+    cached = generate(model, prompt, 8, cache=cache)
+    assert torch.equal(cached, generate(model, prompt, 8, use_cache=False)), "cached and uncached decode disagree"
+
+
 # --- the Triton kernel, against the PyTorch reference (interpreter on CPU, small shapes) ----------------
 
 @pytest.mark.parametrize("bits,group_size", [(4, 32), (4, 64), (8, 32), (8, None)])
