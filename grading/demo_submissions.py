@@ -36,6 +36,7 @@ FULL_LAB01 = {"p1_tests": 3, "p2_tests": 2, "p3_tests": 2, "p4_tests": 3, "p5_te
 FULL_LAB02 = {"p1_tests": 3, "p2_tests": 3, "p3_tests": 2, "p4_tests": 2, "p5_tests": 2}
 FULL_LAB03 = {"p1_tests": 3, "p2_tests": 3, "p3_tests": 3, "p4_tests": 3, "p5_tests": 2}
 FULL_LAB04 = {"p1_tests": 3, "p2_tests": 2, "p3_tests": 3, "p4_tests": 2}
+FULL_LAB05 = {"p1_tests": 3, "p2_tests": 2, "p3_tests": 2, "p4_tests": 3, "p5_tests": 2}
 ZERO = dict.fromkeys(FULL_LAB01, 0)
 
 LAB_CASES = ("solution", "blank", "wrong_*", "library_call")  # wrong_<what the mistake is>
@@ -187,6 +188,28 @@ CLASSES = {
         "library_call": {"p3_solution": (
             "from effml_lib.attention import mha_to_gqa  # the library's own conversion, as the answer")},
     },
+}
+CLASSES["lab05_quantization"] = {
+    "expected": {
+        "solution": FULL_LAB05,
+        "blank": dict.fromkeys(FULL_LAB05, 0),
+        # Q4_1's nibbles read in pack_int4's order (neighbours, not halves): part 3 fails; nothing else uses it.
+        "wrong_q4_1_order": {**FULL_LAB05, "p3_tests": 0},
+        # quantize and dequantize are the library's: part 1 scores zero, and so do parts 4 and 5, whose
+        # QuantLinear.from_linear quantizes with that quantize.
+        "library_call": {**FULL_LAB05, "p1_tests": 0, "p4_tests": 0, "p5_tests": 0},
+    },
+    "wrong": {"p3_solution": (
+        "def dequantize_q4_1(blocks):\n"
+        "    if blocks.shape[-1] != 20:\n"
+        "        raise ValueError('blocks must have shape (..., 20)')\n"
+        "    b = blocks.contiguous()\n"
+        "    d = b[..., 0:2].view(torch.float16).float()\n"
+        "    m = b[..., 2:4].view(torch.float16).float()\n"
+        "    q = unpack_int4(b[..., 4:]).float()  # part 2's order: weights 2j and 2j + 1 in byte j\n"
+        "    return d * q + m")},
+    "library_call": {"p1_solution": (
+        "from effml_lib.quant import dequantize, quantize  # the library's own, as the answer")},
 }
 EXPECTED = CLASSES[LAB]["expected"]
 

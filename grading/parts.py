@@ -15,7 +15,10 @@ For each lab (the folder name of its hidden suites, ``grading/hidden/<lab>``):
     is graded (grading/sandbox.py ``library_without``): a function or method is forwarded to the
     grader while the notebook runs and refused while the hidden tests run; a class raises; a module
     does not import;
-  - ``timed``: the part times the student's code (it gets an echo worker for the channel's cost).
+  - ``timed``: the part times the student's code (it gets an echo worker for the channel's cost);
+- ``hide_packages`` (optional): installed packages, or folders of them, that the sandbox must not see
+  while the lab is graded, because a function of theirs answers a part (lab 05: gguf's own Q4_1
+  decoder, and the copy in transformers' GGUF loader); grading/sandbox.py ``package_folders``.
 
 tools/build_notebooks.py takes each graded cell's points from here, and tests/test_parts.py
 checks that every name in the table exists: in the lab's solution, in the library, in the suites.
@@ -112,6 +115,32 @@ PARTS = {
              "hides": [], "timed": True},
         ],
     },
+}
+
+PARTS["lab05"] = {
+    "notebook": "lab05_quantization",
+    "ban_sdpa": False,
+    # gguf.quants.dequantize and transformers' GGUF dequantizer decode Q4_1 blocks: part 3's answer.
+    "hide_packages": ["gguf", "transformers.integrations.gguf"],
+    "parts": [
+        {"part": "quantize", "grade_id": "p1_tests", "points": 3, "library": ["quant.quantize", "quant.dequantize"],
+         "asks": ["quantize", "dequantize"],
+         "hides": ["quant.quantize", "quant.dequantize"]},
+        {"part": "packing", "grade_id": "p2_tests", "points": 2, "library": ["quant.pack_int4", "quant.unpack_int4"],
+         "asks": ["pack_int4", "unpack_int4"],
+         "hides": ["quant.pack_int4", "quant.unpack_int4"]},
+        {"part": "q4_1", "grade_id": "p3_tests", "points": 2, "library": ["checkpoints.dequantize_q4_1"],
+         "asks": ["dequantize_q4_1"],
+         # Q4_0's decoder and the nibble helper they share give Q4_1's codes in GGUF's order
+         "hides": ["checkpoints.dequantize_q4_1", "checkpoints.dequantize_q4_0", "checkpoints._nibbles"]},
+        {"part": "quant_linear", "grade_id": "p4_tests", "points": 3,
+         "library": ["quant.QuantLinear.from_linear", "quant.QuantLinear.dequantized_weight", "quant.QuantLinear.forward"],
+         "asks": ["QuantLinear"],
+         "hides": ["quant.QuantLinear", "quant.quantize_model", "kernels.quant_matmul"]},
+        {"part": "performance", "grade_id": "p5_tests", "points": 2, "library": [],
+         "asks": ["model_bytes", "QuantLinear"],
+         "hides": [], "timed": True},
+    ],
 }
 
 BY_NOTEBOOK = {spec["notebook"]: lab for lab, spec in PARTS.items()}

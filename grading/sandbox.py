@@ -169,6 +169,29 @@ def _without(text: str, names: list[tuple[str, list[str]]], module: str) -> str:
     return ast.unparse(ast.fix_missing_locations(tree)) + "\n"
 
 
+def package_folders(names) -> list[Path]:
+    """The folders of installed Python packages that a lab keeps out of the sandbox (grading/parts.py
+    ``hide_packages``, e.g. ``"gguf"`` or ``"transformers.integrations.gguf"``): a third-party function
+    that answers a part (gguf's own Q4_1 decoder, in lab 05) is hidden as the library's are. Passed as
+    ``Sandbox(hide=...)``, each is covered by an empty folder, so nothing in the sandbox imports or
+    reads it. A package that is not installed has nothing to hide. The parent packages of a dotted
+    name are located, not imported."""
+    import importlib.util
+
+    folders = []
+    for name in names:
+        top, *rest = name.split(".")
+        try:
+            spec = importlib.util.find_spec(top)
+        except (ImportError, ValueError):
+            spec = None
+        for location in (spec.submodule_search_locations or []) if spec is not None else []:
+            folder = Path(location).joinpath(*rest)
+            if folder.is_dir():
+                folders.append(folder.resolve())
+    return folders
+
+
 # ----------------------------------------------------------------------------- bubblewrap
 
 @functools.cache

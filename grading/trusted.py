@@ -699,7 +699,7 @@ def run_part(lab: str, part: str, student, timing: Timing | None = None) -> dict
 def grade(job: dict) -> dict:
     """Run the notebook's cells in a sandbox, then each part's hidden tests against it."""
     from parts import PARTS, library_names, preload
-    from sandbox import Limits, Sandbox, library_without
+    from sandbox import Limits, Sandbox, library_without, package_folders
 
     lab, cells = job["lab"], job["cells"]
     work = Path(job["work"])
@@ -709,7 +709,7 @@ def grade(job: dict) -> dict:
     lib = work / "lib"
     if not (lib / "effml_lib").is_dir():
         library_without(library_names(lab), lib)
-    hide = tuple(Path(p) for p in job.get("hide", []))
+    hide = tuple(Path(p) for p in job.get("hide", [])) + tuple(package_folders(table.get("hide_packages", ())))
     sandbox_state = {"box": None, "remote": None}
     broken: dict[int, str] = {}
     outputs: dict[int, list] = {}

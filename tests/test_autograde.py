@@ -46,7 +46,8 @@ CASES = [(lab, student) for lab in LABS for student in demo.CLASSES[lab]["expect
 GRADER_LAB = demo.GRADER_LAB
 # What the wrong answer's feedback must say: the hidden test's message about that mistake.
 WRONG_ANSWER_MESSAGE = {"lab01_transformer_basics": "LayerNorm", "lab02_rope": "interleaved=True",
-                        "lab03_kv_cache": "must go to its own positions", "lab04_gqa": "uses KV head i // 4"}
+                        "lab03_kv_cache": "must go to its own positions", "lab04_gqa": "uses KV head i // 4",
+                        "lab05_quantization": "not pack_int4's neighbours"}
 
 
 @pytest.fixture(scope="module")

@@ -72,6 +72,8 @@ STUDENT_LOOPS = {
                "    return grouped.mean(0).reshape(n_groups * head_dim, *weight.shape[1:])  # heads g, g+n, ...: strided"),
         message="new head 0 = mean of old heads 0 and 1",
         right=None),
+    "lab05_quantization": dict(part=3, before={"p2_solution": None}, wrong=None,
+                               message="not part 2's neighbours", right=None),
 }
 
 

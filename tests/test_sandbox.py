@@ -4,6 +4,7 @@ submissions end to end; these say which wall holds.)"""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -139,13 +140,14 @@ print(json.dumps(out))
 
 @pytest.fixture(scope="module")
 def worker(bubblewrap_available, stubbed, tmp_path_factory):
-    """A sandboxed worker with lab 01's library, the SDPA ban, and a secret in this process's environment."""
-    from sandbox import Limits, Sandbox
+    """A sandboxed worker with lab 01's library, the SDPA ban, a secret in this process's environment, and
+    an installed package hidden as lab 05 hides gguf."""
+    from sandbox import Limits, Sandbox, package_folders
 
     os.environ["EFFML_TEST_SECRET"] = "s3cret-in-the-grader"
     work = tmp_path_factory.mktemp("sandbox")
     box = Sandbox(stubbed.parent, work, Limits(processes=32, file_bytes=8 * 2**20, scratch_bytes=64 * 2**20),
-                  hide=(ROOT / "grading",), require_sandbox=True)
+                  hide=(ROOT / "grading", *package_folders(["gguf"])), require_sandbox=True)
     remote = Remote(box.start(), time.monotonic() + 120, box.arena)
     assert remote.decode(*remote.endpoint.receive(remote.deadline)) == {"ready": True}
     remote.deadline = time.monotonic() + 300
@@ -267,6 +269,41 @@ except OSError:
     time.sleep(0.5)
     left = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
     assert "effml-sandbox-orphan" not in left, "a process the sandbox started outlived it"
+
+
+def test_package_folders_finds_a_package_or_a_subpackage_and_skips_what_is_missing():
+    from sandbox import package_folders
+
+    pytest.importorskip("gguf")
+    [gguf] = package_folders(["gguf"])
+    assert (gguf / "quants.py").is_file(), gguf
+    assert package_folders(["no_such_package_effml", "gguf.no_such_subpackage"]) == []
+    if importlib.util.find_spec("transformers") is not None:  # located, not imported
+        [sub] = package_folders(["transformers.integrations.gguf"])
+        assert sub.name == "gguf" and sub.parent.name == "integrations", sub
+
+
+def test_a_package_a_lab_hides_is_an_empty_folder_in_the_sandbox(worker):
+    """grading/parts.py's hide_packages (lab 05: gguf, whose own Q4_1 decoder answers a part) are covered
+    by empty folders: nothing of theirs can be imported or read; the rest of the environment is there."""
+    from sandbox import package_folders
+
+    folders = package_folders(["gguf"])
+    if not folders:
+        pytest.skip("gguf is not installed")
+    _, remote = worker
+    out = run(remote, f"""
+import os
+try:
+    from gguf import quants
+    print("gguf: imported")
+except ImportError:
+    print("gguf: not importable")
+print("files:", os.listdir({str(folders[0])!r}))
+import numpy
+print("numpy:", numpy.__name__)
+""")
+    assert "gguf: not importable" in out and "files: []" in out and "numpy: numpy" in out, out
 
 
 def test_a_hung_worker_costs_only_its_deadline(worker):
