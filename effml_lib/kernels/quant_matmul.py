@@ -17,9 +17,10 @@ Layout (``effml_lib.quant.QuantLinear``'s buffers): ``codes`` int8 ``(N, K)`` (8
 (4 bits only). The kernels need whole words per row and groups of whole words (``K`` and ``G``
 multiples of 8 for 4 bits, of 4 for 8 bits: :func:`fits`); ``QuantLinear`` uses the PyTorch reference
 otherwise. Runs on CUDA, or on CPU tensors under ``TRITON_INTERPRET=1`` (how CI proves it without a
-GPU). The weight is the reference's, ``(code - zero) * scale`` in float32; with float32 inputs the
-products are exact float32, with 16-bit inputs the GEMM rounds the weight tile to x's dtype for the
-tensor cores (as the reference's dequantized weight is); sums accumulate in float32.
+GPU). The weight is the reference's ``(code - zero) * scale``, computed in float32 as
+``code * scale - zero * scale`` (one fused multiply-add per weight; equal up to float32 rounding). With
+float32 inputs the products are float32; with 16-bit inputs the GEMM rounds the weight tile to x's dtype
+for the tensor cores (as the reference's dequantized weight is); sums accumulate in float32.
 """
 
 from __future__ import annotations
