@@ -43,7 +43,7 @@ from effml_lib import checkpoints, decoding  # noqa: E402
 from effml_lib.decoding import generate  # noqa: E402
 from effml_lib.kvcache import MODEL_SHAPES, StaticKVCache  # noqa: E402
 from effml_lib.measure import copy_bandwidth, device_slug, env_info, save_result  # noqa: E402
-from effml_lib.model import ModelConfig, replace_linears  # noqa: E402
+from effml_lib.model import ModelConfig  # noqa: E402
 from effml_lib.quant import QuantLinear, quantize_model, unpack_int4  # noqa: E402
 
 PARTS = ("sweep", "gemv", "batch", "decode", "smollm2")
