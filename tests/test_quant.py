@@ -380,10 +380,9 @@ def test_quantized_effml_tiny_stays_close(code_tokens, bits, group_size, margin)
 
 def test_a_quantized_model_decodes_with_a_cache(code_tokens):
     """generate() over a static cache: the cache takes the activations' dtype, not a (missing) float weight."""
+    from effml_lib.checkpoints import pretrained
     from effml_lib.decoding import generate
     from effml_lib.kvcache import StaticKVCache
-
-    from effml_lib.checkpoints import pretrained
 
     model = quantize_model(pretrained("effml-tiny"), 4, 32, impl="torch")
     prompt = code_tokens[:, :16]
