@@ -290,8 +290,8 @@ fig.tight_layout()
 plt.show()
 
 # %% [markdown]
-# The bound holds on all 14,155,776 weights, and is reached (the ratio prints as 1.0000: some weight lies
-# halfway between two levels).
+# The bound holds on all 14,155,776 weights up to float32 rounding, and is reached (the ratio prints as 1.0000:
+# a group's largest weight can land exactly half a step from the top code, where the codes are clamped).
 #
 # Left: every step to a finer granularity lowers the error, and the largest step is the first, from per
 # tensor to per channel (at 4 bits, 0.2330 to 0.1180: halved), because effml-tiny's rows have different
@@ -652,7 +652,9 @@ w8a8.round(3)
 # weights, $\alpha = 0$ flattens the weights' columns instead and leaves every outlier in the activations,
 # and $\alpha = 0.5$ gives a channel the same maximum in both. $1/s$ is folded once, offline, into what comes
 # before the layer (the RMSNorm's weight for $W_q, W_k, W_v$ and for $W_1, W_3$, which therefore share one $s$;
-# $W_v$'s rows for $W_o$; $W_3$'s rows for $W_2$), so it costs nothing at run time. The library's
+# $W_v$'s rows for $W_o$, where each value row feeds a single channel of $W_o$, which is not true under
+# GQA; $W_3$'s rows for $W_2$), so it costs nothing at run time. The simulation below scales every layer's own
+# input, so it shows what smoothing can buy, not a fold that every layer admits. The library's
 # `smoothquant_scales`:
 
 # %%
@@ -1094,9 +1096,10 @@ print("first batch size at which bf16 is as fast or faster:", kernels["batch"]["
 # %% [markdown]
 # The plot shows time per call against the number of tokens: bf16's matrix multiply costs the same from 1 to 128
 # tokens, because reading the weight is all it waits for; every weight-only kernel does its dequantization once
-# per tile of tokens, so its time grows with the batch and it loses to bf16 beyond a few tokens (the crossover
+# per tile of tokens, so its time grows with the batch, and ours loses to bf16 from 2 tokens on (the crossover
 # printed above). Our kernels serve up to 8 tokens with the GEMV, which reads the weight once per token (the
-# rise up to 8), and more with the tiled GEMM. Weight-only quantization is a decode-time, small-batch technique.
+# rise up to 8), and more with the tiled GEMM. Better kernels keep the advantage to larger batches (tinygemm's
+# crossover is 8), but weight-only quantization pays off at decode's small batches.
 #
 # Whole decode steps, compiled with CUDA graphs (`generate(..., compile=True)`), on the Llama-2-7B shape:
 
@@ -1111,9 +1114,9 @@ pd.DataFrame(decode_rows).set_index("weights")
 
 # %% [markdown]
 # Reading 4× fewer bytes does not by itself make a decode step 4× faster: the kernel has to turn those bytes into
-# weights as fast as memory delivers them. Our W8 kernel keeps up well enough to beat bf16, but our W4 kernel reaches
-# under a third of the copy bandwidth, so its decode is slower than bf16 even though it reads about a quarter of
-# the bytes. PyTorch's tinygemm kernel is faster on every layer in the table, and it is the target for ours.
+# weights as fast as memory delivers them. Our W8 kernel keeps up well enough to beat bf16. Our W4 kernel reaches
+# 16-29% of the copy bandwidth per layer and 18% over a decode step, so its decode is slower than bf16 even though
+# it reads about a quarter of the bytes. PyTorch's tinygemm kernel is faster on every layer in the table, and it is the target for ours.
 # Unpacking nibbles costs arithmetic, and that arithmetic has to hide under the memory reads.
 
 # %% [markdown]
