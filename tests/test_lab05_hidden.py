@@ -333,8 +333,11 @@ def test_a_loop_over_rows_is_too_slow():
     loop = ("codes = self.codes if self.bits == 8 else unpack_int4(self.codes)  # (out, in)",
             "rows = [self.codes[r] if self.bits == 8 else unpack_int4(self.codes[r]) for r in range(self.out_features)]\n"
             "        codes = torch.stack(rows)")
-    out = fails("performance", solved(p4_solution=[loop]), "a loop over rows")
+    namespace = solved(p4_solution=[loop])
+    out = fails("performance", namespace, "a loop over rows")
     assert "too slow" in out and "allowed 4×" in out, out
+    message = assert_visible_fails(NOTEBOOK, "performance", namespace, "a loop over rows")
+    assert "too slow" in message and "at most 4× is expected" in message, message
 
 
 def test_a_fast_but_wrong_layer_is_not_timed():

@@ -69,8 +69,10 @@ def expect_value_error(call, name, what):
 #   `c = clamp(round(w / s) + z, 0, 2^bits − 1)`: codes 0 … 255 at 8 bits, 0 … 15 at 4 bits.
 #
 # Rounding to the nearest code (`torch.round`) makes every element's error at most half a step:
-# `|(c − z) · s − w| ≤ s / 2`. An all-zero group has no range: give it `s = 1` (and code 0, zero point 0),
-# never a division by zero. Compute in float32 whatever `w`'s dtype.
+# `|(c − z) · s − w| ≤ s / 2`. An all-zero group has no range: give it `s = 1`, never a division by zero;
+# its codes are then 0, and it comes back as exact zeros. Asymmetric, its zero point is 0 (the code of 0.0);
+# symmetric, there is no zero point, for it as for every group: the QTensor's `zero` is None. Compute in
+# float32 whatever `w`'s dtype.
 #
 # `quantize(w, bits=8, group_size=None, symmetric=True)` returns the library's
 # `QTensor(codes, scale, zero, bits, group_size, shape, dtype)`:
@@ -85,8 +87,10 @@ def expect_value_error(call, name, what):
 #
 # `dequantize(qt)` returns `(codes − zero) · scale` per group (no zero point when `qt.zero` is None),
 # computed in float32, of shape `qt.shape` and in dtype `qt.dtype`: a bfloat16 weight comes back in
-# bfloat16. Apply the formula as it is: a scale may be negative (GGUF's Q4_0 and Q8_0 formats store
-# signed ones).
+# bfloat16. Apply the formula as it is, sign and all: a scale may be negative. GGUF's Q4_0 format
+# (symmetric 4-bit, blocks of 32, `w = d · (q − 8)`) takes its float16 scale from the block's weight of
+# largest magnitude *with its sign*, `d = w_max / −8`, so `d` is negative whenever that weight is positive.
+# (Q8_0's float16 scale is `max|w| / 127`, never negative; its int8 codes carry the signs.)
 
 # %% nbgrader={"grade_id": "p1_solution", "solution": true}
 def quantize(w, bits=8, group_size=None, symmetric=True):
@@ -166,17 +170,16 @@ def check_quantize(what, w, bits, group_size, symmetric):
         qmax = 2 ** (bits - 1) - 1
         assert qt.zero is None, f"{what}: symmetric quantization has no zero point (zero=None)"
         assert qt.codes.abs().max() <= qmax, f"{what}: symmetric codes lie in -{qmax} .. {qmax}"
-        zero = torch.zeros_like(qt.scale)
     else:
         assert isinstance(qt.zero, torch.Tensor) and qt.zero.dtype == torch.uint8 and qt.zero.shape == expected.zero.shape, (
             f"{what}: zero must be uint8 of the scale's shape {tuple(expected.zero.shape)}")
         assert torch.equal(qt.zero, expected.zero), f"{what}: wrong zero point: the code of 0.0, round(-lo / scale)"
-        zero = qt.zero.float()
+        assert qt.codes.max() <= 2**bits - 1, f"{what}: asymmetric codes lie in 0 .. {2**bits - 1}"
+    # Your codes, read back by the library's dequantize: in each group, the largest error is at most half its step
     n = w.shape[-1]
-    group = n if group_size is None else group_size
-    per_element = lambda t: t.repeat_interleave(group, dim=-1)  # noqa: E731 - a group's value on each of its elements
-    error = ((qt.codes.float() - per_element(zero)) * per_element(qt.scale) - w.float()).abs()
-    assert (error <= per_element(qt.scale) / 2 * (1 + 1e-5) + 1e-7).all(), (
+    back = library.dequantize(QTensor(qt.codes, qt.scale, qt.zero, bits, group_size, w.shape))
+    worst = (back - w.float()).abs().reshape(*w.shape[:-1], n // (n if group_size is None else group_size), -1).amax(-1)
+    assert (worst <= qt.scale / 2 * (1 + 1e-5) + 1e-7).all(), (
         f"{what}: an element is more than half a step (scale / 2) from its code: round to the nearest code")
     return qt
 
@@ -474,9 +477,13 @@ print("part 3: visible tests passed")
 # * `dequantized_weight(dtype=torch.float32)`: the weight `(out, in)` the layer computes with,
 #   `(codes − zero) · scale` per group from the buffers (scale as stored, in float16), in `dtype`;
 # * `forward(x)`: `F.linear(x, self.dequantized_weight(x.dtype), bias)` (the bias in `x`'s dtype) for `x` of
-#   shape `(..., in)` in any float dtype, returning `x`'s dtype. Compute the weight from the buffers **at
-#   every call**: a float copy kept on the layer would take the memory quantization saves, and a layer
-#   loaded with other buffers (`load_state_dict`) must compute with those.
+#   shape `(..., in)` in any float dtype, returning `x`'s dtype. The weight is computed in float32 (as
+#   `dequantized_weight` does) and only then cast to `x`'s dtype; the matmul runs in `x`'s dtype. The tests
+#   compare your output with `x @ W.T + bias` computed in float32 from your buffers: within 10⁻⁵ absolute
+#   plus 10⁻⁴ relative for a float32 `x`, within 3·10⁻² absolute plus 3·10⁻² relative (bfloat16's rounding)
+#   for a bfloat16 `x`, so a float32 matmul cast back to bfloat16 passes as well. Compute the weight from
+#   the buffers **at every call**: a float copy kept on the layer would take the memory quantization
+#   saves, and a layer loaded with other buffers (`load_state_dict`) must compute with those.
 #
 # Each weight then differs from the original by at most half a step plus the scale's float16 rounding
 # (a relative 2⁻¹¹, times codes up to 127). What that costs a model: effml-tiny with the 56 linear layers of
@@ -677,8 +684,8 @@ print("part 4: visible tests passed")
 # decode step, `x` of shape `(1, 1024)` through your `QuantLinear.from_linear(nn.Linear(1024, 1024), 4, 128)`,
 # your layer must give the right output and take **at most 4×** the time of the library's PyTorch
 # reference (the same work: unpack, dequantize, one matmul) holding your layer's buffers. A Python loop over
-# rows takes about 20×. The cell below checks `model_bytes`, then draws effml-tiny's bytes and your layer's
-# latency on this machine.
+# rows takes about 20×. The cell below checks `model_bytes` and draws effml-tiny's bytes, then checks your
+# layer's output at a decode step and its time against the same 4× limit on this machine, and draws it.
 
 # %% nbgrader={"grade_id": "p5_solution", "solution": true}
 def model_bytes(model):
@@ -694,7 +701,8 @@ def model_bytes(model):
 
 
 # %% nbgrader={"grade_id": "p5_visible", "locked": true}
-# Visible tests for part 5 (model_bytes), then your layer's bytes and latency on this machine (not graded)
+# Visible tests for part 5: model_bytes, drawn; then your W4 g128 layer at a decode step on this machine, its
+# output and its time, at most 4× the library's at 1024 features (as graded; the grader times it on its own machine)
 import pandas as pd
 import seaborn as sns
 from matplotlib import pyplot as plt
@@ -749,7 +757,6 @@ expected = 4 * rest + sum(m.out_features * (m.in_features // 2 + 3 * (m.in_featu
 counts("a small model with biases, W4 g32", quantized(with_bias, 4, 32), expected)
 counts("a small model with biases, W4 g32, in float16", quantized(small(bias=True).half(), 4, 32),
        expected - 2 * rest - 2 * biases)
-print("part 5: visible tests passed")
 
 linears_fp32, rest_fp32 = 4 * in_linears, 4 * (params - in_linears)
 print(f"effml-tiny: float32 {fp32 / 2**20:.1f} MiB, W4 g128 {sizes['W4 g128'] / 2**20:.1f} MiB, {fp32 / sizes['W4 g128']:.1f}× "
@@ -767,12 +774,20 @@ threads = torch.get_num_threads()
 torch.set_num_threads(1)  # CPU timings on one thread, as graded
 rows = []
 for n in (256, 512, 1024):
+    what = f"QuantLinear.from_linear(nn.Linear({n}, {n}), 4, 128)"
     linear = nn.Linear(n, n, bias=False)
-    layer = QuantLinear.from_linear(linear, 4, 128)
+    layer = answer(what, QuantLinear.from_linear, linear, 4, 128)
+    assert (tuple(layer.codes.shape), tuple(layer.scale.shape), tuple(getattr(layer.zero, "shape", ()))) == \
+        ((n, n // 2), (n, n // 128), (n, n // 128)), f"{what}: codes ({n}, {n // 2}), scale and zero ({n}, {n // 128}), as part 4 asks"
     x = torch.randn(1, n)  # a decode step
     # the same work by the library's functions: unpack, dequantize (part 4's library_weight), one matmul (while
-    # your notebook is graded they run on the grader's side, across a channel: the ratio printed then means nothing)
+    # your notebook is graded they run on the grader's side, across a channel: the ratio then means nothing)
     reference = lambda x, layer=layer, n=n: F.linear(x, library_weight(layer.codes, layer.scale, layer.zero, 4, 128, (n, n)))  # noqa: E731
+    with torch.no_grad():
+        out = answer(f"{what} at a decode step, x (1, {n})", layer, x)
+        assert isinstance(out, torch.Tensor) and out.shape == (1, n) and torch.allclose(out, reference(x), rtol=1e-4, atol=1e-5), (
+            f"{what}: wrong output at a decode step, x (1, {n}): x @ weight.T, the weight from the buffers (only a "
+            f"correct layer is timed)")
     for name, fn in (("your QuantLinear (W4 g128)", layer), ("the library's unpack + dequantize + matmul", reference),
                      ("nn.Linear (float32)", linear)):
         with torch.no_grad():
@@ -782,8 +797,14 @@ timings = pd.DataFrame(rows)
 latency_vs_size(timings, "features", hue="implementation", xlabel="in = out features",
                 title="A decode step, x (1, in), cpu, one thread")
 at_1024 = timings[timings.features == 1024].set_index("implementation").median_ms
-print(f"at 1024 features yours takes {at_1024.iloc[0] / at_1024.iloc[1]:.1f}× the library's unpack + dequantize + matmul "
+ratio = at_1024.iloc[0] / at_1024.iloc[1]
+print(f"at 1024 features yours takes {ratio:.1f}× the library's unpack + dequantize + matmul "
       f"(graded: at most 4× its QuantLinear, the same work) and {at_1024.iloc[0] / at_1024.iloc[2]:.0f}× nn.Linear")
+assert ratio <= 4, (
+    f"too slow: at a decode step, x (1, 1024), your QuantLinear (W4 g128) takes {at_1024.iloc[0]:.2f} ms, the library's "
+    f"unpack + dequantize + matmul {at_1024.iloc[1]:.2f} ms: {ratio:.1f}×, and at most 4× is expected. Unpack and "
+    f"dequantize the whole weight with a few tensor ops, then one matmul: no Python loop over rows or groups")
+print("part 5: visible tests passed")
 
 # %% [markdown] nbgrader={"grade_id": "p5_plot_note", "locked": true}
 # The bars: from float32 to W4 in groups of 128 the model shrinks 3.5×, not 8×: its 56 quantized layers

@@ -136,7 +136,7 @@ def test_dequantize_returns_16_bit_weights(student, gen, form, close, dtype):
 
 
 def test_dequantize_a_negative_scale(student, form, close):
-    """GGUF's Q4_0 and Q8_0 store signed scales: the formula holds as it is."""
+    """A negative scale (GGUF's Q4_0 takes its scale from the signed weight of largest magnitude): the formula holds as it is."""
     qt = QTensor(codes=torch.tensor([[3, 12, 0, 15, 8, 1]], dtype=torch.uint8), scale=torch.tensor([[-0.5, 0.25]]),
                  zero=torch.tensor([[8, 2]], dtype=torch.uint8), bits=4, group_size=3, shape=torch.Size([1, 6]))
     check_dequantized(student, qt, "a QTensor (1, 6) in groups of 3 with scales -0.5 and 0.25", form, close)
