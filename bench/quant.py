@@ -5,7 +5,8 @@
     python bench/quant.py --parts smollm2       # on a CPU too: SmolLM2's real decode, fp16/fp32 vs W4
 
 Parts:
-  sweep     GEMV tiles (BLOCK_N, BLOCK_K, warps) at batch 1 on 4096 -> 11008 and 11008 -> 4096
+  sweep     GEMV tiles (BLOCK_N, BLOCK_K, warps) at batch 1 on Llama-2-7B's three layer shapes
+  sweep-gemm  GEMM tiles at 16 and 64 rows on 4096 -> 11008 and 11008 -> 4096
   gemv      batch-1 time of each layer shape of Llama-2-7B: bf16 (cuBLAS), ours W8 / W4 g128, and
             torch's tinygemm int4 kernel (_weight_int4pack_mm, group 128, gpt-fast's int4) on the same
             weights; bandwidth counted on the bytes each reads (packed codes, scales, zero points)
@@ -46,7 +47,7 @@ from effml_lib.measure import copy_bandwidth, device_slug, env_info, save_result
 from effml_lib.model import ModelConfig  # noqa: E402
 from effml_lib.quant import QuantLinear, quantize_model, unpack_int4  # noqa: E402
 
-PARTS = ("sweep", "gemv", "batch", "decode", "smollm2")
+PARTS = ("sweep", "sweep-gemm", "gemv", "batch", "decode", "smollm2")
 L2_BYTES = 50 * 2**20  # H100/H200: 50 MB of L2; the rotation covers at least 4x that
 
 
@@ -144,38 +145,58 @@ def random_linear(k: int, n: int, device, seed: int) -> nn.Linear:
 
 # --- parts ------------------------------------------------------------------------------------------
 
+SWEEP_SHAPES = ((4096, 4096), (4096, 11008), (11008, 4096))  # (in, out): Llama-2-7B's three layer shapes
+SWEEP_WIDTHS = ((4, 128), (8, None))  # (bits, group_size): W4 g128, W8 per channel
+
+
+def sweep_layers(k, n, bits, group, device):
+    return [QuantLinear.from_linear(random_linear(k, n, device, i), bits, group, impl="triton")
+            for i in range(copies_for(k * n * bits // 8))]
+
+
 def run_sweep(device, bandwidth) -> dict:
+    """GEMV tiles at batch 1: every (BLOCK_N, BLOCK_K, warps) on each layer shape and width."""
     from effml_lib.kernels import quant_matmul as qm
 
-    rows, gemm_rows = [], []
-    for (k, n), (bits, group) in itertools.product(((4096, 11008), (11008, 4096)), ((4, 128), (8, None))):
-        layers = [QuantLinear.from_linear(random_linear(k, n, device, i), bits, group, impl="triton")
-                  for i in range(copies_for(k * n * bits // 8))]
+    rows = []
+    for (k, n), (bits, group) in itertools.product(SWEEP_SHAPES, SWEEP_WIDTHS):
+        layers = sweep_layers(k, n, bits, group, device)
         nbytes = layers[0].weight_bytes
         x = torch.randn(1, k, device=device, dtype=torch.bfloat16)
-        for block_n, block_k, warps, stages in itertools.product((8, 16, 32, 64), (128, 256, 512, 1024), (2, 4, 8), (3,)):
-            tiles = {"block_n": block_n, "block_k": block_k, "num_warps": warps, "num_stages": stages}
+        for block_n, block_k, warps in itertools.product((4, 8, 16, 32), (256, 512, 1024, 2048), (2, 4, 8)):
+            tiles = {"block_n": block_n, "block_k": block_k, "num_warps": warps}
             calls = [lambda q=q: qm.quant_matmul(x, q.codes, q.scale, q.zero, None, q.bits, q.group_size,
                                                  q.in_features, gemv=tiles) for q in layers]
             ms = graph_ms(calls, iters=40, rounds=5)
             rows.append({"in": k, "out": n, "bits": bits, "group_size": group, **tiles, "ms": ms,
                          "fraction_of_copy_bandwidth": nbytes / (ms * 1e-3) / bandwidth})
-        best = min((r for r in rows if r["in"] == k and r["bits"] == bits), key=lambda r: r["ms"])
-        print(f"sweep {k}->{n} W{bits}: best {best['block_n']}x{best['block_k']}, {best['num_warps']} warps, "
-              f"{best['num_stages']} stages: "
+        best = min((r for r in rows if (r["in"], r["out"], r["bits"]) == (k, n, bits)), key=lambda r: r["ms"])
+        print(f"sweep {k}->{n} W{bits}: best {best['block_n']}x{best['block_k']}, {best['num_warps']} warps: "
               f"{best['ms'] * 1e3:.1f} us, {100 * best['fraction_of_copy_bandwidth']:.0f}% of copy bandwidth")
-        for m in (16, 64):  # the GEMM's tiles, at a short prefill and a batch
+        del layers
+    return {"gemv": rows}
+
+
+def run_sweep_gemm(device, bandwidth) -> dict:
+    """GEMM tiles at a short prefill (16 rows) and a batch (64 rows)."""
+    from effml_lib.kernels import quant_matmul as qm
+
+    rows = []
+    for (k, n), (bits, group) in itertools.product(SWEEP_SHAPES[1:], SWEEP_WIDTHS):
+        layers = sweep_layers(k, n, bits, group, device)
+        for m in (16, 64):
             xm = torch.randn(m, k, device=device, dtype=torch.bfloat16)
             for block_n, block_k, warps in itertools.product((32, 64, 128), (128, 256), (4, 8)):
                 tiles = {"block_n": block_n, "block_k": block_k, "num_warps": warps}
                 calls = [lambda q=q: qm.quant_matmul(xm, q.codes, q.scale, q.zero, None, q.bits, q.group_size,
                                                      q.in_features, gemm=tiles) for q in layers]
                 ms = graph_ms(calls, iters=20, rounds=5)
-                gemm_rows.append({"in": k, "out": n, "bits": bits, "group_size": group, "batch": m, **tiles, "ms": ms})
-            best = min((r for r in gemm_rows if r["in"] == k and r["bits"] == bits and r["batch"] == m), key=lambda r: r["ms"])
-            print(f"  GEMM batch {m}: best {best['block_n']}x{best['block_k']}, {best['num_warps']} warps: {best['ms'] * 1e3:.1f} us")
+                rows.append({"in": k, "out": n, "bits": bits, "group_size": group, "batch": m, **tiles, "ms": ms})
+            best = min((r for r in rows if (r["in"], r["bits"], r["batch"]) == (k, bits, m)), key=lambda r: r["ms"])
+            print(f"GEMM {k}->{n} W{bits} batch {m}: best {best['block_n']}x{best['block_k']}, "
+                  f"{best['num_warps']} warps: {best['ms'] * 1e3:.1f} us")
         del layers
-    return {"gemv": rows, "gemm": gemm_rows}
+    return {"gemm": rows}
 
 
 LLAMA2_7B_LAYERS = {  # (in, out) of each linear layer of one block
@@ -336,7 +357,7 @@ def main(argv=None):
     bandwidth = copy_bandwidth(device, nbytes=2 * 2**30 if device.type == "cuda" else 256 * 2**20)
     print(f"{env.get('device_name')}: copy bandwidth {bandwidth / 1e12:.2f} TB/s (bytes read + written)")
     result = {"copy_bandwidth_bytes_per_s": bandwidth}
-    runners = {"sweep": run_sweep, "gemv": run_gemv, "batch": run_batch, "decode": run_decode, "smollm2": run_smollm2}
+    runners = {"sweep": run_sweep, "sweep-gemm": run_sweep_gemm, "gemv": run_gemv, "batch": run_batch, "decode": run_decode, "smollm2": run_smollm2}
     out = Path(args.out) if args.out else ROOT / "bench" / "results" / device_slug(device)
     with torch.no_grad():
         for part in parts:
