@@ -60,7 +60,7 @@ from tqdm import tqdm
 from effml_lib import checkpoints, data
 from effml_lib.checkpoints import pretrained, smollm2_path
 from effml_lib.device import describe, get_device
-from effml_lib.kvcache import MODEL_PARAMS
+from effml_lib.kvcache import MODEL_PARAMS, MODEL_SHAPES
 from effml_lib.measure import benchmark, copy_bandwidth, env_info, load_result, peak_memory
 from effml_lib.model import replace_linears
 from effml_lib.plots import human_bytes
@@ -81,9 +81,12 @@ print(f"device {info['device_name']}, torch {info['torch']}, {info['torch_thread
 # Its time is at least (bytes of weights + bytes of KV cache) ÷ memory bandwidth, so halving the bits per
 # weight nearly doubles the speed limit. Each format below counts everything it stores per weight: a
 # group's scale (and zero point) is shared by the group, so groups of $g$ weights add $16/g$ bits for a
-# float16 scale, $24/g$ with a uint8 zero point. The other numbers are those of module 03's run
-# (`bench/decode.py` on an H100, precomputed): the copy bandwidth it measured, Llama-2-7B's parameters,
-# and the cache bytes each of its steps read.
+# float16 scale, $24/g$ with a uint8 zero point. A step reads every weight but the embedding table, of which
+# it reads one row (Llama-2's LM head is a matrix of its own, read in full; with tied embeddings the head would
+# read the table), and we count every weight it reads at the format's width, the LM head's included. Memory
+# counts every weight, the table's too. The other numbers are those of module 03's run (`bench/decode.py` on
+# an H100, precomputed): the copy bandwidth it measured, Llama-2-7B's parameters, and the weight and cache
+# bytes each of its steps read.
 
 # %%
 decode_run = load_result(H100, "decode")
@@ -91,9 +94,14 @@ run, run_env = decode_run["results"], decode_run["env"]
 compiled = run["decoders"]["ours-compiled"]
 params, copy_bw, efficiency = run["parameters"], run["copy_bandwidth_bytes_per_s"], compiled["fraction_of_copy_bandwidth"]
 kv_per_token = compiled["kv_bytes_per_token"]  # cache bytes a step read, on average over that run
+shape = MODEL_SHAPES[run["model"]]
+read_params = params - shape["vocab_size"] * shape["dim"] + shape["dim"]  # all but the embedding table, and one row of it
+assert read_params * 2 == compiled["weight_bytes"]  # the bf16 weight bytes bench/decode.py counted per step
 print(f"precomputed on an {run_env['device_name']} by bench/decode.py: {run['model']}, {run['dtype'].removeprefix('torch.')}, "
       f"batch {run['batch_size']}: {compiled['tokens_per_s']:.0f} tokens/s = {efficiency:.0%} of the copy bandwidth "
       f"({copy_bw / 1e12:.2f} TB/s) at {compiled['bytes_per_token'] / 1e9:.2f} GB per token")
+print(f"a step reads {read_params / 1e9:.3f} B of the {params / 1e9:.3f} B parameters: all but the embedding table "
+      f"({(params - read_params) / 1e9:.3f} B), of which it reads one row")
 
 FORMATS = {  # name -> bits per weight, its scales and zero points included
     "bf16": 16,
@@ -108,8 +116,9 @@ FORMATS = {  # name -> bits per weight, its scales and zero points included
 
 
 def decode_bound(bits_per_weight):
-    """Llama-2-7B's tokens/s at batch 1 if a step did nothing but read its weights and cache once, at copy speed."""
-    return copy_bw / (params * bits_per_weight / 8 + kv_per_token)
+    """Llama-2-7B's tokens/s at batch 1 if a step did nothing but read its weights (all but the embedding
+    table) and its cache once, at copy speed."""
+    return copy_bw / (read_params * bits_per_weight / 8 + kv_per_token)
 
 
 formats = pd.DataFrame([{"format": name, "bits per weight": bits,
@@ -118,6 +127,9 @@ formats = pd.DataFrame([{"format": name, "bits per weight": bits,
                          "7B bound (tokens/s)": decode_bound(bits),
                          f"7B at {efficiency:.0%} of it (tokens/s)": efficiency * decode_bound(bits)}
                         for name, bits in FORMATS.items()]).set_index("format")
+bf16_bound, int4_bound = formats.loc["bf16", "7B bound (tokens/s)"], formats.loc["int4 g128 (W4A16)", "7B bound (tokens/s)"]
+print(f"the measured bf16 run reached {compiled['tokens_per_s'] / bf16_bound:.1%} of the bf16 bound; "
+      f"int4 g128 raises the bound from {bf16_bound:.0f} to {int4_bound:.0f} tokens/s, {int4_bound / bf16_bound:.2f}x")
 formats.round(2)
 
 # %%
@@ -139,13 +151,13 @@ ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1))
 plt.show()
 
 # %% [markdown]
-# The solid curve is the bound, the dashed one 75% of it, which is what the compiled bf16 decoder reached
-# (the star). At 4.19 bits (int4 codes with a float16 scale and a uint8 zero point per 128 weights) the bound
-# rises from 219 to 813 tokens/s, 3.7×: not 16/4 = 4×, because the scales add 0.19 bits to every weight and
-# the KV cache is read in 16 bits whatever the weights. Memory matters as much: Llama-2-70B's weights take
-# 138 GB in bf16, more than one 80 GB GPU holds, and 36.1 GB at int4 g128, which leaves more than half of
-# one GPU for the cache. GGUF's Q4_1, with a float16 scale and a float16 minimum for every 32 weights, pays a
-# whole bit per weight for them: small groups cost bytes.
+# The solid curve is the bound, the dashed one 75% of it (75.5%, printed above), which is what
+# the compiled bf16 decoder reached (the star). At 4.19 bits (int4 codes with a float16 scale and a uint8 zero
+# point per 128 weights) the bound rises from 224 to 828 tokens/s, 3.70×: not 16/4 = 4×, because the scales
+# add 0.19 bits to every weight and the KV cache is read in 16 bits whatever the weights. Memory matters as
+# much: Llama-2-70B's weights take 138 GB in bf16, more than one 80 GB GPU holds, and 36.1 GB at int4 g128,
+# which leaves more than half of one GPU for the cache. GGUF's Q4_1, with a float16 scale and a float16
+# minimum for every 32 weights, pays a whole bit per weight for them: small groups cost bytes.
 #
 # Whether a kernel reaches this bound with quantized weights depends on how it dequantizes them
 # (section 9). Whether the model still works at these widths is the rest of the notebook.
@@ -360,8 +372,9 @@ plt.show()
 # A codebook costs little storage (16 floats per tensor at 4 bits) but costs elsewhere: k-means takes many
 # passes over the weights (25 here), and a lookup is a gather, which GPU kernels do less well than the
 # multiply-add that turns a linear code back into a weight. That, and groups closing the gap by 4 bits, is
-# why deployed LLM formats (GGUF's, AWQ's, GPTQ's) are linear with group scales. Section 7 puts a 3-bit
-# codebook into effml-tiny.
+# why most deployed LLM formats (AWQ's, GPTQ's, most of GGUF's types) are linear with group scales; GGUF's
+# i-quants (IQ2_XS, IQ4_NL, ...) are the exception, with non-linear codebooks and lattices. Section 7 puts
+# a 3-bit codebook into effml-tiny.
 
 # %% [markdown]
 # ## 4 · Outliers in real activations
@@ -373,12 +386,14 @@ plt.show()
 # weights and INT8 activations, so that the matmul runs on integer units): one scale per tensor must
 # stretch to the largest value, and the ordinary values then get only a few codes each.
 #
-# We record what every block linear layer receives on calibration windows of held-out text, for
-# effml-tiny and for **SmolLM2-135M-Instruct** (Hugging Face's Llama-shaped 135 M-parameter model, loaded from
-# its GGUF file by `checkpoints.load_gguf`, which dequantizes its Q4_1 weights to float32). The text is the
-# same for both: the standard library's held-out files, which effml-tiny never trained on (SmolLM2 may
-# have: they are public code), in each model's own tokens. Losses below are mean next-token cross-entropy
-# in nats per token, on evaluation windows different from the calibration ones.
+# We record what every block linear layer receives on calibration windows of held-out text, for effml-tiny and
+# for **SmolLM2-135M-Instruct** (Hugging Face's Llama-shaped 135 M-parameter model, loaded from its GGUF file
+# by `checkpoints.load_gguf`, which dequantizes its Q4_1 weights to float32). SmolLM2's starting point, "as
+# loaded" below, is therefore already a 4-bit model: the file's Q4_1 weights, dequantized. Every W8A8, W3 and
+# AWQ figure for it re-quantizes weights that sit on a Q4_1 grid, and measures damage on top of the file's
+# own. The text is the same for both: the standard library's held-out files, which effml-tiny never trained on
+# (SmolLM2 may have: they are public code), in each model's own tokens. Losses below are mean next-token
+# cross-entropy in nats per token, on evaluation windows different from the calibration ones.
 
 # %%
 def spread_windows(tokens, n, seq_len):
@@ -500,6 +515,8 @@ for (ax_c, ax_t), (model_name, inputs) in zip(axes, acts.items()):
     ax_t.set_title(f"{model_name}, layer {worst_down}, down projection input: per token", fontsize=10)
     ax_t.legend(fontsize=8, loc="upper right")
     for ax in (ax_c, ax_t):
+        low, high = ax.get_ylim()  # under two decades, one tick per decade is too few: ticks at 1, 2, 5 × 10^k
+        ax.yaxis.set_major_locator(mticker.LogLocator(subs=(1, 2, 5) if high / low < 100 else (1,)))
         ax.yaxis.set_major_formatter(lambda v, _: f"{v:g}")
         ax.yaxis.set_minor_formatter(mticker.NullFormatter())
 fig.suptitle("Where the largest activations are: each site's worst layer", fontweight="bold")
@@ -621,21 +638,23 @@ for name, (model, _, _) in models.items():
 rows = []
 for name, (model, layers) in tqdm(wrapped.items(), desc="models"):
     evaluation = models[name][2]
-    row = {"model": name, "original": heldout_loss(model, evaluation)}  # wrapped, nothing simulated yet
+    row = {"model": name, "as loaded": heldout_loss(model, evaluation)}  # wrapped, nothing simulated yet
     for act in ("per tensor", "per token"):
         simulate(layers, act, None, int8_weight)
         row[f"W8A8, INT8 {act}"] = heldout_loss(model, evaluation)
-    simulate(layers)  # back to the original
+    simulate(layers)  # back to the weights as loaded
     rows.append(row)
 w8a8 = pd.DataFrame(rows).set_index("model")
+AS_LOADED = {"effml-tiny": "effml-tiny's shipped weights", "SmolLM2-135M": "the file's Q4_1 weights, dequantized"}
 print("held-out loss (nats per token); every block linear W8A8: weights INT8 per output channel, activations INT8")
+print("as loaded: " + "; ".join(f"{name}, {AS_LOADED[name]}" for name in w8a8.index))
 w8a8.round(3)
 
 # %% [markdown]
 # effml-tiny hardly notices: W8A8 with per-tensor activations costs it 0.008 nats (2.183 to 2.191). SmolLM2
-# loses 0.834 nats (2.457 to 3.291), and only 0.029 with per-token activations (2.486). Per-token scales are
-# one way out, but they are computed at run time for every row and applied to the matmul's output;
-# SmoothQuant keeps one scale per tensor and removes the outliers instead.
+# loses 0.834 nats (2.457, its file's Q4_1 weights dequantized, to 3.291), and only 0.029 with per-token
+# activations (2.486). Per-token scales are one way out, but they are computed at run time for every row and
+# applied to the matmul's output; SmoothQuant keeps one scale per tensor and removes the outliers instead.
 
 # %% [markdown]
 # ## 5 · SmoothQuant: move the range from activations to weights
@@ -683,7 +702,7 @@ def smoothing(layers, inputs, alpha):
 
 big, layers = wrapped[big_name]
 big_eval, big_inputs = models[big_name][2], acts[big_name]
-reference = w8a8.loc[big_name, "original"]
+reference = w8a8.loc[big_name, "as loaded"]  # SmolLM2: the file's Q4_1 weights, dequantized
 chosen = {site: f"layers.{worst_layers.loc[(big_name, site), 'layer']}.{suffix}" for site, suffix in SITES.items()}
 layer_rows, loss_rows = [], []
 for alpha in tqdm(alphas, desc="alpha"):
@@ -695,10 +714,10 @@ for alpha in tqdm(alphas, desc="alpha"):
         layer_rows.append({"alpha": alpha, "layer": f"{name} ({site})", "output error": ((y_q - y).norm() / y.norm()).item()})
     simulate(layers, "per tensor", scales, int8_weight)
     loss_rows.append({"alpha": alpha, "held-out loss": heldout_loss(big, big_eval)})
-simulate(layers)  # back to the original
+simulate(layers)  # back to the weights as loaded
 layer_errors, sq_losses = pd.DataFrame(layer_rows), pd.DataFrame(loss_rows).set_index("alpha")
 best_alpha = sq_losses["held-out loss"].idxmin()
-print(f"{big_name}, W8A8 with INT8 activations per tensor: original {reference:.3f}, no smoothing "
+print(f"{big_name}, W8A8 with INT8 activations per tensor: as loaded ({AS_LOADED[big_name]}) {reference:.3f}, no smoothing "
       f"{w8a8.loc[big_name, 'W8A8, INT8 per tensor']:.3f}, best alpha {best_alpha:g}: {sq_losses.loc[best_alpha, 'held-out loss']:.3f} nats")
 sq_losses.T.round(3)
 
@@ -714,7 +733,7 @@ ax_l.legend(fontsize=7, loc="lower left")
 ax_m.plot(sq_losses.index, sq_losses["held-out loss"], marker="o", color="black", label="SmoothQuant, INT8 per tensor")
 for column, color, ls in zip(("W8A8, INT8 per tensor", "W8A8, INT8 per token"), sns.color_palette()[3:5], ("--", "-.")):
     ax_m.axhline(w8a8.loc[big_name, column], color=color, ls=ls, label=f"{column}, no smoothing")
-ax_m.axhline(reference, color="0.4", ls=":", label="original (no quantization)")
+ax_m.axhline(reference, color="0.4", ls=":", label=f"as loaded: {AS_LOADED[big_name]}")
 ax_m.set_xlabel("migration strength α")
 ax_m.set_ylabel("held-out loss (nats per token)")
 ax_m.set_title("The whole model", fontsize=11)
@@ -724,16 +743,16 @@ fig.tight_layout()
 plt.show()
 
 # %% [markdown]
-# Left: for each site's worst layer, the output error falls by roughly an order of magnitude as α grows from
-# 0, is smallest at α = 0.75, and rises again at 1, where the weights' columns take the whole range and
-# become the hard part. Right: the whole model follows. α = 0 is worse than no smoothing at all (5.498
-# against 3.291: it moves the weights' range into the activations), α = 0.5, the paper's default, recovers
-# most of the loss (2.696), and α = 0.75 is the best of the sweep, 2.559: 0.102 nats above the original,
-# where per-tensor W8A8 without smoothing was 0.834 above it. The paper likewise finds that models with
-# stronger outliers want a larger α. Per-token INT8 without smoothing (2.486) is still better here: SmolLM2's
-# massive activations sit at one token, and a scale per channel can only shrink that channel on every token
-# alike. (On effml-tiny, without the SmolLM2 file, smoothing leaves W8A8 slightly worse than no smoothing:
-# there is little range to move, and moving it costs the weights.)
+# Left: for each site's worst layer, the output error falls by roughly an order of magnitude as
+# α grows from 0, is smallest at α = 0.75, and rises again at 1, where the weights' columns take the whole
+# range and become the hard part. Right: the whole model follows. α = 0 is worse than no smoothing at all
+# (5.498 against 3.291: it moves the weights' range into the activations), α = 0.5, the paper's default,
+# recovers most of the loss (2.696), and α = 0.75 is the best of the sweep, 2.559: 0.102 nats above the model
+# as loaded (its Q4_1 weights, dequantized), where per-tensor W8A8 without smoothing was 0.834 above it. The
+# paper likewise finds that models with stronger outliers want a larger α. Per-token INT8 without smoothing
+# (2.486) is still better here: SmolLM2's massive activations sit at one token, and a scale per channel can
+# only shrink that channel on every token alike. (On effml-tiny, without the SmolLM2 file, smoothing leaves
+# W8A8 slightly worse than no smoothing: there is little range to move, and moving it costs the weights.)
 
 # %% [markdown]
 # ## 6 · AWQ: protect the salient channels
@@ -744,10 +763,21 @@ plt.show()
 # al. (AWQ, 2023) showed that keeping just **1% of the input channels** in fp16, chosen by the size of their
 # activations, recovers much of what 3-bit round-to-nearest loses, while choosing them by the size of their
 # weights, or at random, does not. Mixed precision is awkward for kernels, so AWQ protects those channels
-# another way: it scales weight column $j$ up by $s_j$ and the input down by it (folded into the layer
-# before, as in SmoothQuant), so that the salient columns get a finer share of their group's grid, with
-# $s = \overline{|X|}^{\,a}$ and the exponent $a \in [0, 1)$ searched per layer for the smallest output
-# error on calibration activations. The library's `awq_scales`:
+# another way: it scales weight column $j$ up by $s_j$ and the input down by it, so that the salient columns
+# get a finer share of their group's grid, with $s = \overline{|X|}^{\,a}$ and the exponent $a \in [0, 1)$
+# searched for the smallest output error on calibration activations. The $1/s$ must be folded into whatever
+# produces the input, so layers that read one input share one $s$, searched once on their weights stacked:
+#
+# - $W_q, W_k, W_v$ read the attention RMSNorm's output, and $W_1, W_3$ the feed-forward RMSNorm's: their
+#   group's $1/s$ folds into that RMSNorm's weight;
+# - $W_2$ reads $\mathrm{silu}(W_1 x) \odot W_3 x$: its $1/s$ folds into $W_3$'s rows, and scaling a whole
+#   row scales its groups' grids with it, so $W_3$'s codes do not change; we simulate the fold by scaling
+#   $W_2$'s input;
+# - $W_o$ reads the attention's output, whose channels are $W_v$'s rows mixed by the attention weights; under
+#   GQA (SmolLM2 has 3 KV heads for 9 query heads) one such row feeds several of $W_o$'s columns, so no
+#   $1/s$ per column folds into it, and we leave $W_o$ unscaled (AWQ's own code folds it only without GQA).
+#
+# The library's `awq_scales`, which searches one $s$ for the weight it is given:
 
 # %%
 show_source(awq_scales)
@@ -756,7 +786,7 @@ show_source(awq_scales)
 # Every block linear at `awq_bits` = 3 bits, asymmetric, round to nearest, in groups of 64 for SmolLM2 (the
 # largest power of two that divides its width, 576; 128 for effml-tiny); then 1% of each layer's input
 # channels kept as they were, picked three ways; then AWQ's scales instead, with `awq_grid` = 10 exponents
-# tried per layer on `awq_tokens` = 128 calibration tokens.
+# tried per group of layers (wq/wk/wv, w1/w3, w2; wo unscaled) on `awq_tokens` = 128 calibration tokens.
 
 # %%
 group = next(g for g in (128, 64, 32) if all(layer.linear.in_features % g == 0 for layer in layers.values()))
@@ -783,20 +813,34 @@ def n_salient(w):
 PICKS = {"by activation (mean |x|)": lambda name, w: big_inputs[name].abs().mean(0).topk(n_salient(w)).indices,
          "by weight (mean |w| of the column)": lambda name, w: w.abs().mean(0).topk(n_salient(w)).indices,
          "at random": lambda name, w: torch.randperm(w.shape[1], generator=generator)[: n_salient(w)].to(w.device)}
-awq_losses = {"original": reference}
+awq_losses = {"as loaded": reference}
 simulate(layers, weight=lambda name, w: round_to_nearest(w))
 awq_losses[f"W{awq_bits} g{group}, round to nearest"] = heldout_loss(big, big_eval)
 for how, pick in PICKS.items():
     simulate(layers, weight=keep_in_fp16(pick))
     awq_losses[f"+ {salient_fraction:.0%} of input channels in fp16, {how}"] = heldout_loss(big, big_eval)
-awq = {name: awq_scales(layer.linear.weight, big_inputs[name][:: max(1, big_inputs[name].shape[0] // awq_tokens)][:awq_tokens],
-                        awq_bits, group, grid=awq_grid)
-       for name, layer in tqdm(layers.items(), desc="awq_scales")}
+AWQ_GROUPS = {"attention": (("wq", "wk", "wv"),),  # layers that read one input, which get one s; wo: none
+              "feed_forward": (("w1", "w3"), ("w2",))}
+awq = {}
+for layer in tqdm(range(big.config.n_layers), desc="awq_scales"):
+    for module, groups in AWQ_GROUPS.items():
+        for members in groups:
+            names = [f"layers.{layer}.{module}.{m}" for m in members]
+            x = big_inputs[names[0]]  # the input they share
+            s = awq_scales(torch.cat([layers[n].linear.weight for n in names]),  # (their outputs together, in)
+                           x[:: max(1, x.shape[0] // awq_tokens)][:awq_tokens], awq_bits, group, grid=awq_grid)
+            awq.update({n: s for n in names})
+    awq[f"layers.{layer}.attention.wo"] = None  # left unscaled: no 1/s folds into its input under GQA
+shared = all(awq[f"layers.{i}.attention.wq"] is awq[f"layers.{i}.attention.wk"] is awq[f"layers.{i}.attention.wv"]
+             and awq[f"layers.{i}.feed_forward.w1"] is awq[f"layers.{i}.feed_forward.w3"] for i in range(big.config.n_layers))
+print(f"{big_name} ({big.config.n_heads} query heads, {big.config.n_kv_heads} KV heads): "
+      f"{sum(len(g) for g in AWQ_GROUPS.values()) * big.config.n_layers} searches for {len(layers)} layers; "
+      f"one s for wq, wk and wv and one for w1 and w3 in every block: {shared}; wo unscaled")
 simulate(layers, scales=awq, weight=lambda name, w: round_to_nearest(w))
 awq_losses["+ AWQ scales (nothing kept in fp16)"] = heldout_loss(big, big_eval)
 simulate(layers)
 awq_table = pd.Series(awq_losses, name="held-out loss (nats)").to_frame()
-awq_table["vs original"] = awq_table.iloc[:, 0] - reference
+awq_table["vs as loaded"] = awq_table.iloc[:, 0] - reference
 awq_table.round(3)
 
 # %%
@@ -804,9 +848,9 @@ fig, ax = plt.subplots(figsize=(9, 3.6))
 names = list(awq_losses)[1:]
 colors = [sns.color_palette()[3]] + [sns.color_palette()[0]] * len(PICKS) + [sns.color_palette()[2]]
 y = np.arange(len(names))
-ax.hlines(y, reference, [awq_losses[n] for n in names], colors=colors, lw=3)  # each line: the damage over the original
+ax.hlines(y, reference, [awq_losses[n] for n in names], colors=colors, lw=3)  # each line: the damage over the model as loaded
 ax.scatter([awq_losses[n] for n in names], y, color=colors, s=50, zorder=3)
-ax.axvline(reference, color="0.3", ls=":", label=f"original: {reference:.3f}")
+ax.axvline(reference, color="0.3", ls=":", label=f"as loaded ({AS_LOADED[big_name]}): {reference:.3f}")
 for i, n in enumerate(names):
     ax.text(awq_losses[n], i, f"  {awq_losses[n]:.3f}", va="center", fontsize=9)
 ax.set_yticks(y, names)
@@ -819,15 +863,17 @@ ax.legend(fontsize=9, loc="upper center", bbox_to_anchor=(0.5, -0.25), frameon=F
 plt.show()
 
 # %% [markdown]
-# Each line runs from the original's loss to a variant's: the damage it does. Round-to-nearest at 3 bits
-# costs SmolLM2 1.508 nats. Keeping 1% of the input channels in fp16 (6 of 576, or 15 of 1536) almost halves
-# that (+0.808) when they are the channels with the largest mean |x|, barely helps when they are the columns
-# with the largest weights (+1.410), and does nothing at random (+1.516): the weights that matter are the
-# ones that meet large activations. AWQ's scaling gets nearly as far (+0.864) with every weight at 3 bits and
-# no fp16 columns, though our search is the simple one (10 exponents per layer, 128 tokens); the paper
-# searches per block and also clips the weights' range. At 3 bits even AWQ leaves SmolLM2 far from its
-# original, which is why 4 bits is the usual deployment. (effml-tiny, with its mild outliers, gains little
-# or nothing from either; run the notebook without the SmolLM2 file to see.)
+# Each line runs from the loss as loaded (SmolLM2's Q4_1 weights, dequantized) to a variant's:
+# the damage it does. Round-to-nearest at 3 bits costs SmolLM2 1.508 nats more. Keeping 1% of the input
+# channels in fp16 (6 of 576, or 15 of 1536) almost halves that (+0.808) when they are the channels with the
+# largest mean |x|, barely helps when they are the columns with the largest weights (+1.410), and does nothing
+# at random (+1.516): the weights that matter are the ones that meet large activations. AWQ's scaling gets
+# most of the way there (+0.910) with every weight at 3 bits, no fp16 columns, and scales that fold away (one
+# per RMSNorm, one into each $W_3$; $W_o$ unscaled). Our search is the simple one (10 exponents per group, 128
+# tokens, the error at the group's own outputs); the paper measures it at the output of the whole attention or
+# feed-forward and also clips the weights' range. At 3 bits even AWQ leaves SmolLM2 far from where it started,
+# which is why 4 bits is the usual deployment. (effml-tiny, with its mild outliers, gains little or nothing
+# from either; run the notebook without the SmolLM2 file to see.)
 
 # %% [markdown]
 # ## 7 · The effml-tiny quality ladder
@@ -847,7 +893,7 @@ def block_linear_bytes(model):
 
 tiny_eval = models["effml-tiny"][2]
 n_groups128 = sum(w.numel() // 128 for w in tiny_weights.values())
-ladder = [{"format": "fp16 (as shipped)", "bytes": 2 * n_weights, "loss": w8a8.loc["effml-tiny", "original"]}]
+ladder = [{"format": "fp16 (as shipped)", "bytes": 2 * n_weights, "loss": w8a8.loc["effml-tiny", "as loaded"]}]
 for bits, group_size, label in tqdm([(8, None, "W8 per channel"), (4, 128, "W4 g128"), (4, 32, "W4 g32")], desc="QuantLinear"):
     quantized = quantize_model(pretrained("effml-tiny").eval().to(device), bits, group_size)
     ladder.append({"format": label, "bytes": block_linear_bytes(quantized), "loss": heldout_loss(quantized, tiny_eval)})
@@ -870,12 +916,13 @@ ladder.style.format({"bytes": human_bytes, "bits per weight": "{:.2f}", "loss": 
 
 # %%
 fig, ax = plt.subplots(figsize=(8.5, 4.4))
-below = {"W3 g128 (simulated)": (8, "left"), "W4 g32": (-8, "right"), "fp16 (as shipped)": (-8, "right")}  # labels placed below
+placed = {"W3 g128 (simulated)": (8, -24, "left"), "W4 g128": (-8, 6, "right"),  # label offsets (points) and alignment
+          "fp16 (as shipped)": (-8, -24, "right")}                                 # the rest: above, to the right
 for (name, r), color in zip(ladder.iterrows(), sns.color_palette("colorblind", len(ladder))):
     ax.scatter(r["bytes"] / MiB, r["perplexity"], s=60, color=color, zorder=3)
-    dx, ha = below.get(name, (8, "left"))
+    dx, dy, ha = placed.get(name, (8, 6, "left"))
     ax.annotate(f"{name}\n{r['bits per weight']:.2f} bits, ppl {r['perplexity']:.2f}", (r["bytes"] / MiB, r["perplexity"]),
-                textcoords="offset points", xytext=(dx, -24 if name in below else 6), ha=ha, fontsize=8)
+                textcoords="offset points", xytext=(dx, dy), ha=ha, fontsize=8)
 span = ladder["perplexity"].max() - ladder["perplexity"].min()
 ax.set_ylim(ladder["perplexity"].min() - 0.15 * span, ladder["perplexity"].max() + 0.15 * span)
 ax.set_xlim(0, ladder["bytes"].max() / MiB * 1.3)
@@ -995,10 +1042,10 @@ print("the same codes packed by pack_int4:  ", pack_int4(codes)[:4].numpy().toby
 # kernel, which dequantizes tiles of the weight on their way into the multiply.
 
 # %%
-act_dtype = torch.float16 if device.type == "cuda" else torch.float32
+act_dtype = torch.float16 if device.type == "cuda" else torch.float32  # QuantLinear's input
 linear = nn.Linear(speed_in, speed_out, bias=False).to(device)
-layers_timed = {  # name -> (module, the dtype of its input)
-    f"nn.Linear, {str(act_dtype).removeprefix('torch.')}": (copy.deepcopy(linear).to(act_dtype), act_dtype),
+layers_timed = {  # name -> (module, the dtype of its input); every name distinct on CPU and CUDA alike
+    "nn.Linear, float32": (copy.deepcopy(linear).float(), torch.float32),
     "nn.Linear, float16": (copy.deepcopy(linear).half(), torch.float16),
     "QuantLinear W8 (per channel)": (QuantLinear.from_linear(linear, 8, None), act_dtype),
     "QuantLinear W4 g128": (QuantLinear.from_linear(linear, 4, 128), act_dtype),
@@ -1013,7 +1060,8 @@ for (name, (module, dtype)), tokens in tqdm([(v, t) for t in speed_tokens for v 
     rows.append({"tokens": tokens, "layer": name, "input": str(dtype).removeprefix("torch."), "weight bytes": weight_bytes,
                  "time (ms)": timing.min_s * 1e3, "bytes ÷ copy bandwidth (ms)": weight_bytes / bandwidth * 1e3,
                  "peak extra memory": peak})
-speed = pd.DataFrame(rows).drop_duplicates(["tokens", "layer"]).set_index(["tokens", "layer"])
+speed = pd.DataFrame(rows).set_index(["tokens", "layer"])
+assert len(speed) == len(speed_tokens) * len(layers_timed)  # one row per layer and token count
 print(f"measured on {describe(device)}, torch {info['torch']}, {torch.get_num_threads()} thread(s): a {speed_in} → {speed_out} layer; "
       f"copy bandwidth {bandwidth / 1e9:.1f} GB/s; QuantLinear runs {'its Triton kernel' if device.type == 'cuda' else 'the PyTorch reference'}")
 speed.style.format({"weight bytes": human_bytes, "peak extra memory": human_bytes, "time (ms)": "{:.2f}",
@@ -1046,7 +1094,9 @@ plt.show()
 #
 # Saved bytes become saved time only when dequantizing happens inside the matmul, on values already in
 # registers, so that the codes and scales are all that is read from memory: that is what the Triton kernel
-# behind `QuantLinear` does on a GPU, and what llama.cpp's CPU kernels do with Q4_1 blocks.
+# behind `QuantLinear` does on a GPU. llama.cpp's CPU kernels go one step further with Q4_1: they quantize the
+# activations to Q8_1 blocks (int8 codes, a scale per 32) and take integer dot products with the 4-bit codes,
+# applying d, m and the activations' scales once per block.
 
 # %% [markdown]
 # ## On an NVIDIA H200 (precomputed)
@@ -1123,7 +1173,7 @@ pd.DataFrame(decode_rows).set_index("weights")
 # ## What we found, and what the lab asks
 #
 # - At batch 1 a decode step's time is its bytes over the memory bandwidth, so bits per weight set the speed
-#   limit: Llama-2-7B's bound on an H100 goes from 219 tokens/s in bf16 to 813 at int4 g128 (4.19 bits), and
+#   limit: Llama-2-7B's bound on an H100 goes from 224 tokens/s in bf16 to 828 at int4 g128 (4.19 bits), and
 #   Llama-2-70B's weights shrink from 138 GB to 36.1 GB.
 # - Round-to-nearest misses by at most half a step, $s/2$. Finer groups shrink $s$ for $16/g$ to $24/g$ bits
 #   of overhead; asymmetric codes use the whole range. On effml-tiny at 4 bits: relative error 0.2330 per
@@ -1133,10 +1183,11 @@ pd.DataFrame(decode_rows).set_index("weights")
 # - SmolLM2 has channel outliers (channel 247 entering attention, 12.0× the median channel in a typical layer)
 #   and massive activations at the first token (3266.6× entering layer 11's down projection): INT8 activations
 #   per tensor cost it 0.834 nats. effml-tiny's outliers are mild, and W8A8 costs it 0.008.
-# - SmoothQuant at α = 0.75 brought SmolLM2's per-tensor W8A8 to 2.559 nats (original 2.457); too small or too
-#   large an α fails.
+# - SmoothQuant at α = 0.75 brought SmolLM2's per-tensor W8A8 to 2.559 nats (2.457 as loaded, its Q4_1 weights
+#   dequantized); too small or too large an α fails.
 # - At 3 bits, keeping the 1% of input channels with the largest activations in fp16 almost halves the
-#   damage, choosing them by weight or at random does not, and AWQ's scaling gets nearly as far with no fp16 columns.
+#   damage, choosing them by weight or at random does not, and AWQ's scaling (one foldable s per shared
+#   input) gets most of the way with no fp16 columns.
 # - effml-tiny: W8 is lossless, W4 g128 costs 0.022 nats at a quarter of the bytes, 3 bits cost 0.093
 #   (linear, groups of 128) to 0.145 (k-means).
 # - A GGUF Q4_1 block is d and m (float16) and 16 bytes of codes, $w = d\,q + m$, weights $j$ and $j + 16$ sharing byte $j$.
