@@ -599,6 +599,14 @@ def _latency_png(medians, sizes, factor, name, title, xlabel) -> str:
 
 # ----------------------------------------------------------------------------- pytest
 
+@contextlib.contextmanager
+def input_form(what: str):
+    try:
+        yield
+    except StudentRaised as error:  # its text is "<name> raised <builtin type>": the student's message is never shown
+        raise AssertionError(f"{what}: {error}") from None
+
+
 class Plugin:
     """Gives the hidden tests their fixtures and records each test's outcome and message."""
 
@@ -633,6 +641,12 @@ class Plugin:
             @pytest.fixture
             def timing(self):
                 return plugin.timing
+
+            @pytest.fixture
+            def form(self):
+                """``with form("a bf16 weight"): ...``: if the student's code raises inside, the failure
+                names the input form it was given (and the exception's type, never its text)."""
+                return input_form
 
         config.pluginmanager.register(Fixtures(), "effml-fixtures")
 

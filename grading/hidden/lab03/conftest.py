@@ -1,14 +1,11 @@
 """Shared pieces of lab 03's hidden tests. Every assertion carries a message: with --assert=plain
 (how grading/trusted.py runs these files) the message is all a student sees. The fixtures
-student, gen, close, value_error and timing come from grading/trusted.py, shared by every lab."""
-
-import contextlib
+student, gen, close, value_error, timing and form come from grading/trusted.py, shared by every lab."""
 
 import pytest
 import torch
 
 from effml_lib.model import ModelConfig, Transformer
-from trusted import StudentRaised
 
 
 def _small_model(n_heads=4, n_kv_heads=2, dim=64, n_layers=2, vocab_size=97, max_seq_len=256, seed=0,
@@ -69,16 +66,3 @@ def uncached_greedy():
     return _uncached_greedy
 
 
-@contextlib.contextmanager
-def _form(what):
-    try:
-        yield
-    except StudentRaised as error:  # its text is "<name> raised <builtin type>": the student's message is never shown
-        raise AssertionError(f"{what}: {error}") from None
-
-
-@pytest.fixture
-def form():
-    """``with form("a bf16 cache"): ...``: if the student's code raises inside, the failure names the input
-    form it was given (and the exception's type, never its text)."""
-    return _form

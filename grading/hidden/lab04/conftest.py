@@ -1,6 +1,6 @@
 """Shared pieces of lab 04's hidden tests. Every assertion carries a message: with --assert=plain
 (how grading/trusted.py runs these files) the message is all a student sees. The fixtures
-student, gen, close, value_error and timing come from grading/trusted.py, shared by every lab."""
+student, gen, close, value_error, timing and form come from grading/trusted.py, shared by every lab."""
 
 import pytest
 import torch

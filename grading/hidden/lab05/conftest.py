@@ -1,30 +1,15 @@
 """Shared pieces of lab 05's hidden tests. Every assertion carries a message: with --assert=plain
 (how grading/trusted.py runs these files) the message is all a student sees. The fixtures
-student, gen, close, value_error and timing come from grading/trusted.py, shared by every lab."""
-
-import contextlib
+student, gen, close, value_error, timing and form come from grading/trusted.py, shared by every lab."""
 
 import pytest
 import torch
 
-from trusted import StudentGone, StudentRaised, describe
+from trusted import StudentGone, describe
 
 QTENSOR_FIELDS = ("codes", "scale", "zero", "bits", "group_size", "shape", "dtype")
 
 
-@contextlib.contextmanager
-def _form(what):
-    try:
-        yield
-    except StudentRaised as error:  # its text is "<name> raised <builtin type>": the student's message is never shown
-        raise AssertionError(f"{what}: {error}") from None
-
-
-@pytest.fixture
-def form():
-    """``with form("a bf16 weight"): ...``: if the student's code raises inside, the failure names the input
-    form it was given (and the exception's type, never its text)."""
-    return _form
 
 
 class Fields:
