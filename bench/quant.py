@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import os
 import sys
 import time
 from pathlib import Path
@@ -99,7 +100,7 @@ class Int4PackLinear(nn.Module):
         zero = (8 - q.zero.float()) * scale
         self.register_buffer("scales_and_zeros", torch.stack((scale, zero), dim=-1).transpose(0, 1)
                              .contiguous().to(torch.bfloat16))  # (G, N, 2)
-        self.group_size, self.out_features = q.group_size, q.out_features
+        self.group_size, self.in_features, self.out_features = q.group_size, q.in_features, q.out_features
         self.weight_bytes = q.weight_bytes
 
     def forward(self, x):
@@ -267,12 +268,15 @@ def run_decode(device, bandwidth, shape="llama-2-7b", prompt_len=32, new_tokens=
         replace_in_blocks(model, lambda q: Int4PackLinear(q))
         return model
 
+    only = os.environ.get("EFFML_DECODE_VARIANTS")  # e.g. "int4pack-g128": re-run some decoders only
     variants = {  # the pair that matters most first: a run cut short still compares them
         "bf16": lambda m: m,
         "w4-g128": lambda m: quantize_model(m, 4, 128, impl="triton"),
         "w8": lambda m: quantize_model(m, 8, None, impl="triton"),
         "int4pack-g128": int4pack,
     }
+    if only:
+        variants = {name: make for name, make in variants.items() if name in only.split(",")}
     results, first_tokens = {}, {}
     partial = {"model": shape, "prompt_len": prompt_len, "new_tokens": new_tokens, "reps": reps,
                "decoders": results, "first_16_tokens": first_tokens}
@@ -298,7 +302,7 @@ def run_decode(device, bandwidth, shape="llama-2-7b", prompt_len=32, new_tokens=
         torch.cuda.empty_cache()
         if on_progress is not None:
             on_progress(partial)
-    bf16 = results["bf16"].get("tokens_per_s")
+    bf16 = results.get("bf16", {}).get("tokens_per_s")
     for r in results.values():
         if bf16 and "tokens_per_s" in r:
             r["speedup_vs_bf16"] = r["tokens_per_s"] / bf16
