@@ -3,6 +3,8 @@
     python bench/quant.py                       # everything, on a GPU: bench/results/<device>/quant.json
     python bench/quant.py --parts gemv,sweep    # some parts only (the others are not run)
     python bench/quant.py --parts smollm2       # on a CPU too: SmolLM2's real decode, fp16/fp32 vs W4
+    EFFML_DECODE_VARIANTS=int4pack-g128 python bench/quant.py --parts decode --name quant_decode_int4pack
+                                                # some decoders only (bf16, w4-g128, w8, int4pack-g128)
 
 Parts:
   sweep     GEMV tiles (BLOCK_N, BLOCK_K, warps) at batch 1 on Llama-2-7B's three layer shapes
