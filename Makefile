@@ -11,7 +11,7 @@ BIN        := $(VENV)/bin
 ROOT_FLAG  := $(if $(filter 0,$(shell id -u)),--allow-root,)
 STAMP      := $(VENV)/.effml-installed
 
-.PHONY: lab test venv models bench notebooks execute labs grade-demo clean-venv system-deps
+.PHONY: lab test venv models bench notebooks execute labs grade-demo clean-venv system-deps site clean-site
 
 venv: $(STAMP)
 
@@ -58,16 +58,28 @@ grade-demo: venv  ## autograde a made-up class of lab 01 (honest and hostile sub
 	$(BIN)/python grading/demo_submissions.py $(DEMO_DIR)/submissions.zip
 	$(BIN)/python grading/autograde.py lab01_transformer_basics $(DEMO_DIR)/submissions.zip --out $(DEMO_DIR) --cell-timeout 60
 
-# What grading needs from outside Python: bubblewrap, the sandbox each student's notebook runs in
-# (grading/sandbox.py). Debian/Ubuntu's package; as root, or through sudo.
-# Without it (no apt-get, no sudo) `make test` still runs: the sandbox's tests then skip, saying how to
-# install it; in CI (CI set) they fail instead.
-system-deps:  ## install bubblewrap (the grader's sandbox) from the system's packages, if it is missing
-	@command -v bwrap >/dev/null 2>&1 || { \
+# What the tests need from outside Python: bubblewrap, the sandbox each student's notebook runs in
+# (grading/sandbox.py), and Chromium with its driver, the browser that tests the website (tests/test_site.py).
+# Debian's packages (chromium, chromium-driver: one source, so their versions match); as root, or through sudo.
+# Without them (no apt-get, no sudo) `make test` still runs: the tests that need them skip, saying how to
+# install them; in CI (CI set) they fail instead.
+system-deps:  ## install bubblewrap (the grader's sandbox) and chromium + chromium-driver (the site's browser test), if missing
+	@PKGS="$$(command -v bwrap >/dev/null 2>&1 || echo bubblewrap) $$(command -v chromium >/dev/null 2>&1 || echo chromium) $$(command -v chromedriver >/dev/null 2>&1 || echo chromium-driver)"; \
+	PKGS="$$(echo $$PKGS)"; [ -z "$$PKGS" ] || { \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo "sudo -n" ); \
-	  { $$SUDO apt-get install -y -q bubblewrap || { $$SUDO apt-get update -q && $$SUDO apt-get install -y -q bubblewrap; }; } \
-	    >/dev/null 2>&1 || echo "could not install bubblewrap (the grader's sandbox): sudo apt-get install bubblewrap"; }
+	  { $$SUDO apt-get install -y -q --no-install-recommends $$PKGS || { $$SUDO apt-get update -q && $$SUDO apt-get install -y -q --no-install-recommends $$PKGS; }; } \
+	    >/dev/null 2>&1 || echo "could not install $$PKGS (the grader's sandbox, the site's browser test): sudo apt-get install $$PKGS"; }
 	@command -v bwrap >/dev/null 2>&1 && echo "bubblewrap: $$(bwrap --version)" || true
+	@command -v chromedriver >/dev/null 2>&1 && echo "chromium: $$(chromium --version 2>/dev/null | head -n1); $$(chromedriver --version | head -n1)" || true
+
+# The course as a static website, from the committed executed notebooks (never re-run), offline: every
+# script, style, font and MathJax itself is bundled. Open build/site/html/index.html, or copy that folder to
+# any static host. Incremental: a second build redoes only what changed. site/README.md says more.
+site: venv  ## build the course's website into build/site/html (from the committed notebooks; nothing is executed)
+	$(BIN)/python tools/build_site.py
+
+clean-site:  ## remove the website's build (build/site) and the browser test's screenshots (build/site-screenshots)
+	rm -rf build/site build/site-screenshots
 
 clean-venv:
 	rm -rf $(VENV)
