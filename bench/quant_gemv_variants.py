@@ -1,0 +1,384 @@
+"""Why is the W4A16 GEMV slow at batch 1, and what would make it fast? Variants, timed in one run.
+
+    python bench/quant_gemv_variants.py             # on a GPU: bench/results/<device>/quant_gemv_variants.json
+    TRITON_INTERPRET=1 python bench/quant_gemv_variants.py --check   # the variants' answers, on a CPU
+    ncu -k regex:gemv python bench/quant_gemv_variants.py --profile  # a few calls of each, for a profiler
+
+The library's GEMV (``kernels/quant_matmul.py``) reads ``codes`` as stored, ``(N, K / per_word)``
+words: a thread's word feeds one output, and each of its lanes needs x at a stride of ``per_word``
+elements, so x is loaded (or shuffled) once per lane and output. The variants here read the words
+transposed, ``(K / per_word, N)`` (the layout of GPTQ's ``qweight``), with scales and zero points
+``(K / G, N)``: a thread holds one word of 4 (or 8) neighbouring outputs, so one x load of a word's
+lanes serves them all, and the group's scale multiplies a whole word's sum once
+(``s * (sum_i q_i x_i - z * sum_i x_i)``).
+
+First question, how a word's x reaches its lanes (``_gemv_t_kernel``):
+- ``lanes``:  one strided load of x per lane;
+- ``bcast``:  x as a ``(words, lanes)`` tile, broadcast against the words' unpacked lanes (3D);
+- ``split``:  x as a ``(words, lanes)`` tile, its columns taken apart in registers (``tl.split``).
+
+Second, fewer instructions per weight (``_gemv_unit_kernel``, ``unit`` and ``unit+prefetch``): each
+lane becomes ``u = 1 + q / 2**bits`` by one shift and one and-or into the top mantissa bits of 1.0 (no
+int-to-float conversion, no subtraction), so ``sum_i (q_i - z) x_i = L sum_i u_i x_i - (L + z) sum_i x_i``
+costs one fused multiply-add per weight; x is multiplied by ``L`` once per word for all outputs; the
+two bit masks are kernel arguments (as constants, ptxas rebuilds them in a register before every
+lane); ``+prefetch`` issues the next step's loads before this step's arithmetic.
+
+``bench/quant_read_probe.py`` measures the floor: a kernel that only reads the same words.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from effml_lib.quant import QuantLinear  # noqa: E402
+
+XMODES = {"lanes": 0, "bcast": 1, "split": 2}
+
+
+@triton.jit
+def _as_float(code):
+    """Small non-negative int32 codes as exact float32 (2**23's mantissa holds them)."""
+    return (code | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+
+
+@triton.jit
+def _lane_code(word, shift, BITS: tl.constexpr):
+    v = (word >> shift) & ((1 << BITS) - 1)
+    if BITS == 8:
+        v = v ^ 0x80  # int8 -> offset binary 1..255 (the zero point is 128)
+    return _as_float(v)
+
+
+@triton.jit
+def _split8(xs, WORDS: tl.constexpr):
+    """(WORDS, 8) -> its 8 columns, each (WORDS,); lane = 4a + 2b + c."""
+    c0, c1 = tl.split(tl.reshape(xs, (WORDS, 2, 2, 2)))  # (WORDS, 2, 2): c = 0, 1
+    b00, b01 = tl.split(c0)  # (WORDS, 2): (b, c) = (0, 0), (1, 0)
+    b10, b11 = tl.split(c1)
+    x0, x4 = tl.split(b00)
+    x2, x6 = tl.split(b01)
+    x1, x5 = tl.split(b10)
+    x3, x7 = tl.split(b11)
+    return x0, x1, x2, x3, x4, x5, x6, x7
+
+
+@triton.jit
+def _gemv_t_kernel(x, words, scale, zero, y, N, KW, x_sm, y_sm,
+                   GROUP: tl.constexpr, BITS: tl.constexpr, BLOCK_N: tl.constexpr, WORDS: tl.constexpr,
+                   XMODE: tl.constexpr):
+    pid_n, row = tl.program_id(0), tl.program_id(1)
+    PER_WORD: tl.constexpr = 32 // BITS
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
+    n_ok = n < N
+    lanes = tl.arange(0, PER_WORD)
+    acc = tl.zeros((WORDS, BLOCK_N), dtype=tl.float32)
+    for w0 in range(0, KW, WORDS):
+        wk = w0 + tl.arange(0, WORDS)  # (WORDS,) word index along K
+        ok = (wk < KW)[:, None] & n_ok[None, :]
+        word = tl.load(words + wk[:, None] * N + n[None, :], mask=ok, other=0)  # (WORDS, BLOCK_N) int32
+        g = (wk * PER_WORD) // GROUP
+        s = tl.load(scale + g[:, None] * N + n[None, :], mask=ok, other=0.0).to(tl.float32)
+        if BITS == 4:
+            z = tl.load(zero + g[:, None] * N + n[None, :], mask=ok, other=0).to(tl.float32)
+        else:
+            z = tl.full((WORDS, BLOCK_N), 128.0, tl.float32)
+        xrow = x + row * x_sm
+        if XMODE == 0:
+            dot = tl.zeros((WORDS, BLOCK_N), dtype=tl.float32)
+            xsum = tl.zeros((WORDS,), dtype=tl.float32)
+            for lane in tl.static_range(PER_WORD):
+                xl = tl.load(xrow + wk * PER_WORD + lane, mask=wk < KW, other=0.0).to(tl.float32)
+                dot += _lane_code(word, BITS * lane, BITS) * xl[:, None]
+                xsum += xl
+        elif XMODE == 1:
+            xs = tl.load(xrow + wk[:, None] * PER_WORD + lanes[None, :], mask=(wk < KW)[:, None], other=0.0).to(tl.float32)
+            q = _lane_code(word[:, :, None], (lanes * BITS)[None, None, :], BITS)  # (WORDS, BLOCK_N, PER_WORD)
+            dot = tl.sum(q * xs[:, None, :], axis=2)
+            xsum = tl.sum(xs, axis=1)
+        else:
+            xs = tl.load(xrow + wk[:, None] * PER_WORD + lanes[None, :], mask=(wk < KW)[:, None], other=0.0).to(tl.float32)
+            x0, x1, x2, x3, x4, x5, x6, x7 = _split8(xs, WORDS)
+            dot = _lane_code(word, 0, BITS) * x0[:, None] + _lane_code(word, 4, BITS) * x1[:, None]
+            dot += _lane_code(word, 8, BITS) * x2[:, None] + _lane_code(word, 12, BITS) * x3[:, None]
+            dot += _lane_code(word, 16, BITS) * x4[:, None] + _lane_code(word, 20, BITS) * x5[:, None]
+            dot += _lane_code(word, 24, BITS) * x6[:, None] + _lane_code(word, 28, BITS) * x7[:, None]
+            xsum = ((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7))
+        acc += s * (dot - z * xsum[:, None])
+    out = tl.sum(acc, axis=0)  # (BLOCK_N,)
+    tl.store(y + row * y_sm + n, out.to(y.dtype.element_ty), mask=n_ok)
+
+
+@triton.jit
+def _split4(xs, WORDS: tl.constexpr):
+    """(WORDS, 4) -> its 4 columns; lane = 2b + c."""
+    c0, c1 = tl.split(tl.reshape(xs, (WORDS, 2, 2)))
+    x0, x2 = tl.split(c0)
+    x1, x3 = tl.split(c1)
+    return x0, x1, x2, x3
+
+
+@triton.jit
+def _step_loads(xrow, words, scale, zero, N, KW, n, w0,
+             GROUP: tl.constexpr, BITS: tl.constexpr, WORDS: tl.constexpr, PER_ROW: tl.constexpr):
+    PER_WORD: tl.constexpr = 32 // BITS
+    wk = w0 + tl.arange(0, WORDS)
+    ok = (wk < KW)[:, None]
+    xs = tl.load(xrow + wk[:, None] * PER_WORD + tl.arange(0, PER_WORD)[None, :], mask=ok, other=0.0)
+    word = tl.load(words + wk[:, None] * N + n[None, :], mask=ok, other=0)
+    if PER_ROW:
+        s = tl.zeros((WORDS, 4), dtype=tl.float16)
+        z = tl.zeros((WORDS, 4), dtype=tl.uint8)
+    else:
+        g = (wk * PER_WORD) // GROUP
+        s = tl.load(scale + g[:, None] * N + n[None, :], mask=ok, other=0.0)
+        if BITS == 4:
+            z = tl.load(zero + g[:, None] * N + n[None, :], mask=ok, other=0)
+        else:
+            z = tl.zeros((WORDS, 4), dtype=tl.uint8)
+    return xs, word, s, z
+
+
+@triton.jit
+def _unit(word, lane: tl.constexpr, BITS: tl.constexpr, mask, one):
+    TOP: tl.constexpr = 23 - BITS
+    AT: tl.constexpr = BITS * lane
+    if AT <= TOP:
+        v = word << (TOP - AT)
+    else:
+        v = word >> (AT - TOP)
+    if BITS == 8:
+        return ((v & mask) ^ one).to(tl.float32, bitcast=True)
+    return ((v & mask) | one).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _step_math(acc, xs, word, s, z, mask, one, WORDS: tl.constexpr, BITS: tl.constexpr, PER_ROW: tl.constexpr):
+    L: tl.constexpr = 1 << BITS
+    xs = xs.to(tl.float32)
+    xsum = tl.sum(xs, axis=1)
+    xl = xs * L
+    if BITS == 4:
+        x0, x1, x2, x3, x4, x5, x6, x7 = _split8(xl, WORDS)
+        d = _unit(word, 0, BITS, mask, one) * x0[:, None]
+        d += _unit(word, 1, BITS, mask, one) * x1[:, None]
+        d += _unit(word, 2, BITS, mask, one) * x2[:, None]
+        d += _unit(word, 3, BITS, mask, one) * x3[:, None]
+        d += _unit(word, 4, BITS, mask, one) * x4[:, None]
+        d += _unit(word, 5, BITS, mask, one) * x5[:, None]
+        d += _unit(word, 6, BITS, mask, one) * x6[:, None]
+        d += _unit(word, 7, BITS, mask, one) * x7[:, None]
+    else:
+        x0, x1, x2, x3 = _split4(xl, WORDS)
+        d = _unit(word, 0, BITS, mask, one) * x0[:, None]
+        d += _unit(word, 1, BITS, mask, one) * x1[:, None]
+        d += _unit(word, 2, BITS, mask, one) * x2[:, None]
+        d += _unit(word, 3, BITS, mask, one) * x3[:, None]
+    if PER_ROW:
+        return acc + d
+    if BITS == 4:
+        zl = (z.to(tl.int32) | 0x4B000000).to(tl.float32, bitcast=True) - (8388608.0 - L)
+    else:
+        zl = 128.0 + L
+    return acc + s.to(tl.float32) * (d - zl * xsum[:, None])
+
+
+@triton.jit
+def _gemv_unit_kernel(x, words, scale, zero, y, N, KW, x_sm, y_sm, mask, one,
+                    GROUP: tl.constexpr, BITS: tl.constexpr, WORDS: tl.constexpr, PER_ROW: tl.constexpr,
+                    PREFETCH: tl.constexpr):
+    pid_n, row = tl.program_id(0), tl.program_id(1)
+    PER_WORD: tl.constexpr = 32 // BITS
+    L: tl.constexpr = 1 << BITS
+    n = pid_n * 4 + tl.arange(0, 4)
+    xrow = x + row * x_sm
+    acc = tl.zeros((WORDS, 4), dtype=tl.float32)
+    if PREFETCH:
+        xs, word, s, z = _step_loads(xrow, words, scale, zero, N, KW, n, 0, GROUP, BITS, WORDS, PER_ROW)
+        for w0 in range(WORDS, KW + WORDS, WORDS):
+            xs2, word2, s2, z2 = _step_loads(xrow, words, scale, zero, N, KW, n, w0, GROUP, BITS, WORDS, PER_ROW)
+            acc = _step_math(acc, xs, word, s, z, mask, one, WORDS, BITS, PER_ROW)
+            xs, word, s, z = xs2, word2, s2, z2
+    else:
+        for w0 in range(0, KW, WORDS):
+            xs, word, s, z = _step_loads(xrow, words, scale, zero, N, KW, n, w0, GROUP, BITS, WORDS, PER_ROW)
+            acc = _step_math(acc, xs, word, s, z, mask, one, WORDS, BITS, PER_ROW)
+    out = tl.sum(acc, axis=0)
+    if PER_ROW:
+        k = tl.arange(0, 4096)
+        xsum = 0.0
+        for k0 in range(0, KW * PER_WORD, 4096):
+            xsum += tl.sum(tl.load(xrow + k0 + k, mask=k0 + k < KW * PER_WORD, other=0.0).to(tl.float32), axis=0)
+        sr = tl.load(scale + n).to(tl.float32)
+        if BITS == 4:
+            zl = tl.load(zero + n).to(tl.float32) + L
+        else:
+            zl = 128.0 + L
+        out = sr * (out - zl * xsum)
+    tl.store(y + row * y_sm + n, out.to(y.dtype.element_ty))
+
+
+
+class TransposedQuant:
+    """A QuantLinear's weight in the variants' layout: words ``(K / per_word, N)`` int32, scale and zero
+    ``(K / G, N)``."""
+
+    def __init__(self, q: QuantLinear):
+        self.bits, self.group_size, self.in_features, self.out_features = q.bits, q.group_size, q.in_features, q.out_features
+        self.words = q.codes.contiguous().view(torch.int32).t().contiguous()  # (KW, N)
+        self.scale = q.scale.t().contiguous()  # (G, N)
+        self.zero = None if q.zero is None else q.zero.t().contiguous()
+        self.weight_bytes = q.weight_bytes
+
+    def _out(self, x):
+        x2 = x.reshape(-1, self.in_features)
+        return x2, torch.empty(x2.shape[0], self.out_features, dtype=x.dtype, device=x.device)
+
+    def __call__(self, x, xmode="split", block_n=4, words=256, num_warps=4):
+        if xmode == "split" and self.bits != 4:
+            raise ValueError("split takes 8 lanes: 4 bits only")
+        x2, y = self._out(x)
+        _gemv_t_kernel[(triton.cdiv(self.out_features, block_n), x2.shape[0])](
+            x2, self.words, self.scale, self.scale if self.zero is None else self.zero, y,
+            self.out_features, self.words.shape[0], x2.stride(0), y.stride(0),
+            GROUP=self.group_size, BITS=self.bits, BLOCK_N=block_n, WORDS=words, XMODE=XMODES[xmode],
+            num_warps=num_warps)
+        return y
+
+    def unit(self, x, words=128, num_warps=2, prefetch=True):
+        if self.out_features % 4:
+            raise ValueError(f"unit takes outputs four at a time, got {self.out_features}")
+        x2, y = self._out(x)
+        top = 23 - self.bits  # the code's lowest bit in the float
+        mask, one = ((1 << self.bits) - 1) << top, 0x3F800000 | (0x80 << top if self.bits == 8 else 0)
+        _gemv_unit_kernel[(self.out_features // 4, x2.shape[0])](
+            x2, self.words, self.scale, self.scale if self.zero is None else self.zero, y,
+            self.out_features, self.words.shape[0], x2.stride(0), y.stride(0), mask, one,
+            GROUP=self.group_size, BITS=self.bits, WORDS=words, PER_ROW=self.group_size == self.in_features,
+            PREFETCH=prefetch, num_warps=num_warps)
+        return y
+
+
+def check(device) -> None:
+    """Every variant against the reference on small ragged shapes (also under TRITON_INTERPRET=1)."""
+    gen = torch.Generator().manual_seed(0)
+    for bits, group, (k, n) in itertools.product((4, 8), (32, None), ((256, 12), (96, 8))):
+        linear = torch.nn.Linear(k, n, bias=False)
+        with torch.no_grad():
+            linear.weight.copy_(torch.randn(n, k, generator=gen))
+        q = QuantLinear.from_linear(linear, bits, group if bits == 4 else None, impl="torch")
+        t = TransposedQuant(q.to(device))
+        x = torch.randn(3, k, generator=gen).to(device)
+        reference = F.linear(x, q.dequantized_weight().to(device))
+        outs = {xmode: t(x, xmode, block_n=4, words=16, num_warps=1) for xmode in XMODES if xmode != "split" or bits == 4}
+        outs["unit"] = t.unit(x, words=16, num_warps=1, prefetch=False)
+        outs["unit+prefetch"] = t.unit(x, words=16, num_warps=1)
+        for name, got in outs.items():
+            error = ((got - reference).abs().max() / reference.abs().max()).item()
+            assert error < 1e-5, f"{name} W{bits} g{group} {k}->{n}: relative error {error:.2e}"
+        print(f"ok W{bits} group {group} {k}->{n}: {', '.join(outs)}")
+
+
+NAMES = ("bf16 cuBLAS", "library", "tinygemm", *XMODES, "unit", "unit+prefetch")
+
+
+def bench(device, out_dir: Path) -> None:
+    from quant import Int4PackLinear, copies_for, graph_ms, random_linear  # bench/quant.py
+
+    from effml_lib.kernels import quant_matmul as qm
+    from effml_lib.measure import copy_bandwidth, save_result
+
+    bandwidth = copy_bandwidth(device, nbytes=2 * 2**30)
+    print(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s")
+    rows = []
+    for (k, n), (bits, group) in itertools.product(((4096, 11008), (11008, 4096), (4096, 4096)), ((4, 128), (8, None))):
+        linears = [random_linear(k, n, device, i) for i in range(copies_for(k * n * bits // 8))]
+        qs = [QuantLinear.from_linear(lin, bits, group, impl="triton") for lin in linears]
+        ts = [TransposedQuant(q) for q in qs]
+        nbytes = qs[0].weight_bytes  # the quantized layer's bytes (bf16 reads 16 / bits times more)
+        x = torch.randn(1, k, device=device, dtype=torch.bfloat16)
+        reference = F.linear(x.float(), qs[0].dequantized_weight())
+
+        def record(name, calls, **tiles):
+            err = ((calls[0]().float() - reference).norm() / reference.norm()).item()
+            ms = graph_ms(calls, iters=40, rounds=5)
+            rows.append({"in": k, "out": n, "bits": bits, "group_size": group, "variant": name, **tiles, "ms": ms,
+                         "fraction_of_copy_bandwidth": nbytes / (ms * 1e-3) / bandwidth, "relative_error": err})
+
+        record("bf16 cuBLAS", [lambda lin=lin: lin(x) for lin in linears])
+        record("library", [lambda q=q: qm.quant_matmul(x, q.codes, q.scale, q.zero, None, q.bits, q.group_size, q.in_features)
+                           for q in qs])
+        if bits == 4:
+            packs = [Int4PackLinear(q) for q in qs]
+            record("tinygemm", [lambda p=p: p(x) for p in packs])
+            del packs
+        for xmode in XMODES:
+            if xmode == "split" and bits != 4:
+                continue
+            for block_n, words, warps in itertools.product((4, 8), (128, 256, 512), (2, 4, 8)):
+                if words < 16 * warps:
+                    continue
+                record(xmode, [lambda t=t: t(x, xmode, block_n, words, warps) for t in ts],
+                       block_n=block_n, words=words, num_warps=warps)
+        for words, warps, prefetch in itertools.product((128, 256, 512), (2, 4, 8), (False, True)):
+            if words < 32 * warps:
+                continue
+            record("unit+prefetch" if prefetch else "unit", [lambda t=t: t.unit(x, words, warps, prefetch) for t in ts],
+                   words=words, num_warps=warps)
+        for name in NAMES:
+            best = min((r for r in rows if (r["in"], r["out"], r["bits"], r["variant"]) == (k, n, bits, name)),
+                       key=lambda r: r["ms"], default=None)
+            if best:
+                print(f"{k}->{n} W{bits} {name:14s} {best['ms'] * 1e3:6.1f} us {100 * best['fraction_of_copy_bandwidth']:4.0f}% "
+                      f"err {best['relative_error']:.1e} " + " ".join(f"{t}={best[t]}" for t in ("block_n", "words", "num_warps") if t in best))
+        del linears, qs, ts
+        torch.cuda.empty_cache()
+        save_result(out_dir / "quant_gemv_variants.json", {"copy_bandwidth_bytes_per_s": bandwidth, "rows": rows}, device)
+
+
+def profile(device) -> None:
+    """A few calls of the library's GEMV, the best variant and tinygemm on 4096 -> 11008, W4 g128."""
+    from quant import Int4PackLinear, random_linear
+
+    from effml_lib.kernels import quant_matmul as qm
+
+    q = QuantLinear.from_linear(random_linear(4096, 11008, device, 0), 4, 128, impl="triton")
+    t, pack = TransposedQuant(q), Int4PackLinear(q)
+    x = torch.randn(1, 4096, device=device, dtype=torch.bfloat16)
+    for _ in range(5):
+        qm.quant_matmul(x, q.codes, q.scale, q.zero, None, 4, 128, 4096)
+        t.unit(x)
+        pack(x)
+    torch.cuda.synchronize()
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--check", action="store_true", help="only compare the variants' answers with the reference")
+    p.add_argument("--profile", action="store_true", help="a few calls of each kernel, for ncu")
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    with torch.no_grad():
+        if args.profile:
+            return profile(device)
+        check(device)
+        if not args.check:
+            from effml_lib.measure import device_slug
+            bench(device, Path(args.out) if args.out else ROOT / "bench" / "results" / device_slug(device))
+
+
+if __name__ == "__main__":
+    main()
