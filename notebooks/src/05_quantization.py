@@ -651,9 +651,9 @@ print("as loaded: " + "; ".join(f"{name}, {AS_LOADED[name]}" for name in w8a8.in
 w8a8.round(3)
 
 # %% [markdown]
-# effml-tiny hardly notices: W8A8 with per-tensor activations costs it 0.008 nats (2.183 to 2.191). SmolLM2
-# loses 0.834 nats (2.457, its file's Q4_1 weights dequantized, to 3.291), and only 0.029 with per-token
-# activations (2.486). Per-token scales are one way out, but they are computed at run time for every row and
+# effml-tiny hardly notices: W8A8 with per-tensor activations costs it 0.016 nats (2.183 to 2.199). SmolLM2
+# loses 0.809 nats (2.457, its file's Q4_1 weights dequantized, to 3.266), and only 0.035 with per-token
+# activations (2.492). Per-token scales are one way out, but they are computed at run time for every row and
 # applied to the matmul's output; SmoothQuant keeps one scale per tensor and removes the outliers instead.
 
 # %% [markdown]
@@ -746,11 +746,11 @@ plt.show()
 # Left: for each site's worst layer, the output error falls by roughly an order of magnitude as
 # α grows from 0, is smallest at α = 0.75, and rises again at 1, where the weights' columns take the whole
 # range and become the hard part. Right: the whole model follows. α = 0 is worse than no smoothing at all
-# (5.498 against 3.291: it moves the weights' range into the activations), α = 0.5, the paper's default,
-# recovers most of the loss (2.696), and α = 0.75 is the best of the sweep, 2.559: 0.102 nats above the model
-# as loaded (its Q4_1 weights, dequantized), where per-tensor W8A8 without smoothing was 0.834 above it. The
+# (5.585 against 3.266: it moves the weights' range into the activations), α = 0.5, the paper's default,
+# recovers most of the loss (2.709), and α = 0.75 is the best of the sweep, 2.554: 0.097 nats above the model
+# as loaded (its Q4_1 weights, dequantized), where per-tensor W8A8 without smoothing was 0.809 above it. The
 # paper likewise finds that models with stronger outliers want a larger α. Per-token INT8 without smoothing
-# (2.486) is still better here: SmolLM2's massive activations sit at one token, and a scale per channel can
+# (2.492) is still better here: SmolLM2's massive activations sit at one token, and a scale per channel can
 # only shrink that channel on every token alike. (On effml-tiny, without the SmolLM2 file, smoothing leaves
 # W8A8 slightly worse than no smoothing: there is little range to move, and moving it costs the weights.)
 
@@ -1081,16 +1081,24 @@ ax.set_xlabel("time per call (ms, log scale)")
 ax.set_title(f"{speed_in} → {speed_out} layer, {min(speed_tokens)} token per call, on {describe(device)}", fontsize=11)
 ax.legend(fontsize=9, loc="upper right")
 plt.show()
+time_ms = speed["time (ms)"]
+f32_bound = speed.loc[(1, "nn.Linear, float32"), "bytes ÷ copy bandwidth (ms)"]
+print(f"1 token: float32 nn.Linear takes {time_ms[(1, 'nn.Linear, float32')] / f32_bound:.2f}x its bytes' time at copy speed; "
+      f"float16 / float32 time: {time_ms[(1, 'nn.Linear, float16')] / time_ms[(1, 'nn.Linear, float32')]:.2f} at 1 token, "
+      f"{time_ms[(16, 'nn.Linear, float16')] / time_ms[(16, 'nn.Linear, float32')]:.2f} at 16; "
+      f"QuantLinear W4 g128 / float32 nn.Linear: {time_ms[(1, 'QuantLinear W4 g128')] / time_ms[(1, 'nn.Linear, float32')]:.0f}x")
 
 # %% [markdown]
-# In the committed run (a CPU), the two `nn.Linear`s at one token take about as long as reading their weights
-# at copy speed, and float16's half-size weight takes about half the time: a decode step is bound by bytes, as
-# section 1 assumed. The reference `QuantLinear` is many times slower than either, although its weight is 4×
-# (W8) or 7.6× (W4 g128) smaller than float32's. Its peak extra memory says why: each call materialises the
-# dequantized weight and its intermediates (128 MiB for W8, 192 MiB for W4, more than the 64 MiB float32
-# weight), so it writes and reads more bytes than `nn.Linear` does, on top of the unpacking. At 16 tokens the
-# CPU's float16 matmul also fell behind float32's: a CPU without fast float16 arithmetic converts as it goes.
-# Timings vary from run to run; the ratios are the point.
+# The figure compares, at one token, each layer's time (blue) with the time its weight's bytes take at copy
+# speed (grey). In the committed run (a CPU) float32's `nn.Linear` takes about as long as reading its weight
+# (the first ratio printed above): a decode step is bound by bytes, as section 1 assumed. Whether float16's
+# half-size weight halves the time depends on the CPU: one without fast float16 arithmetic converts as it goes
+# (the float16/float32 ratios above; this CPU's float16 matmul gains at 16 tokens, not at one). The reference
+# `QuantLinear` is many times slower than either, although its weight is 4× (W8) or 7.6× (W4 g128) smaller
+# than float32's. Its peak extra memory says why: each call materialises the dequantized weight and its
+# intermediates (128 MiB for W8, 192 MiB for W4, more than the 64 MiB float32 weight), so it writes and reads
+# more bytes than `nn.Linear` does, on top of the unpacking. Timings vary from run to run; the ratios are the
+# point.
 #
 # Saved bytes become saved time only when dequantizing happens inside the matmul, on values already in
 # registers, so that the codes and scales are all that is read from memory: that is what the Triton kernel
@@ -1172,10 +1180,69 @@ pd.DataFrame(decode_rows).set_index("weights")
 # weights as fast as memory delivers them. Our W4 kernel reaches 23-29% of the copy bandwidth per layer and 23%
 # over a decode step, so its decode is only 1.05× bf16's although it reads 28% of the bytes; our W8, at 43%,
 # 1.08×. PyTorch's tinygemm kernel is faster on every layer in the table and decodes 1.40× faster than bf16: it
-# is the target for ours. Unpacking nibbles costs arithmetic, and that arithmetic has to hide under the memory
-# reads. Nsight Compute, run on a variant of our GEMV that loads the activations the same way, found the L1 and
-# shared memory 87% busy and the DRAM 14%: each lane's activations are passed between threads through shared
-# memory, and that, not the memory bus, is the limit.
+# is the target for ours.
+#
+# What holds our W4 kernel back? Two more benchmarks ran on the H200, back to back in one call.
+# `bench/quant_read_probe.py` times kernels that only *read* each layer's packed words (and fold them together
+# with xor): the floor for any kernel that reads them. `bench/quant_gemv_variants.py` times variants of the GEMV
+# that store the words transposed, `(K / 8, N)` as GPTQ checkpoints do, so that one load of a word's
+# activations serves four outputs and no activation passes between threads ("transposed"), and, on top of
+# that, turn each 4-bit lane into a float with one shift and one and-or, so that a weight costs one fused
+# multiply-add ("transposed, lean lanes"; the file's docstring has the arithmetic). Each row is the fastest
+# tile of its kind:
+
+# %%
+probe = load_result(H200, "quant_read_probe")
+variants = load_result(H200, "quant_gemv_variants")
+print(f"both at {probe['env']['timestamp_utc']} (UTC), copy bandwidth "
+      f"{probe['results']['copy_bandwidth_bytes_per_s'] / 1e12:.2f} TB/s")
+kinds = {"read the words only": ("probe", ("rows",)), "ours (QuantLinear)": ("variants", ("library",)),
+         "transposed": ("variants", ("lanes", "split")), "transposed, lean lanes": ("variants", ("unit", "unit+prefetch")),
+         "tinygemm int4": ("variants", ("tinygemm",))}
+
+
+def fastest(rows, k, n, names, key):
+    return min((r for r in rows if (r["in"], r["out"]) == (k, n) and r.get(key) in names and r.get("bits", 4) == 4),
+               key=lambda r: r["ms"])
+
+
+limit_rows = []
+for k, n in ((4096, 4096), (4096, 11008), (11008, 4096)):
+    for kind, (source, names) in kinds.items():
+        rows, key = (probe["results"]["rows"], "probe") if source == "probe" else (variants["results"]["rows"], "variant")
+        best = fastest(rows, k, n, names, key)
+        limit_rows.append({"layer": f"{k} → {n}", "W4 g128 kernel": kind, "time (us)": round(best["ms"] * 1e3, 1),
+                           "of copy bandwidth": f"{100 * best['fraction_of_copy_bandwidth']:.0f}%"})
+pd.DataFrame(limit_rows).set_index(["layer", "W4 g128 kernel"])
+
+# %% [markdown]
+# Merely reading the words of the 4096 → 11008 layer takes 7.0 µs, 77% of the copy bandwidth: neither the
+# layout nor the memory keeps our kernel at 19.4 µs. Moving no activations between threads gains 1-3 µs, and
+# lean lanes about 3 µs more on 11008 → 4096 (14.9 µs, level with tinygemm's 15.0), but every variant stays at
+# or below 38% of the copy bandwidth. The rest of the time is the kernels' own work: Triton compiles one
+# instruction per element and operation, so each 4-bit weight still costs a shift, a mask and a multiply-add,
+# plus its share of loading and converting activations, scales and zero points, and a profile of the lean
+# variant (`bench/results/nvidia-h200/ncu_quant_gemv.txt`) finds its issue slots busier than the DRAM. Closing
+# the gap to the 7.0 µs read takes fewer instructions per weight and more bytes in flight while they run
+# (`bench/NOTES.md` follows that further).
+#
+# The real model, SmolLM2-135M from its GGUF file, also ran on the H200 (`python bench/quant.py --parts
+# smollm2`, compiled decode, bf16 activations):
+
+# %%
+smol_gpu = load_result(H200, "quant_smollm2")
+print(f"precomputed at {smol_gpu['env']['timestamp_utc']} (UTC) on an {smol_gpu['env']['device_name']}")
+pd.DataFrame([{"weights": "bf16 (as loaded, dequantized)" if name == "dense" else "ours W4 g32",
+               "tokens/s": round(r["tokens_per_s"], 1), "weight MB": round(r["weight_bytes"] / 1e6, 1),
+               "GB/s of weights read": round(r["tokens_per_s"] * r["weight_bytes"] / 1e9)}
+              for name, r in smol_gpu["results"]["smollm2"].items()]).set_index("weights")
+
+# %% [markdown]
+# A 135M-parameter model is too small to be bound by memory on an H200: a step reads its weights at a few
+# hundred GB/s of the 4.2 TB/s the copy reaches, so its time is 30 layers' worth of small kernels, each waiting
+# on its own latency, and our GEMV is slower than cuBLAS's on layers this small. W4 makes SmolLM2 slower here
+# (830.1 against 1110.3 tokens/s): quantization for speed pays on large models at small batches, where bytes
+# dominate, as on Llama-2-7B above.
 
 # %% [markdown]
 # ## What we found, and what the lab asks
@@ -1190,8 +1257,8 @@ pd.DataFrame(decode_rows).set_index("weights")
 #   linear scales catch up by 4 bits and are what kernels and file formats use.
 # - SmolLM2 has channel outliers (channel 247 entering attention, 12.0× the median channel in a typical layer)
 #   and massive activations at the first token (3266.6× entering layer 11's down projection): INT8 activations
-#   per tensor cost it 0.834 nats. effml-tiny's outliers are mild, and W8A8 costs it 0.008.
-# - SmoothQuant at α = 0.75 brought SmolLM2's per-tensor W8A8 to 2.559 nats (2.457 as loaded, its Q4_1 weights
+#   per tensor cost it 0.809 nats. effml-tiny's outliers are mild, and W8A8 costs it 0.016.
+# - SmoothQuant at α = 0.75 brought SmolLM2's per-tensor W8A8 to 2.554 nats (2.457 as loaded, its Q4_1 weights
 #   dequantized); too small or too large an α fails.
 # - At 3 bits, keeping the 1% of input channels with the largest activations in fp16 almost halves the
 #   damage, choosing them by weight or at random does not, and AWQ's scaling (one foldable s per shared
@@ -1201,7 +1268,8 @@ pd.DataFrame(decode_rows).set_index("weights")
 # - A GGUF Q4_1 block is d and m (float16) and 16 bytes of codes, $w = d\,q + m$, weights $j$ and $j + 16$ sharing byte $j$.
 # - Saved bytes become saved time only when dequantizing is fused into the matmul, and only if that
 #   kernel unpacks as fast as memory delivers: on the H200 our W8 and W4 decodes beat bf16 by only 8% and 5%,
-#   where tinygemm's int4 gains 40%.
+#   where tinygemm's int4 gains 40%. Reading the packed words alone reaches 77% of the copy bandwidth; our
+#   kernel is held back by its instructions per weight, not by memory.
 #
 # **Lab 05** ([`labs/lab05_quantization/lab05_quantization.ipynb`](../labs/lab05_quantization/lab05_quantization.ipynb), 12 points)
 # has you build the pieces, each part graded by hidden tests:
