@@ -16,7 +16,8 @@ Parts:
             serves up to GEMV_MAX_ROWS rows, the tiled GEMM beyond)
   decode    the Llama-2-7B shape (random weights), compiled decode (torch.compile + CUDA graphs):
             bf16, ours W8 (per channel), ours W4 g128, and tinygemm int4 g128 swapped in the same way
-  smollm2   SmolLM2-135M-Instruct from its GGUF file (checkpoints.load_gguf): 16-bit vs our W4 g32
+  smollm2   SmolLM2-135M-Instruct from its GGUF file (checkpoints.load_gguf): 16-bit vs our W4 g32, and
+            the file's own Q4_1 kept as QuantLinear (load_gguf(..., quantized=True))
 
 Kernel times come from CUDA graphs of many calls (no launch overhead between them) that rotate
 through copies of the weights larger than L2 together, so every call reads its weight from HBM.
@@ -326,9 +327,9 @@ def run_smollm2(device, bandwidth, new_tokens=64, reps=3) -> dict:
         raise SystemExit("SmolLM2's GGUF file is missing: run `make models` (or python -m effml_lib.checkpoints fetch)")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     results = {}
-    for name in ("dense", "w4-g32"):
-        model, tokenizer = checkpoints.load_gguf(path, dtype=dtype, device=device)
-        if name != "dense":
+    for name in ("dense", "w4-g32", "q4_1-kept"):
+        model, tokenizer = checkpoints.load_gguf(path, dtype=dtype, device=device, quantized=name == "q4_1-kept")
+        if name == "w4-g32":  # re-quantized from the dequantized weights, integer zero points
             quantize_model(model, 4, 32)
         prompt = torch.tensor([tokenizer.encode("The three most useful ideas in computer science are")], device=device)
         cache = StaticKVCache.for_model(model, batch_size=1, max_seq_len=prompt.shape[1] + new_tokens)

@@ -563,17 +563,24 @@ def _read_gguf(path: Path):
     return reader, meta
 
 
-def load_gguf(path, dtype: torch.dtype = torch.float32, device=None, max_seq_len: int | None = None):
+def load_gguf(path, dtype: torch.dtype = torch.float32, device=None, max_seq_len: int | None = None,
+              quantized: bool = False):
     """Load a Llama-family GGUF file (llama.cpp's format) -> ``(Transformer, tokenizer or None)``.
 
     Every tensor (F32, F16, BF16, Q8_0, Q4_0 or Q4_1) is dequantized to float32 by our decoders, then
     cast to ``dtype``: the model computes in floats, the quantization's error stays in its weights.
+    With ``quantized=True`` the decoder blocks' linear layers stored in a block format stay in it, as
+    ``quant.QuantLinear``s holding the file's own codes and scales (Q4_1: 4 bits, groups of 32, float16
+    offsets; Q4_0: zero point 8; Q8_0: 8 bits, groups of 32), so the model runs at the file's bits as
+    llama.cpp does, computing with exactly the weights the float load holds.
     ``max_seq_len`` caps the RoPE tables and caches (default: the file's context length). The tokenizer
     is a ``GGUFTokenizer`` for a byte-level BPE vocabulary ("gpt2" in the file); otherwise it is None,
     and a warning says why.
     """
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(f"dtype must be a floating torch.dtype such as torch.float32, got {dtype!r}")
+    if not isinstance(quantized, bool):
+        raise TypeError(f"quantized must be True or False, got {quantized!r}")
     path = _gguf_file(path)
     reader, meta = _read_gguf(path)
     tensors = {t.name: t for t in reader.tensors}
@@ -586,20 +593,68 @@ def load_gguf(path, dtype: torch.dtype = torch.float32, device=None, max_seq_len
         raise ValueError(f"{path.name} has tensors a Llama model of {config.n_layers} layers has no place for: "
                          f"{unknown[:6]}")
 
-    state = {}
-    for name, t in tensors.items():
-        raw = torch.from_numpy(reader.data[t.data_offset : t.data_offset + t.n_bytes].copy())  # out of the mmap
-        weight = dequantize_gguf(raw, t.tensor_type.name, shapes[name])
+    def to_half_split(name, rows):
         # llama.cpp rotates adjacent pairs (2i, 2i+1), so its converter reorders each head's q and k rows
         # from Hugging Face's half-split pairing (i, i + D/2) into adjacent pairs. Our RoPE is half-split:
-        # undo it (K with its own, fewer, heads).
+        # undo it (K with its own, fewer, heads). Any per-row tensor (weights, codes, scales) alike.
         if name.endswith(".attn_q.weight"):
-            weight = permute_qk_weight(weight, config.n_heads, to="half_split")
-        elif name.endswith(".attn_k.weight"):
-            weight = permute_qk_weight(weight, config.n_kv_heads, to="half_split")
-        state[names[name]] = weight.to(dtype=dtype, device=device)
+            return permute_qk_weight(rows, config.n_heads, to="half_split")
+        if name.endswith(".attn_k.weight"):
+            return permute_qk_weight(rows, config.n_kv_heads, to="half_split")
+        return rows
+
+    state, kept = {}, {}
+    for name, t in tensors.items():
+        raw = torch.from_numpy(reader.data[t.data_offset : t.data_offset + t.n_bytes].copy())  # out of the mmap
+        state[names[name]] = to_half_split(name, dequantize_gguf(raw, t.tensor_type.name, shapes[name])).to(dtype=dtype, device=device)
+        if quantized and names[name].startswith("layers.") and t.tensor_type.name in GGUF_BLOCK_DECODERS:
+            kept[names[name].removesuffix(".weight")] = gguf_quant_linear(raw, t.tensor_type.name, shapes[name],
+                                                                          lambda rows, name=name: to_half_split(name, rows))
     model = _assemble(config, state, f"GGUF file {path}", "its metadata")
+    if kept:
+        from .model import replace_linears
+
+        replace_linears(model, lambda name, linear: kept[name] if device is None else kept[name].to(device),
+                        targets=list(kept))
     return model, _gguf_tokenizer(meta, path.name)
+
+
+def gguf_quant_linear(raw, type_name: str, shape, rows=lambda t: t):
+    """One block-format linear weight (``Q4_1``, ``Q4_0`` or ``Q8_0``, torch ``shape`` ``(out, in)``) as a
+    ``quant.QuantLinear`` holding the file's codes and float16 scales unchanged, so that its
+    ``dequantized_weight()`` is :func:`dequantize_gguf`'s float32 weight bit for bit. The codes move
+    from GGUF's nibble order (weights j and j + 16 share byte j) to ``quant.pack_int4``'s (2i and
+    2i + 1). ``rows`` reorders a per-row tensor (``load_gguf`` undoes llama.cpp's q/k permutation)."""
+    from .quant import QuantLinear, pack_int4
+
+    if type_name not in GGUF_BLOCK_DECODERS:
+        raise ValueError(f"type_name must be one of {', '.join(GGUF_BLOCK_DECODERS)} (a block format), got {type_name!r}")
+    shape = tuple(int(n) for n in shape)
+    if len(shape) != 2 or shape[1] % GGUF_BLOCK_WEIGHTS:
+        raise ValueError(f"shape must be (out, in) with in a multiple of {GGUF_BLOCK_WEIGHTS}, got {shape}")
+    out_features, in_features = shape
+    raw = _as_bytes(raw, "raw").reshape(-1)
+    per_row = in_features // GGUF_BLOCK_WEIGHTS
+    if raw.numel() != out_features * per_row * GGUF_BLOCK_BYTES[type_name]:
+        raise ValueError(f"a {type_name} tensor of shape {shape} takes {out_features * per_row * GGUF_BLOCK_BYTES[type_name]} "
+                         f"bytes, got {raw.numel()}")
+    blocks = raw.view(out_features, per_row, GGUF_BLOCK_BYTES[type_name])  # (out, in / 32, bytes per block)
+    scale = blocks[..., :2].contiguous().view(torch.float16)[..., 0]  # (out, in / 32): d
+    if type_name == "Q8_0":
+        q = QuantLinear(in_features, out_features, bits=8, group_size=GGUF_BLOCK_WEIGHTS, impl="auto")
+        codes = blocks[..., 2:].contiguous().view(torch.int8).reshape(out_features, in_features)
+    else:
+        q = QuantLinear(in_features, out_features, bits=4, group_size=GGUF_BLOCK_WEIGHTS, offset=type_name == "Q4_1")
+        qs = blocks[..., 4:] if type_name == "Q4_1" else blocks[..., 2:]  # (out, in / 32, 16)
+        codes = pack_int4(torch.cat((qs & 0x0F, qs >> 4), dim=-1).reshape(out_features, in_features))
+    with torch.no_grad():
+        q.codes.copy_(rows(codes))
+        q.scale.copy_(rows(scale))
+        if type_name == "Q4_1":
+            q.offset.copy_(rows(blocks[..., 2:4].contiguous().view(torch.float16)[..., 0]))  # m
+        elif type_name == "Q4_0":
+            q.zero.fill_(8)  # w = d * (q - 8)
+    return q
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -221,20 +221,26 @@ class QuantLinear(nn.Module):
 
     - ``bits=8``: symmetric int8 codes, one scale per group, no zero point (W8A16);
     - ``bits=4``: asymmetric 4-bit codes packed two per byte (:func:`pack_int4`), a scale and a uint8
-      zero point per group (W4A16; the scheme of GGUF's Q4_1 and of AWQ/GPTQ checkpoints).
+      zero point per group (W4A16; the scheme of AWQ/GPTQ checkpoints), ``w = (code - zero) * scale``;
+    - ``bits=4, offset=True``: the same codes and scales with a float16 offset per group instead of the
+      zero point, ``w = code * scale + offset``: GGUF's Q4_1 (``w = d * q + m``) exactly, whose ``m`` is
+      rarely a whole number of steps (``checkpoints.load_gguf(..., quantized=True)``).
 
     Buffers: ``codes`` (int8 ``(out, in)`` or uint8 packed ``(out, in / 2)``), ``scale`` float16
-    ``(out, in / group_size)``, ``zero`` uint8 (4 bits only), ``bias`` (kept in its dtype, if any).
+    ``(out, in / group_size)``, ``zero`` uint8 (4 bits only) or ``offset`` float16 (4 bits, offset=True),
+    ``bias`` (kept in its dtype, if any).
     """
 
     def __init__(self, in_features: int, out_features: int, bits: int = 4, group_size: int | None = 128,
-                 bias: bool = False, device=None, impl: str = "auto"):
+                 bias: bool = False, device=None, impl: str = "auto", offset: bool = False):
         super().__init__()
         if impl not in IMPLS:
             raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
         self.impl = impl  # "auto": the Triton kernel on CUDA, else the PyTorch reference
         if bits not in (4, 8):
             raise ValueError(f"bits must be 4 (W4A16) or 8 (W8A16), got {bits!r}")
+        if offset and bits != 4:
+            raise ValueError(f"offset=True (w = code * scale + offset) is a 4-bit form; bits is {bits}")
         group = in_features if group_size is None else group_size
         if isinstance(group, bool) or not isinstance(group, int) or group <= 0 or in_features % group:
             raise ValueError(f"group_size {group_size!r} must be a positive int dividing in_features={in_features}")
@@ -242,12 +248,14 @@ class QuantLinear(nn.Module):
             raise ValueError(f"group_size must be even for packed 4-bit codes, got {group}")
         self.in_features, self.out_features, self.bits, self.group_size = in_features, out_features, bits, group
         n_groups = in_features // group
+        groups = (out_features, n_groups)
         if bits == 8:
             self.register_buffer("codes", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
-            self.zero = None
         else:
             self.register_buffer("codes", torch.zeros(out_features, in_features // 2, dtype=torch.uint8, device=device))
-            self.register_buffer("zero", torch.zeros(out_features, n_groups, dtype=torch.uint8, device=device))
+        four_bit_zero = bits == 4 and not offset  # None buffers: absent from the state dict
+        self.register_buffer("zero", torch.zeros(groups, dtype=torch.uint8, device=device) if four_bit_zero else None)
+        self.register_buffer("offset", torch.zeros(groups, dtype=torch.float16, device=device) if offset else None)
         self.register_buffer("scale", torch.ones(out_features, n_groups, dtype=torch.float16, device=device))
         self.register_buffer("bias", torch.zeros(out_features, device=device) if bias else None)
 
@@ -269,12 +277,16 @@ class QuantLinear(nn.Module):
         return q
 
     def dequantized_weight(self, dtype=torch.float32) -> torch.Tensor:
-        """The weight ``(out, in)`` the layer computes with: ``(codes - zero) * scale`` per group."""
+        """The weight ``(out, in)`` the layer computes with: ``(codes - zero) * scale`` per group, or
+        ``codes * scale + offset`` in the offset form."""
         codes = self.codes.float() if self.bits == 8 else unpack_int4(self.codes).float()  # (out, in)
         groups = codes.view(self.out_features, -1, self.group_size)  # (out, n_groups, group)
         if self.zero is not None:
             groups = groups - self.zero.float()[..., None]
-        return (groups * self.scale.float()[..., None]).view(self.out_features, self.in_features).to(dtype)
+        weight = groups * self.scale.float()[..., None]
+        if self.offset is not None:
+            weight = weight + self.offset.float()[..., None]
+        return weight.view(self.out_features, self.in_features).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if resolve_impl(self.impl, x.device) == "triton":
@@ -282,17 +294,18 @@ class QuantLinear(nn.Module):
 
             if fits(self.bits, self.group_size, self.in_features):  # else: the reference, below
                 return quant_matmul_op(x, self.codes, self.scale, self.zero, self.bias, self.bits,
-                                       self.group_size, self.in_features)
+                                       self.group_size, self.in_features, self.offset)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, self.dequantized_weight(x.dtype), bias)  # the PyTorch reference
 
     @property
     def weight_bytes(self) -> int:
         """Bytes the weight takes: codes, scales and zero points (what a decode step reads)."""
-        return sum(t.numel() * t.element_size() for t in (self.codes, self.scale, self.zero) if t is not None)
+        return sum(t.numel() * t.element_size() for t in (self.codes, self.scale, self.zero, self.offset) if t is not None)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, group_size={self.group_size}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+                f"group_size={self.group_size}" + (", offset=True" if self.offset is not None else ""))
 
 
 def quantize_model(model: nn.Module, bits: int = 4, group_size: int | None = 128, targets=None,

@@ -26,6 +26,7 @@ from gguf.quants import quantize as gguf_quantize  # noqa: E402
 
 from effml_lib import checkpoints  # noqa: E402
 from effml_lib.checkpoints import (  # noqa: E402
+    GGUF_BLOCK_BYTES,
     GGUFTokenizer,
     dequantize_gguf,
     dequantize_q4_0,
@@ -252,6 +253,30 @@ def test_tiny_file_is_what_transformers_reads_too(tmp_path, gen):
         torch.testing.assert_close(hf.eval()(tokens).logits, source(tokens), atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("type_name", ["Q8_0", "Q4_0", "Q4_1"])
+def test_tiny_file_kept_quantized_computes_with_the_same_weights(type_name, tmp_path, gen):
+    """quantized=True keeps each block linear in the file's format as a QuantLinear: its weight is the
+    float load's, bit for bit (q/k rows permuted alike), and its bytes are the file's (Q4_0 stores its
+    constant zero point 8 as one byte per group)."""
+    from effml_lib.quant import QuantLinear
+
+    path = write_gguf(tmp_path / "tiny.gguf", tiny_model(tied=False), type_name)
+    dense, _ = load_gguf(path)
+    kept, _ = load_gguf(path, quantized=True)
+    linears = {name: m for name, m in kept.named_modules() if isinstance(m, QuantLinear)}
+    assert len(linears) == 7 * TINY["n_layers"], f"every block linear kept quantized, got {sorted(linears)}"
+    assert not isinstance(kept.output, QuantLinear), "the LM head is not a block linear"
+    dense_modules = dict(dense.named_modules())
+    for name, q in linears.items():
+        assert torch.equal(q.dequantized_weight(), dense_modules[name].weight), f"{name}: not the float load's weight"
+        n = q.in_features * q.out_features
+        per_block = GGUF_BLOCK_BYTES[type_name] + (type_name == "Q4_0")
+        assert q.weight_bytes == n // 32 * per_block, f"{name}: {q.weight_bytes} bytes"
+    tokens = torch.randint(0, TINY["vocab_size"], (2, 40), generator=gen)
+    with torch.no_grad():
+        torch.testing.assert_close(kept(tokens), dense(tokens), atol=1e-5, rtol=0)
+
+
 def test_load_gguf_dtype_device_and_max_seq_len(tmp_path):
     path = write_gguf(tmp_path / "tiny.gguf", tiny_model(tied=True))
     model, _ = load_gguf(path, dtype=torch.bfloat16, device="cpu", max_seq_len=32)
@@ -450,6 +475,23 @@ def test_smollm2_logits_equal_transformers(smollm2, reference):
     diff = (got - want).abs().max().item()
     assert diff <= 1e-4, f"max |logits difference| {diff:.2e} > 1e-4 against transformers on SmolLM2"
     assert want.abs().max() > 10.0, "logits too small for the comparison to mean anything"
+
+
+def test_smollm2_kept_at_4_bits_computes_with_the_files_weights(smollm2_file, smollm2):
+    """Q4_1 kept as QuantLinear (4 bits, groups of 32, float16 offsets): the weights the float load
+    holds, bit for bit, at the file's 20 bytes per 32 weights; so the same logits."""
+    from effml_lib.quant import QuantLinear
+
+    model, tok = smollm2
+    kept, _ = load_gguf(smollm2_file, quantized=True)
+    linears = {name: m for name, m in kept.named_modules() if isinstance(m, QuantLinear)}
+    assert len(linears) == 210 and all(m.offset is not None and m.group_size == 32 for m in linears.values())
+    modules = dict(model.named_modules())
+    assert all(torch.equal(q.dequantized_weight(), modules[name].weight) for name, q in linears.items())
+    assert sum(q.weight_bytes for q in linears.values()) == sum(q.in_features * q.out_features for q in linears.values()) // 32 * 20
+    tokens = torch.tensor([tok.encode("The three most useful ideas in computer science are")])
+    with torch.no_grad():
+        torch.testing.assert_close(kept(tokens), model(tokens), atol=1e-5, rtol=0)
 
 
 def test_smollm2_greedy_text_equals_transformers(smollm2, reference):

@@ -86,3 +86,29 @@ def test_cuda_cached_logits_through_the_kernel_match_the_cpu_reference(gen):
         model(tokens[:, :16].cuda(), cache, 0)
         steps = [model(tokens[:, t : t + 1].cuda(), cache, t) for t in range(16, 24)]
     torch.testing.assert_close(torch.cat(steps, 1).cpu(), expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("form", ["zero point", "offset"])
+def test_cuda_compiled_decode_of_a_quantized_model_equals_its_reference(form, gen):
+    """QuantLinear's custom operator inside torch.compile and CUDA graphs, in both 4-bit forms (integer
+    zero points; float16 offsets, GGUF's Q4_1): the tokens the PyTorch reference decodes."""
+    from effml_lib.quant import QuantLinear, quantize_model
+
+    model = quantize_model(small_model(), 4, 32, impl="torch")
+    if form == "offset":
+        for m in model.modules():
+            if isinstance(m, QuantLinear):  # the same codes and scales, w = code * scale + offset
+                offset = -(m.zero.float() * m.scale.float()).half()
+                m.register_buffer("zero", None)
+                m.register_buffer("offset", offset)
+    prompt = torch.randint(0, 97, (1, 12), generator=gen)
+    with torch.no_grad():
+        expected_logits = model(prompt)  # CPU, the reference path
+    model = model.cuda()
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            m.impl = "triton"
+    with torch.no_grad():
+        torch.testing.assert_close(model(prompt.cuda()).cpu(), expected_logits, atol=1e-4, rtol=1e-4)
+    eager = generate(model, prompt.cuda(), 16)
+    assert torch.equal(generate(model, prompt.cuda(), 16, compile=True), eager), f"{form}: compiled decode differs from eager"

@@ -465,6 +465,56 @@ def test_triton_kernel_keeps_leading_dims_and_dtype(gen):
     torch.testing.assert_close(out.float(), reference.float(), atol=2e-2, rtol=2e-2)
 
 
+def offset_form(in_features, out_features, group_size, gen, bias=False):
+    """A QuantLinear in the offset form (``w = code * scale + offset``, GGUF's Q4_1) with random codes,
+    scales of both signs and offsets that are not whole steps."""
+    q = QuantLinear(in_features, out_features, 4, group_size, bias=bias, offset=True, impl="torch")
+    groups = (out_features, in_features // group_size)
+    with torch.no_grad():
+        q.codes.copy_(pack_int4(torch.randint(0, 16, (out_features, in_features), generator=gen, dtype=torch.uint8)))
+        q.scale.copy_((torch.randn(groups, generator=gen) * 0.1).half())
+        q.offset.copy_((torch.randn(groups, generator=gen) * 0.3).half())
+        if bias:
+            q.bias.copy_(torch.randn(out_features, generator=gen))
+    return q
+
+
+def test_offset_form_computes_code_times_scale_plus_offset(gen):
+    q = offset_form(64, 8, 32, gen)
+    codes = unpack_int4(q.codes).float().view(8, 2, 32)
+    expected = (codes * q.scale.float()[..., None] + q.offset.float()[..., None]).view(8, 64)
+    assert torch.equal(q.dequantized_weight(), expected), "w = code * scale + offset, per group of 32"
+    x = torch.randn(3, 64, generator=gen)
+    torch.testing.assert_close(q(x), x @ expected.T)
+    assert q.zero is None and q.weight_bytes == 8 * 32 + 8 * 2 * (2 + 2), "codes + float16 scales + float16 offsets"
+    assert "offset" in q.state_dict() and "zero" not in q.state_dict()
+
+
+def test_offset_form_is_four_bits_only():
+    with pytest.raises(ValueError, match="offset"):
+        QuantLinear(64, 8, bits=8, group_size=32, offset=True)
+
+
+@pytest.mark.parametrize("path", ["gemv", "gemm"])
+def test_triton_kernel_equals_the_reference_in_the_offset_form(gen, path):
+    """The kernels add the float16 offset where the zero-point form subtracts zero * scale."""
+    pytest.importorskip("triton")
+    from effml_lib.kernels.quant_matmul import GEMV_MAX_ROWS, quant_matmul
+
+    q = offset_form(96, 40, 32, gen, bias=True)
+    x = torch.randn(GEMV_MAX_ROWS + 1 if path == "gemm" else 3, 96, generator=gen)
+    if torch.cuda.is_available():
+        q, x = q.cuda(), x.cuda()
+    tiles = {"block_n": 8, "block_k": 64, "num_warps": 1}
+    gemm = {"block_n": 16, "block_k": 128, "num_warps": 1}
+    out = quant_matmul(x, q.codes, q.scale, None, q.bias, 4, 32, 96, gemv=tiles, gemm=gemm, offset=q.offset)
+    torch.testing.assert_close(out, q(x), atol=1e-4, rtol=1e-4)
+    if torch.cuda.is_available():  # the layer's own forward: the custom operator with its default tiles
+        reference = q(x)
+        q.impl = "triton"
+        torch.testing.assert_close(q(x), reference, atol=1e-4, rtol=1e-4)
+
+
 def test_quant_linear_rejects_an_unknown_impl():
     with pytest.raises(ValueError, match="impl"):
         QuantLinear(64, 8, impl="cuda")

@@ -14,7 +14,7 @@ Two kernels, one answer:
 Layout (``effml_lib.quant.QuantLinear``'s buffers): ``codes`` int8 ``(N, K)`` (8 bits) or uint8
 ``(N, K / 2)`` with element ``2i`` in the low nibble (4 bits), so word ``w`` holds weights
 ``(32 / bits) * w + lane`` in lane order; ``scale`` float16 ``(N, K / G)``; ``zero`` uint8 ``(N, K / G)``
-(4 bits only). The kernels need whole words per row and groups of whole words (``K`` and ``G``
+(4 bits), or instead ``offset`` float16 ``(N, K / G)`` (4 bits, GGUF's Q4_1: ``code * scale + offset``). The kernels need whole words per row and groups of whole words (``K`` and ``G``
 multiples of 8 for 4 bits, of 4 for 8 bits: :func:`fits`); ``QuantLinear`` uses the PyTorch reference
 otherwise. Runs on CUDA, or on CPU tensors under ``TRITON_INTERPRET=1`` (how CI proves it without a
 GPU). The weight is the reference's ``(code - zero) * scale``, computed in float32 as
@@ -40,21 +40,25 @@ def _as_float(code):
 @triton.jit
 def _word_scales(scale, zero, n, n_ok, k0, K, s_sn, s_sg,
                  GROUP: tl.constexpr, BITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 SEG: tl.constexpr):
+                 SEG: tl.constexpr, OFFSET: tl.constexpr):
     """Scale and shift of every word of a step, ``(BLOCK_N, BLOCK_K / per_word)`` each, so that a lane's
     weight is ``float(lane) * scale + shift``. A step is NSEG segments of SEG weights, each inside one
-    group: one scale (and zero point) load per segment."""
+    group: one scale (and zero point) load per segment. With OFFSET, ``zero`` points to the float16
+    offsets, which are the shift."""
     PER_WORD: tl.constexpr = 32 // BITS
     NSEG: tl.constexpr = BLOCK_K // SEG
     seg_start = k0 + tl.arange(0, NSEG) * SEG  # (NSEG,)
     seg_ok = n_ok[:, None] & (seg_start[None, :] < K)  # (BLOCK_N, NSEG)
     group = seg_start // GROUP
     s = tl.load(scale + n[:, None] * s_sn + group[None, :] * s_sg, mask=seg_ok, other=0.0).to(tl.float32)
-    if BITS == 4:  # (q - z) * s = q * s - z * s
-        z = tl.load(zero + n[:, None] * s_sn + group[None, :] * s_sg, mask=seg_ok, other=0).to(tl.float32)
-    else:  # int8 lanes are read offset by 128 (0..255), so the zero point is 128
-        z = tl.full((BLOCK_N, NSEG), 128.0, tl.float32)
-    shift = -z * s
+    if OFFSET:  # q * s + offset
+        shift = tl.load(zero + n[:, None] * s_sn + group[None, :] * s_sg, mask=seg_ok, other=0.0).to(tl.float32)
+    else:
+        if BITS == 4:  # (q - z) * s = q * s - z * s
+            z = tl.load(zero + n[:, None] * s_sn + group[None, :] * s_sg, mask=seg_ok, other=0).to(tl.float32)
+        else:  # int8 lanes are read offset by 128 (0..255), so the zero point is 128
+            z = tl.full((BLOCK_N, NSEG), 128.0, tl.float32)
+        shift = -z * s
     if NSEG > 1:  # (BLOCK_N, NSEG) -> every word of its segment: (BLOCK_N, BLOCK_K / PER_WORD)
         s = tl.reshape(tl.broadcast_to(s[:, :, None], (BLOCK_N, NSEG, SEG // PER_WORD)), (BLOCK_N, BLOCK_K // PER_WORD))
         shift = tl.reshape(tl.broadcast_to(shift[:, :, None], (BLOCK_N, NSEG, SEG // PER_WORD)), (BLOCK_N, BLOCK_K // PER_WORD))
@@ -75,7 +79,7 @@ def _quant_gemv_kernel(
     x, words, scale, zero, bias, y,
     N, K,
     x_sm, x_sk, w_sn, w_sk, s_sn, s_sg, y_sm, y_sn,
-    GROUP: tl.constexpr, BITS: tl.constexpr, HAS_BIAS: tl.constexpr,
+    GROUP: tl.constexpr, BITS: tl.constexpr, HAS_BIAS: tl.constexpr, OFFSET: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SEG: tl.constexpr,
 ):
     # One row of x per program (axis 0, so the few rows of a decode step share each weight tile in L2)
@@ -91,7 +95,7 @@ def _quant_gemv_kernel(
         wk = k0 // PER_WORD + tl.arange(0, WORDS)  # (WORDS,) word index along the row
         word = tl.load(words + n[:, None] * w_sn + wk[None, :] * w_sk,
                        mask=n_ok[:, None] & (wk[None, :] * PER_WORD < K), other=0)  # (BLOCK_N, WORDS) int32
-        s, shift = _word_scales(scale, zero, n, n_ok, k0, K, s_sn, s_sg, GROUP, BITS, BLOCK_N, BLOCK_K, SEG)
+        s, shift = _word_scales(scale, zero, n, n_ok, k0, K, s_sn, s_sg, GROUP, BITS, BLOCK_N, BLOCK_K, SEG, OFFSET)
         for lane in tl.static_range(PER_WORD):
             k = wk * PER_WORD + lane  # (WORDS,) the weights this lane holds
             x_lane = tl.load(x + row * x_sm + k * x_sk, mask=k < K, other=0.0).to(tl.float32)
@@ -107,7 +111,7 @@ def _quant_matmul_kernel(
     x, words, scale, zero, bias, y,
     M, N, K,
     x_sm, x_sk, w_sn, w_sk, s_sn, s_sg, y_sm, y_sn,
-    GROUP: tl.constexpr, BITS: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
+    GROUP: tl.constexpr, BITS: tl.constexpr, HAS_BIAS: tl.constexpr, OFFSET: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SEG: tl.constexpr,
 ):
     # Each step dequantizes a (BLOCK_N, BLOCK_K) weight tile once for BLOCK_M rows of x: one product
@@ -123,7 +127,7 @@ def _quant_matmul_kernel(
         wk = k0 // PER_WORD + tl.arange(0, WORDS)
         word = tl.load(words + n[:, None] * w_sn + wk[None, :] * w_sk,
                        mask=n_ok[:, None] & (wk[None, :] * PER_WORD < K), other=0)  # (BLOCK_N, WORDS)
-        s, shift = _word_scales(scale, zero, n, n_ok, k0, K, s_sn, s_sg, GROUP, BITS, BLOCK_N, BLOCK_K, SEG)
+        s, shift = _word_scales(scale, zero, n, n_ok, k0, K, s_sn, s_sg, GROUP, BITS, BLOCK_N, BLOCK_K, SEG, OFFSET)
         for lane in tl.static_range(PER_WORD):
             k = wk * PER_WORD + lane
             x_lane = tl.load(x + m[:, None] * x_sm + k[None, :] * x_sk,
@@ -161,9 +165,10 @@ GEMV_MAX_ROWS = 8  # up to this many rows (a decode step's batch), the GEMV; bey
 
 def quant_matmul(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
                  bias: torch.Tensor | None, bits: int, group_size: int, in_features: int,
-                 gemv: dict | None = None, gemm: dict | None = None) -> torch.Tensor:
+                 gemv: dict | None = None, gemm: dict | None = None, offset: torch.Tensor | None = None) -> torch.Tensor:
     """``x (..., K) -> (..., N)`` with the quantized weight. No checks of values (QuantLinear checked its
-    buffers); ``gemv`` / ``gemm`` override the tiles (``block_n``, ``block_k``, ``num_warps``)."""
+    buffers); ``gemv`` / ``gemm`` override the tiles (``block_n``, ``block_k``, ``num_warps``); ``offset``
+    (float16, 4 bits) replaces the zero point: ``w = code * scale + offset``."""
     if not fits(bits, group_size, in_features):
         raise ValueError(f"the kernels need in_features and group_size in whole 32-bit words of codes "
                          f"(multiples of {32 // bits} for {bits} bits), got {in_features} and {group_size}")
@@ -174,12 +179,13 @@ def quant_matmul(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zero
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     common = (x2.stride(0), x2.stride(1), words.stride(0), words.stride(1), scale.stride(0), scale.stride(1),
               y.stride(0), y.stride(1))
-    args = (x2, words, scale, scale if zero is None else zero, y if bias is None else bias, y)
+    second = offset if offset is not None else (scale if zero is None else zero)  # zero points or offsets
+    args = (x2, words, scale, second, y if bias is None else bias, y)
     if m <= GEMV_MAX_ROWS:
         t = {**GEMV_TILES[bits], **(gemv or {})}
         _quant_gemv_kernel[(m, triton.cdiv(n, t["block_n"]))](
             *args, n, in_features, *common,
-            GROUP=group_size, BITS=bits, HAS_BIAS=bias is not None,
+            GROUP=group_size, BITS=bits, HAS_BIAS=bias is not None, OFFSET=offset is not None,
             BLOCK_N=t["block_n"], BLOCK_K=t["block_k"], SEG=_segment(group_size, t["block_k"]),
             num_warps=t["num_warps"], num_stages=t.get("num_stages", 3),
         )
@@ -188,7 +194,8 @@ def quant_matmul(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zero
         block_m = 16 if m <= 16 else 32  # tl.dot needs at least 16 rows
         _quant_matmul_kernel[(triton.cdiv(m, block_m), triton.cdiv(n, t["block_n"]))](
             *args, m, n, in_features, *common,
-            GROUP=group_size, BITS=bits, HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32,
+            GROUP=group_size, BITS=bits, HAS_BIAS=bias is not None, OFFSET=offset is not None,
+            IEEE=x.dtype == torch.float32,
             BLOCK_M=block_m, BLOCK_N=t["block_n"], BLOCK_K=t["block_k"], SEG=_segment(group_size, t["block_k"]),
             num_warps=t["num_warps"],
         )
@@ -199,11 +206,12 @@ def quant_matmul(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zero
 # only needs the output's shape, which the "fake" below gives (as kernels/decode_attention.py does).
 @torch.library.custom_op("effml::quant_matmul", mutates_args=())
 def quant_matmul_op(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
-                    bias: torch.Tensor | None, bits: int, group_size: int, in_features: int) -> torch.Tensor:
+                    bias: torch.Tensor | None, bits: int, group_size: int, in_features: int,
+                    offset: torch.Tensor | None = None) -> torch.Tensor:
     """:func:`quant_matmul` with its default tiles, as a custom operator."""
-    return quant_matmul(x, codes, scale, zero, bias, bits, group_size, in_features)
+    return quant_matmul(x, codes, scale, zero, bias, bits, group_size, in_features, offset=offset)
 
 
 @quant_matmul_op.register_fake
-def _(x, codes, scale, zero, bias, bits, group_size, in_features):
+def _(x, codes, scale, zero, bias, bits, group_size, in_features, offset=None):
     return x.new_empty(*x.shape[:-1], codes.shape[0])

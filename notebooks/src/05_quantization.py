@@ -1031,6 +1031,37 @@ print("the same codes packed by pack_int4:  ", pack_int4(codes)[:4].numpy().toby
 # the SmolLM2 file, the block above is made from effml-tiny's weights in the same layout, with other numbers.)
 
 # %% [markdown]
+# Q4_1 is the asymmetric 4-bit scheme of section 2 with groups of 32, except that its zero point is the
+# float16 `m` rather than a whole number of steps. `QuantLinear`'s offset form stores exactly that
+# (`w = code * scale + offset`), so `load_gguf(path, quantized=True)` can keep each block's linear layers at
+# the file's 4 bits, holding the file's own codes and scales, and compute with the very weights the float
+# load holds:
+
+# %%
+if smol is not None:
+    kept, _ = checkpoints.load_gguf(smol_file, device=device, max_seq_len=2048, quantized=True)
+    kept_linears = {name: m for name, m in kept.named_modules() if isinstance(m, QuantLinear)}
+    dense_modules = dict(smol.named_modules())
+    same = all(torch.equal(m.dequantized_weight().to(device), dense_modules[name].weight) for name, m in kept_linears.items())
+    kept_bytes = sum(m.weight_bytes for m in kept_linears.values())
+    n_weights = sum(m.in_features * m.out_features for m in kept_linears.values())
+    with torch.no_grad():
+        window = smol_windows[-1][None, :128].to(device)
+        logit_diff = (kept(window) - smol(window)).abs().max().item()
+    print(f"{len(kept_linears)} block linears kept as QuantLinear (4 bits, groups of 32, float16 offsets): "
+          f"{kept_bytes / 2**20:.1f} MiB, {8 * kept_bytes / n_weights:.2f} bits per weight, against "
+          f"{2 * n_weights / 2**20:.1f} MiB in float16")
+    print(f"every weight equal to the float load's: {same}; largest |logit difference| on 128 tokens: {logit_diff:.1e}")
+    del kept, kept_linears
+else:
+    print("without SmolLM2's file there is no Q4_1 model to keep (see section 4 for how to fetch it)")
+
+# %% [markdown]
+# Five bits per weight, not four: each group of 32 codes (16 bytes) carries 4 bytes of scale and offset, the
+# 20 bytes of a Q4_1 block. On a GPU the kept model runs through the Triton kernel of section 9, which adds
+# the offset where the zero-point form subtracts zero × scale.
+
+# %% [markdown]
 # ## 9 · Speed and memory of W8A16 and W4A16 on your device
 #
 # Quantized weights take fewer bytes; whether they take less time depends on the kernel. We time one
@@ -1093,7 +1124,7 @@ print(f"1 token: float32 nn.Linear takes {time_ms[(1, 'nn.Linear, float32')] / f
 # speed (grey). In the committed run (a CPU) float32's `nn.Linear` takes about as long as reading its weight
 # (the first ratio printed above): a decode step is bound by bytes, as section 1 assumed. Whether float16's
 # half-size weight halves the time depends on the CPU: one without fast float16 arithmetic converts as it goes
-# (the float16/float32 ratios above; this CPU's float16 matmul gains at 16 tokens, not at one). The reference
+# (the float16/float32 ratios above: at one token this CPU's float16 saves far less than half). The reference
 # `QuantLinear` is many times slower than either, although its weight is 4× (W8) or 7.6× (W4 g128) smaller
 # than float32's. Its peak extra memory says why: each call materialises the dequantized weight and its
 # intermediates (128 MiB for W8, 192 MiB for W4, more than the 64 MiB float32 weight), so it writes and reads
