@@ -18,8 +18,9 @@ First question, how a word's x reaches its lanes (``_gemv_t_kernel``):
 - ``split``:  x as a ``(words, lanes)`` tile, its columns taken apart in registers (``tl.split``).
 
 Second, fewer instructions per weight (``_gemv_unit_kernel``, ``unit`` and ``unit+prefetch``): each
-lane becomes ``u = 1 + q / 2**bits`` by one shift and one and-or into the top mantissa bits of 1.0 (no
-int-to-float conversion, no subtraction), so ``sum_i (q_i - z) x_i = L sum_i u_i x_i - (L + z) sum_i x_i``
+lane becomes ``u = 1 + q / L`` (``L = 2**bits``) by one shift and one and-or into the top mantissa bits of
+1.0 (no int-to-float conversion, no subtraction; for 8 bits an and-xor, q being the int8 code + 128 and
+z = 128), so ``sum_i (q_i - z) x_i = L sum_i u_i x_i - (L + z) sum_i x_i``
 costs one fused multiply-add per weight; x is multiplied by ``L`` once per word for all outputs; the
 two bit masks are kernel arguments (as constants, ptxas rebuilds them in a register before every
 lane); ``+prefetch`` issues the next step's loads before this step's arithmetic.
@@ -242,6 +243,8 @@ class TransposedQuant:
     ``(K / G, N)``."""
 
     def __init__(self, q: QuantLinear):
+        if q.offset is not None:
+            raise ValueError("the variants take the zero-point form (no offsets)")
         self.bits, self.group_size, self.in_features, self.out_features = q.bits, q.group_size, q.in_features, q.out_features
         self.words = q.codes.contiguous().view(torch.int32).t().contiguous()  # (KW, N)
         self.scale = q.scale.t().contiguous()  # (G, N)
@@ -293,7 +296,7 @@ def check(device) -> None:
         linear = torch.nn.Linear(k, n, bias=False)
         with torch.no_grad():
             linear.weight.copy_(torch.randn(n, k, generator=gen))
-        q = QuantLinear.from_linear(linear, bits, group if bits == 4 else None, impl="torch")
+        q = QuantLinear.from_linear(linear, bits, group, impl="torch")
         t = TransposedQuant(q.to(device))
         x = torch.randn(3, k, generator=gen).to(device)
         reference = F.linear(x, q.dequantized_weight().to(device))
@@ -371,7 +374,7 @@ def bench(device, out_dir: Path) -> None:
 
 
 def profile(device) -> None:
-    """A few calls of the library's GEMV, the best variant and tinygemm on 4096 -> 11008, W4 g128."""
+    """A few calls of the library's GEMV, the unit and pairs variants and tinygemm on 4096 -> 11008, W4 g128."""
     from quant import Int4PackLinear, random_linear
 
     from effml_lib.kernels import quant_matmul as qm
@@ -407,7 +410,7 @@ def main():
 
 # A word's 8 codes become 4 half2 pairs (lanes j and j + 4) with one lop3 each: the code in a float16's low
 # mantissa bits under 0x6400 (1024.0) reads 1024 + q, exactly. Subtracting 1024 + z (a half2 of the group's
-# zero point) leaves q - z, exactly; products with x / 16 (so that 15 |x| cannot overflow float16) are summed
+# zero point) leaves q - z, exactly; products with x / 16 (so that |x| up to 65504 cannot overflow) are summed
 # in half2, four per half, then the two halves in float32.
 _PAIR_DOT = tl.constexpr("""{
 .reg .b32 q0, q1, q2, q3, t, acc;

@@ -2,9 +2,10 @@
 
     python bench/quant_read_probe.py     # on a GPU: bench/results/<device>/quant_read_probe.json
 
-Each probe reads every 32-bit word of a (4096 -> 11008, 4-bit) layer's codes once, folds them with xor
-(no arithmetic worth the name) and writes one int per output, timed like bench/quant.py (CUDA graphs
-rotating through copies larger than L2):
+Each probe reads every 32-bit word of a 4-bit layer's codes once (Llama-2-7B's three shapes), folds them
+together (xor or sum: no arithmetic worth the name) and writes one int per output or block, timed like
+bench/quant.py (CUDA graphs rotating through copies larger than L2). Only the codes are read: a GEMV's
+percentages also count scales and zero points, about 5% more bytes at groups of 128.
 - ``flat``: the words as one 1-D array, BLOCK words per program;
 - ``rows``: (N, K/8) words, BLOCK_N rows x WORDS words per step (the library GEMV's reads);
 - ``cols``: (K/8, N) words, WORDS x BLOCK_N per step (the transposed variants' reads).

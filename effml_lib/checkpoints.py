@@ -571,8 +571,8 @@ def load_gguf(path, dtype: torch.dtype = torch.float32, device=None, max_seq_len
     cast to ``dtype``: the model computes in floats, the quantization's error stays in its weights.
     With ``quantized=True`` the decoder blocks' linear layers stored in a block format stay in it, as
     ``quant.QuantLinear``s holding the file's own codes and scales (Q4_1: 4 bits, groups of 32, float16
-    offsets; Q4_0: zero point 8; Q8_0: 8 bits, groups of 32), so the model runs at the file's bits as
-    llama.cpp does, computing with exactly the weights the float load holds.
+    offsets; Q4_0: zero point 8, one byte per group more than the file; Q8_0: 8 bits, groups of 32), so
+    the model runs at 4 or 8 bits as llama.cpp does, computing with exactly the weights the float load holds.
     ``max_seq_len`` caps the RoPE tables and caches (default: the file's context length). The tokenizer
     is a ``GGUFTokenizer`` for a byte-level BPE vocabulary ("gpt2" in the file); otherwise it is None,
     and a warning says why.
@@ -606,10 +606,12 @@ def load_gguf(path, dtype: torch.dtype = torch.float32, device=None, max_seq_len
     state, kept = {}, {}
     for name, t in tensors.items():
         raw = torch.from_numpy(reader.data[t.data_offset : t.data_offset + t.n_bytes].copy())  # out of the mmap
-        state[names[name]] = to_half_split(name, dequantize_gguf(raw, t.tensor_type.name, shapes[name])).to(dtype=dtype, device=device)
         if quantized and names[name].startswith("layers.") and t.tensor_type.name in GGUF_BLOCK_DECODERS:
             kept[names[name].removesuffix(".weight")] = gguf_quant_linear(raw, t.tensor_type.name, shapes[name],
                                                                           lambda rows, name=name: to_half_split(name, rows))
+            state[names[name]] = torch.empty(shapes[name], dtype=dtype, device="meta")  # replaced below: no memory
+            continue
+        state[names[name]] = to_half_split(name, dequantize_gguf(raw, t.tensor_type.name, shapes[name])).to(dtype=dtype, device=device)
     model = _assemble(config, state, f"GGUF file {path}", "its metadata")
     if kept:
         from .model import replace_linears

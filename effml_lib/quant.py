@@ -239,6 +239,8 @@ class QuantLinear(nn.Module):
         self.impl = impl  # "auto": the Triton kernel on CUDA, else the PyTorch reference
         if bits not in (4, 8):
             raise ValueError(f"bits must be 4 (W4A16) or 8 (W8A16), got {bits!r}")
+        if not isinstance(offset, bool):
+            raise TypeError(f"offset must be True or False, got {offset!r}")
         if offset and bits != 4:
             raise ValueError(f"offset=True (w = code * scale + offset) is a 4-bit form; bits is {bits}")
         group = in_features if group_size is None else group_size
@@ -300,7 +302,7 @@ class QuantLinear(nn.Module):
 
     @property
     def weight_bytes(self) -> int:
-        """Bytes the weight takes: codes, scales and zero points (what a decode step reads)."""
+        """Bytes the weight takes: codes, scales and zero points or offsets (what a decode step reads)."""
         return sum(t.numel() * t.element_size() for t in (self.codes, self.scale, self.zero, self.offset) if t is not None)
 
     def extra_repr(self) -> str:

@@ -90,8 +90,9 @@ def test_cuda_cached_logits_through_the_kernel_match_the_cpu_reference(gen):
 
 @pytest.mark.parametrize("form", ["zero point", "offset"])
 def test_cuda_compiled_decode_of_a_quantized_model_equals_its_reference(form, gen):
-    """QuantLinear's custom operator inside torch.compile and CUDA graphs, in both 4-bit forms (integer
-    zero points; float16 offsets, GGUF's Q4_1): the tokens the PyTorch reference decodes."""
+    """QuantLinear's custom operator on CUDA, in both 4-bit forms (integer zero points; float16 offsets,
+    GGUF's Q4_1): the logits of the CPU's PyTorch reference, and inside torch.compile and CUDA graphs the
+    tokens of the eager kernel."""
     from effml_lib.quant import QuantLinear, quantize_model
 
     model = quantize_model(small_model(), 4, 32, impl="torch")

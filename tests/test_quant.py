@@ -490,9 +490,18 @@ def test_offset_form_computes_code_times_scale_plus_offset(gen):
     assert "offset" in q.state_dict() and "zero" not in q.state_dict()
 
 
-def test_offset_form_is_four_bits_only():
+def test_offset_form_is_four_bits_only(gen):
     with pytest.raises(ValueError, match="offset"):
         QuantLinear(64, 8, bits=8, group_size=32, offset=True)
+    pytest.importorskip("triton")
+    from effml_lib.kernels.quant_matmul import quant_matmul
+
+    q = offset_form(64, 8, 32, gen)
+    x = torch.randn(2, 64, generator=gen)
+    with pytest.raises(ValueError, match="offset"):  # both a zero point and an offset: which one?
+        quant_matmul(x, q.codes, q.scale, torch.zeros_like(q.scale, dtype=torch.uint8), None, 4, 32, 64, offset=q.offset)
+    with pytest.raises(ValueError, match="offset"):
+        quant_matmul(x, q.codes, q.scale, None, None, 8, 32, 64, offset=q.offset)
 
 
 @pytest.mark.parametrize("path", ["gemv", "gemm"])

@@ -17,8 +17,9 @@ Layout (``effml_lib.quant.QuantLinear``'s buffers): ``codes`` int8 ``(N, K)`` (8
 (4 bits), or instead ``offset`` float16 ``(N, K / G)`` (4 bits, GGUF's Q4_1: ``code * scale + offset``). The kernels need whole words per row and groups of whole words (``K`` and ``G``
 multiples of 8 for 4 bits, of 4 for 8 bits: :func:`fits`); ``QuantLinear`` uses the PyTorch reference
 otherwise. Runs on CUDA, or on CPU tensors under ``TRITON_INTERPRET=1`` (how CI proves it without a
-GPU). The weight is the reference's ``(code - zero) * scale``, computed in float32 as
-``code * scale - zero * scale`` (one fused multiply-add per weight; equal up to float32 rounding). With
+GPU). The weight is the reference's ``(code - zero) * scale`` (or ``code * scale + offset``), computed in
+float32 as ``code * scale + shift`` with ``shift = -zero * scale`` (or the offset): one fused multiply-add
+per weight, equal up to float32 rounding. With
 float32 inputs the products are float32; with 16-bit inputs the GEMM rounds the weight tile to x's dtype
 for the tensor cores (as the reference's dequantized weight is); sums accumulate in float32.
 """
@@ -169,6 +170,10 @@ def quant_matmul(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zero
     """``x (..., K) -> (..., N)`` with the quantized weight. No checks of values (QuantLinear checked its
     buffers); ``gemv`` / ``gemm`` override the tiles (``block_n``, ``block_k``, ``num_warps``); ``offset``
     (float16, 4 bits) replaces the zero point: ``w = code * scale + offset``."""
+    if offset is not None and (bits != 4 or zero is not None or offset.stride() != scale.stride()):
+        raise ValueError(f"offset (w = code * scale + offset) takes 4 bits, no zero point and scale's layout; got "
+                         f"bits={bits}, zero {'given' if zero is not None else 'None'}, strides {offset.stride()} "
+                         f"vs scale's {scale.stride()}")
     if not fits(bits, group_size, in_features):
         raise ValueError(f"the kernels need in_features and group_size in whole 32-bit words of codes "
                          f"(multiples of {32 // bits} for {bits} bits), got {in_features} and {group_size}")

@@ -1123,8 +1123,9 @@ print(f"1 token: float32 nn.Linear takes {time_ms[(1, 'nn.Linear, float32')] / f
 # The figure compares, at one token, each layer's time (blue) with the time its weight's bytes take at copy
 # speed (grey). In the committed run (a CPU) float32's `nn.Linear` takes about as long as reading its weight
 # (the first ratio printed above): a decode step is bound by bytes, as section 1 assumed. Whether float16's
-# half-size weight halves the time depends on the CPU: one without fast float16 arithmetic converts as it goes
-# (the float16/float32 ratios above: at one token this CPU's float16 saves far less than half). The reference
+# half-size weight halves the time depends on the CPU and the shape: a CPU without fast float16 arithmetic
+# converts as it goes (the float16/float32 ratios above: at one token this CPU's float16 saves far less than
+# half, at 16 tokens nearly half). The reference
 # `QuantLinear` is many times slower than either, although its weight is 4× (W8) or 7.6× (W4 g128) smaller
 # than float32's. Its peak extra memory says why: each call materialises the dequantized weight and its
 # intermediates (128 MiB for W8, 192 MiB for W4, more than the 64 MiB float32 weight), so it writes and reads
@@ -1225,7 +1226,7 @@ pd.DataFrame(decode_rows).set_index("weights")
 # %%
 probe = load_result(H200, "quant_read_probe")
 variants = load_result(H200, "quant_gemv_variants")
-print(f"both at {probe['env']['timestamp_utc']} (UTC), copy bandwidth "
+print(f"at {variants['env']['timestamp_utc']} and {probe['env']['timestamp_utc']} (UTC), copy bandwidth "
       f"{probe['results']['copy_bandwidth_bytes_per_s'] / 1e12:.2f} TB/s")
 kinds = {"read the words only": ("probe", ("rows",)), "ours (QuantLinear)": ("variants", ("library",)),
          "transposed": ("variants", ("lanes", "split")), "transposed, lean lanes": ("variants", ("unit", "unit+prefetch")),
@@ -1250,10 +1251,11 @@ pd.DataFrame(limit_rows).set_index(["layer", "W4 g128 kernel"])
 # Merely reading the words of the 4096 → 11008 layer takes 7.0 µs, 77% of the copy bandwidth: neither the
 # layout nor the memory keeps our kernel at 19.4 µs. Moving no activations between threads gains 1-3 µs, and
 # lean lanes about 3 µs more on 11008 → 4096 (14.9 µs, level with tinygemm's 15.0), but every variant stays at
-# or below 38% of the copy bandwidth. The rest of the time is the kernels' own work: Triton compiles one
-# instruction per element and operation, so each 4-bit weight still costs a shift, a mask and a multiply-add,
-# plus its share of loading and converting activations, scales and zero points, and a profile of the lean
-# variant (`bench/results/nvidia-h200/ncu_quant_gemv.txt`) finds its issue slots busier than the DRAM. Closing
+# or below 38% of the copy bandwidth. The rest of the time is the kernels' own work and how it waits: Triton
+# compiles one instruction per element and operation, so each 4-bit weight still costs a shift, a mask and a
+# multiply-add, plus its share of loading and converting activations, scales and zero points, and each
+# program waits on its own loads with few others to hide behind; a profile of the lean variant
+# (`bench/results/nvidia-h200/ncu_quant_gemv.txt`) finds its issue slots busier than the DRAM. Closing
 # the gap to the 7.0 µs read takes fewer instructions per weight and more bytes in flight while they run
 # (`bench/NOTES.md` follows that further).
 #
@@ -1263,15 +1265,17 @@ pd.DataFrame(limit_rows).set_index(["layer", "W4 g128 kernel"])
 # %%
 smol_gpu = load_result(H200, "quant_smollm2")
 print(f"precomputed at {smol_gpu['env']['timestamp_utc']} (UTC) on an {smol_gpu['env']['device_name']}")
-pd.DataFrame([{"weights": "bf16 (as loaded, dequantized)" if name == "dense" else "ours W4 g32",
+smol_labels = {"dense": "bf16 (as loaded, dequantized)", "w4-g32": "ours W4 g32", "q4_1-kept": "the file's Q4_1, kept"}
+pd.DataFrame([{"weights": smol_labels[name],
                "tokens/s": round(r["tokens_per_s"], 1), "weight MB": round(r["weight_bytes"] / 1e6, 1),
                "GB/s of weights read": round(r["tokens_per_s"] * r["weight_bytes"] / 1e9)}
               for name, r in smol_gpu["results"]["smollm2"].items()]).set_index("weights")
 
 # %% [markdown]
-# A 135M-parameter model is too small to be bound by memory on an H200: a step reads its weights at a few
-# hundred GB/s of the 4.2 TB/s the copy reaches, so its time is 30 layers' worth of small kernels, each waiting
-# on its own latency, and our GEMV is slower than cuBLAS's on layers this small. W4 makes SmolLM2 slower here
+# A 135M-parameter model is too small to be bound by memory on an H200: a step reads its weights at 299 GB/s
+# at most, of the 4.2 TB/s the copy reaches, so its time is 30 layers' worth of small kernels, each waiting on
+# its own latency (our GEMV is probably slower than cuBLAS's on layers this small; they have not been timed
+# alone). W4 makes SmolLM2 slower here
 # (830.1 against 1110.3 tokens/s): quantization for speed pays on large models at small batches, where bytes
 # dominate, as on Llama-2-7B above.
 
@@ -1299,8 +1303,8 @@ pd.DataFrame([{"weights": "bf16 (as loaded, dequantized)" if name == "dense" els
 # - A GGUF Q4_1 block is d and m (float16) and 16 bytes of codes, $w = d\,q + m$, weights $j$ and $j + 16$ sharing byte $j$.
 # - Saved bytes become saved time only when dequantizing is fused into the matmul, and only if that
 #   kernel unpacks as fast as memory delivers: on the H200 our W8 and W4 decodes beat bf16 by only 8% and 5%,
-#   where tinygemm's int4 gains 40%. Reading the packed words alone reaches 77% of the copy bandwidth; our
-#   kernel is held back by its instructions per weight, not by memory.
+#   where tinygemm's int4 gains 40%. Reading the packed words alone reaches 77% of the copy bandwidth on
+#   the large layers; our kernel is held back by its instructions per weight and too few loads in flight.
 #
 # **Lab 05** ([`labs/lab05_quantization/lab05_quantization.ipynb`](../labs/lab05_quantization/lab05_quantization.ipynb), 12 points)
 # has you build the pieces, each part graded by hidden tests:
