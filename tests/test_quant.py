@@ -480,6 +480,12 @@ def offset_form(in_features, out_features, group_size, gen, bias=False):
 
 
 def test_offset_form_computes_code_times_scale_plus_offset(gen):
+    by_hand = QuantLinear(4, 1, 4, group_size=4, offset=True)
+    with torch.no_grad():
+        by_hand.codes.copy_(pack_int4(torch.tensor([[1, 2, 3, 15]], dtype=torch.uint8)))
+        by_hand.scale.fill_(0.5)
+        by_hand.offset.fill_(-1.25)  # not a whole number of steps: no integer zero point gives it
+    assert by_hand.dequantized_weight().tolist() == [[-0.75, -0.25, 0.25, 6.25]], "w = code * 0.5 - 1.25"
     q = offset_form(64, 8, 32, gen)
     codes = unpack_int4(q.codes).float().view(8, 2, 32)
     expected = (codes * q.scale.float()[..., None] + q.offset.float()[..., None]).view(8, 64)
