@@ -279,13 +279,13 @@ class TransposedQuant:
             PREFETCH=prefetch, num_warps=num_warps)
         return y
 
-    def pairs(self, x, words=128, num_warps=2):
-        if self.bits != 4 or self.out_features % 4:
-            raise ValueError("pairs: 4 bits, outputs four at a time")
+    def pairs(self, x, words=128, num_warps=2, tiles=1):
+        if self.bits != 4 or self.out_features % (4 * tiles):
+            raise ValueError(f"pairs: 4 bits, outputs {4 * tiles} at a time")
         x2, y = self._out(x)
-        _gemv_pairs_kernel[(self.out_features // 4, x2.shape[0])](
+        _gemv_pairs_kernel[(self.out_features // (4 * tiles), x2.shape[0])](
             x2, self.words, self.scale, self.zero, y, self.out_features, self.words.shape[0], x2.stride(0), y.stride(0),
-            0x000F000F, 0x64006400, GROUP=self.group_size, WORDS=words, num_warps=num_warps)
+            0x000F000F, 0x64006400, GROUP=self.group_size, WORDS=words, TILES=tiles, num_warps=num_warps)
         return y
 
 
@@ -305,6 +305,7 @@ def check(device) -> None:
         outs["unit+prefetch"] = t.unit(x, words=16, num_warps=1)
         if bits == 4 and device.type == "cuda":  # inline PTX: not under the interpreter
             outs["pairs"] = t.pairs(x, words=16, num_warps=1)
+            outs["pairs x2"] = t.pairs(x, words=16, num_warps=1, tiles=2)
         for name, got in outs.items():
             error = ((got - reference).abs().max() / reference.abs().max()).item()
             limit = 2e-3 if name == "pairs" else 1e-5  # pairs: float16 products, half2 sums of four
@@ -312,7 +313,7 @@ def check(device) -> None:
         print(f"ok W{bits} group {group} {k}->{n}: {', '.join(outs)}")
 
 
-NAMES = ("bf16 cuBLAS", "library", "tinygemm", *XMODES, "unit", "unit+prefetch", "pairs")
+NAMES = ("bf16 cuBLAS", "library", "tinygemm", *XMODES, "unit", "unit+prefetch", "pairs", "pairs x2")
 
 
 def bench(device, out_dir: Path) -> None:
@@ -362,6 +363,7 @@ def bench(device, out_dir: Path) -> None:
         for words, warps in itertools.product((64, 128, 256), (1, 2, 4)):
             if bits == 4 and words >= 32 * warps and (not only or "pairs" in only.split(",")):
                 record("pairs", [lambda t=t: t.pairs(x, words, warps) for t in ts], words=words, num_warps=warps)
+                record("pairs x2", [lambda t=t: t.pairs(x, words, warps, 2) for t in ts], words=words, num_warps=warps)
         for name in NAMES:
             best = min((r for r in rows if (r["in"], r["out"], r["bits"], r["variant"]) == (k, n, bits, name)),
                        key=lambda r: r["ms"], default=None)
@@ -446,25 +448,38 @@ def _half2(lo, hi):
 
 
 @triton.jit
+def _pair_tile(acc, word, s, z, p0, p1, p2, p3, pair_mask, pair_one, WORDS: tl.constexpr):
+    """acc + scale * sum_i (q_i - z) x_i / 16 for one (WORDS, 4) tile of words, x as float16 pairs."""
+    z2 = (z.to(tl.int32) * 0x10001) | 0x64006400  # (WORDS, 4): 1024 + z in both halves
+    d = tl.inline_asm_elementwise(_PAIR_DOT, "=r,r,r,r,r,r,r,r,r",
+                                  [word, z2, p0[:, None], p1[:, None], p2[:, None], p3[:, None],
+                                   tl.full((WORDS, 4), pair_mask, tl.int32), tl.full((WORDS, 4), pair_one, tl.int32)],
+                                  dtype=tl.float32, is_pure=True, pack=1)
+    return acc + s.to(tl.float32) * d
+
+
+@triton.jit
 def _gemv_pairs_kernel(x, words, scale, zero, y, N, KW, x_sm, y_sm, pair_mask, pair_one,
-                       GROUP: tl.constexpr, WORDS: tl.constexpr):
-    # pair_mask = 0x000F000F, pair_one = 0x64006400: arguments, so that they sit in registers once
+                       GROUP: tl.constexpr, WORDS: tl.constexpr, TILES: tl.constexpr):
+    # pair_mask = 0x000F000F, pair_one = 0x64006400: arguments, so that they sit in registers once.
+    # TILES = 2: a program also takes the 4 outputs N / 2 further on, converting each x pair once for 8.
     pid_n, row = tl.program_id(0), tl.program_id(1)
     n = pid_n * 4 + tl.arange(0, 4)
+    half = N // 2
     xrow = x + row * x_sm
     acc = tl.zeros((WORDS, 4), dtype=tl.float32)
+    acc2 = tl.zeros((WORDS, 4), dtype=tl.float32)
     for w0 in range(0, KW, WORDS):
         xs, word, s, z = _step_loads(xrow, words, scale, zero, N, KW, n, w0, GROUP, 4, WORDS, False)
         x0, x1, x2, x3, x4, x5, x6, x7 = _split8(xs.to(tl.float32) * 0.0625, WORDS)
         p0, p1, p2, p3 = _half2(x0, x4), _half2(x1, x5), _half2(x2, x6), _half2(x3, x7)  # (WORDS,) each
-        z2 = (z.to(tl.int32) * 0x10001) | 0x64006400  # (WORDS, 4): 1024 + z in both halves
-        d = tl.inline_asm_elementwise(_PAIR_DOT, "=r,r,r,r,r,r,r,r,r",
-                                      [word, z2, p0[:, None], p1[:, None], p2[:, None], p3[:, None],
-                                       tl.full((WORDS, 4), pair_mask, tl.int32), tl.full((WORDS, 4), pair_one, tl.int32)],
-                                      dtype=tl.float32, is_pure=True, pack=1)
-        acc += s.to(tl.float32) * d
-    out = tl.sum(acc, axis=0) * 16.0
-    tl.store(y + row * y_sm + n, out.to(y.dtype.element_ty))
+        acc = _pair_tile(acc, word, s, z, p0, p1, p2, p3, pair_mask, pair_one, WORDS)
+        if TILES == 2:
+            _, word2, s2, z2 = _step_loads(xrow, words, scale, zero, N, KW, n + half, w0, GROUP, 4, WORDS, False)
+            acc2 = _pair_tile(acc2, word2, s2, z2, p0, p1, p2, p3, pair_mask, pair_one, WORDS)
+    tl.store(y + row * y_sm + n, (tl.sum(acc, axis=0) * 16.0).to(y.dtype.element_ty))
+    if TILES == 2:
+        tl.store(y + row * y_sm + n + half, (tl.sum(acc2, axis=0) * 16.0).to(y.dtype.element_ty))
 
 
 if __name__ == "__main__":
