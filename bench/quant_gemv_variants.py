@@ -50,15 +50,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+from effml_lib.kernels.quant_matmul import _as_float  # noqa: E402  (the library's exact code -> float32)
 from effml_lib.quant import QuantLinear  # noqa: E402
 
 XMODES = {"lanes": 0, "bcast": 1, "split": 2}
-
-
-@triton.jit
-def _as_float(code):
-    """Small non-negative int32 codes as exact float32 (2**23's mantissa holds them)."""
-    return (code | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
 
 
 @triton.jit

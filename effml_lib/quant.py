@@ -249,8 +249,7 @@ class QuantLinear(nn.Module):
         if bits == 4 and group % 2:
             raise ValueError(f"group_size must be even for packed 4-bit codes, got {group}")
         self.in_features, self.out_features, self.bits, self.group_size = in_features, out_features, bits, group
-        n_groups = in_features // group
-        groups = (out_features, n_groups)
+        groups = (out_features, in_features // group)  # the shape of scale, zero and offset
         if bits == 8:
             self.register_buffer("codes", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
         else:
@@ -258,7 +257,7 @@ class QuantLinear(nn.Module):
         four_bit_zero = bits == 4 and not offset  # None buffers: absent from the state dict
         self.register_buffer("zero", torch.zeros(groups, dtype=torch.uint8, device=device) if four_bit_zero else None)
         self.register_buffer("offset", torch.zeros(groups, dtype=torch.float16, device=device) if offset else None)
-        self.register_buffer("scale", torch.ones(out_features, n_groups, dtype=torch.float16, device=device))
+        self.register_buffer("scale", torch.ones(groups, dtype=torch.float16, device=device))
         self.register_buffer("bias", torch.zeros(out_features, device=device) if bias else None)
 
     @classmethod
