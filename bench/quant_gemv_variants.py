@@ -311,8 +311,29 @@ def check(device) -> None:
 NAMES = ("bf16 cuBLAS", "library", "tinygemm", *XMODES, "unit", "unit+prefetch", "pairs", "pairs x2")
 
 
+def timed_row(calls, reference, nbytes: int, bandwidth: float, **fields) -> dict:
+    """One variant's row: its graph time over ``calls`` (copies of the layer, so that none is read from L2),
+    its share of the copy bandwidth on ``nbytes`` and its relative error against ``reference``."""
+    from quant import graph_ms  # bench/quant.py
+
+    err = ((calls[0]().float() - reference).norm() / reference.norm()).item()
+    ms = graph_ms(calls, iters=40, rounds=5)
+    return {**fields, "ms": ms, "fraction_of_copy_bandwidth": nbytes / (ms * 1e-3) / bandwidth, "relative_error": err}
+
+
+def print_best(rows: list[dict], k: int, n: int, bits: int, names) -> None:
+    """The fastest row of each variant on one layer, with its tiles."""
+    for name in names:
+        best = min((r for r in rows if (r["in"], r["out"], r["bits"], r["variant"]) == (k, n, bits, name)),
+                   key=lambda r: r["ms"], default=None)
+        if best:
+            tiles = " ".join(f"{t}={best[t]}" for t in ("block_n", "words", "chunks", "num_warps") if t in best)
+            print(f"{k}->{n} W{bits} {name:16s} {best['ms'] * 1e3:6.1f} us {100 * best['fraction_of_copy_bandwidth']:4.0f}% "
+                  f"err {best['relative_error']:.1e} {tiles}")
+
+
 def bench(device, out_dir: Path) -> None:
-    from quant import Int4PackLinear, copies_for, graph_ms, random_linear  # bench/quant.py
+    from quant import Int4PackLinear, copies_for, random_linear  # bench/quant.py
 
     from effml_lib.kernels import quant_matmul as qm
     from effml_lib.measure import copy_bandwidth, save_result
@@ -329,10 +350,8 @@ def bench(device, out_dir: Path) -> None:
         reference = F.linear(x.float(), qs[0].dequantized_weight())
 
         def record(name, calls, **tiles):
-            err = ((calls[0]().float() - reference).norm() / reference.norm()).item()
-            ms = graph_ms(calls, iters=40, rounds=5)
-            rows.append({"in": k, "out": n, "bits": bits, "group_size": group, "variant": name, **tiles, "ms": ms,
-                         "fraction_of_copy_bandwidth": nbytes / (ms * 1e-3) / bandwidth, "relative_error": err})
+            rows.append(timed_row(calls, reference, nbytes, bandwidth, **{"in": k, "out": n, "bits": bits,
+                                  "group_size": group, "variant": name}, **tiles))
 
         record("bf16 cuBLAS", [lambda lin=lin: lin(x) for lin in linears])
         record("library", [lambda q=q: qm.quant_matmul(x, q.codes, q.scale, q.zero, None, q.bits, q.group_size, q.in_features)
@@ -359,12 +378,7 @@ def bench(device, out_dir: Path) -> None:
             if bits == 4 and words >= 32 * warps and (not only or "pairs" in only.split(",")):
                 record("pairs", [lambda t=t: t.pairs(x, words, warps) for t in ts], words=words, num_warps=warps)
                 record("pairs x2", [lambda t=t: t.pairs(x, words, warps, 2) for t in ts], words=words, num_warps=warps)
-        for name in NAMES:
-            best = min((r for r in rows if (r["in"], r["out"], r["bits"], r["variant"]) == (k, n, bits, name)),
-                       key=lambda r: r["ms"], default=None)
-            if best:
-                print(f"{k}->{n} W{bits} {name:14s} {best['ms'] * 1e3:6.1f} us {100 * best['fraction_of_copy_bandwidth']:4.0f}% "
-                      f"err {best['relative_error']:.1e} " + " ".join(f"{t}={best[t]}" for t in ("block_n", "words", "num_warps") if t in best))
+        print_best(rows, k, n, bits, NAMES)
         del linears, qs, ts
         torch.cuda.empty_cache()
         save_result(out_dir / "quant_gemv_variants.json", {"copy_bandwidth_bytes_per_s": bandwidth, "rows": rows}, device)
