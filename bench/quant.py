@@ -7,7 +7,7 @@
                                                 # some decoders only (bf16, w4-g128, w8, int4pack-g128)
 
 Parts:
-  sweep     GEMV tiles (BLOCK_N, BLOCK_K, warps) at batch 1 on Llama-2-7B's three layer shapes
+  sweep     GEMV tiles (BLOCK_N, CHUNKS, warps) at batch 1 on Llama-2-7B's three layer shapes
   sweep-gemm  GEMM tiles at 16 and 64 rows on 4096 -> 11008 and 11008 -> 4096
   gemv      batch-1 time of each layer shape of Llama-2-7B: bf16 (cuBLAS), ours W8 / W4 g128, and
             torch's tinygemm int4 kernel (_weight_int4pack_mm, group 128, gpt-fast's int4) on the same
@@ -159,7 +159,8 @@ def sweep_layers(k, n, bits, group, device):
 
 
 def run_sweep(device, bandwidth) -> dict:
-    """GEMV tiles at batch 1: every (BLOCK_N, BLOCK_K, warps) on each layer shape and width."""
+    """GEMV tiles at batch 1: every (BLOCK_N, warps) on each layer shape and width, one chunk per thread
+    and row (CHUNKS = 32 per warp)."""
     from effml_lib.kernels import quant_matmul as qm
 
     rows = []
@@ -167,15 +168,15 @@ def run_sweep(device, bandwidth) -> dict:
         layers = sweep_layers(k, n, bits, group, device)
         nbytes = layers[0].weight_bytes
         x = torch.randn(1, k, device=device, dtype=torch.bfloat16)
-        for block_n, block_k, warps in itertools.product((4, 8, 16, 32), (256, 512, 1024, 2048), (2, 4, 8)):
-            tiles = {"block_n": block_n, "block_k": block_k, "num_warps": warps}
+        for block_n, warps in itertools.product((2, 4, 8, 16), (1, 2, 4, 8)):
+            tiles = {"block_n": block_n, "chunks": 32 * warps, "num_warps": warps}
             calls = [lambda q=q: qm.quant_matmul(x, q.codes, q.scale, q.zero, None, q.bits, q.group_size,
                                                  q.in_features, gemv=tiles) for q in layers]
             ms = graph_ms(calls, iters=40, rounds=5)
             rows.append({"in": k, "out": n, "bits": bits, "group_size": group, **tiles, "ms": ms,
                          "fraction_of_copy_bandwidth": nbytes / (ms * 1e-3) / bandwidth})
         best = min((r for r in rows if (r["in"], r["out"], r["bits"]) == (k, n, bits)), key=lambda r: r["ms"])
-        print(f"sweep {k}->{n} W{bits}: best {best['block_n']}x{best['block_k']}, {best['num_warps']} warps: "
+        print(f"sweep {k}->{n} W{bits}: best {best['block_n']} rows x {best['chunks']} chunks, {best['num_warps']} warps: "
               f"{best['ms'] * 1e3:.1f} us, {100 * best['fraction_of_copy_bandwidth']:.0f}% of copy bandwidth")
         del layers
     return {"gemv": rows}

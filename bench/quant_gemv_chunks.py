@@ -1,6 +1,6 @@
-"""The chunked W4A16/W8A16 GEMV (``bench/quant_gemv_chunks_kernel.py``, MATH 2: PTX pairs) on a GPU:
-its answers against the reference and its plain-Triton copy (MATH 1), then its time per tile beside
-tinygemm and bf16 cuBLAS, in one run.
+"""The library's chunked W4A16/W8A16 GEMV (``effml_lib/kernels/quant_matmul.py``, math 2: PTX pairs) on
+a GPU: its answers against the reference and its plain-Triton copy (math 1), then its time per tile
+beside its default tiles, tinygemm and bf16 cuBLAS, in one run.
 
     python bench/quant_gemv_chunks.py     # bench/results/<device>/quant_gemv_chunks.json
 """
@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from quant_gemv_chunks_kernel import chunked_gemv  # noqa: E402  (bench/)
+from effml_lib.kernels.quant_matmul import quant_matmul  # noqa: E402
 from effml_lib.quant import QuantLinear  # noqa: E402
 
 
@@ -42,7 +42,7 @@ def check(device) -> list[dict]:
         ref = F.linear(x.float(), q.dequantized_weight(), q.bias.float())
         err = {}
         for math in (0, 1, 2):  # float32 products, the pairs in plain Triton, the pairs in PTX
-            out = chunked_gemv(x if math else x.float(), q.codes, q.scale, q.zero, q.bias, bits, q.group_size, k,
+            out = quant_matmul(x if math else x.float(), q.codes, q.scale, q.zero, q.bias, bits, q.group_size, k,
                                math=math, offset=q.offset).float()
             err[math] = ((out - ref).abs().max() / ref.abs().max()).item()
         rows.append({"bits": bits, "group_size": group, "in": k, "out": n, "dtype": str(dtype), "offset": offset,
@@ -79,10 +79,10 @@ def bench(device, out_dir: Path, checks) -> None:
             packs = [Int4PackLinear(q) for q in qs]
             record("tinygemm", [lambda p=p: p(x) for p in packs])
             del packs
-        record("library", [lambda q=q: q(x) for q in qs])  # the library's own GEMV, for comparison
+        record("library", [lambda q=q: q(x) for q in qs])  # the layer's forward: default tiles, custom op
         for block_n, warps in itertools.product((4, 8, 16), (1, 2, 4)):  # one chunk per thread and row
             t = {"block_n": block_n, "chunks": 32 * warps, "num_warps": warps}
-            record("chunks", [lambda q=q, t=t: chunked_gemv(x, q.codes, q.scale, q.zero, None, bits, q.group_size, k, **t)
+            record("chunks", [lambda q=q, t=t: quant_matmul(x, q.codes, q.scale, q.zero, None, bits, q.group_size, k, gemv=t)
                               for q in qs], **t)
         print_best(rows, k, n, bits, ("bf16 cuBLAS", "tinygemm", "library", "chunks"))
         del linears, qs

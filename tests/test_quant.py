@@ -414,13 +414,14 @@ def test_triton_kernel_equals_the_reference(gen, bits, group_size, rows):
     (8, 120, 12),   # segments of 4 weights, one word of int8 codes
     (8, 96, None),  # per channel, 96 = 32 * 3
 ])
-@pytest.mark.parametrize("tiles", [{"block_n": 16, "block_k": 64, "num_warps": 4},
-                                   {"block_n": 8, "block_k": 32, "num_warps": 1}])
+@pytest.mark.parametrize("tiles", [{"block_n": 16, "chunks": 2, "num_warps": 4},
+                                   {"block_n": 8, "chunks": 4, "num_warps": 1}])
 @pytest.mark.parametrize("path", ["gemv", "gemm"])
 def test_triton_kernel_equals_the_reference_for_any_group(gen, bits, in_features, group_size, tiles, path):
-    """Both paths split each step into segments inside one group: any group of whole words of codes,
-    and any step length, must give the reference's answer, for the GEMV (up to GEMV_MAX_ROWS rows)
-    and the GEMM."""
+    """Any group of whole words of codes must give the reference's answer, up to GEMV_MAX_ROWS rows and
+    beyond. The GEMV takes layers of whole chunks (32 weights at 4 bits, 16 at 8) in whole groups, with
+    a ragged last step (96 = 3 chunks of 32) and a ragged last tile of rows (40 = 2.5 tiles of 16); the
+    others (groups of 24 and 12) go to the GEMM, whose steps split into segments inside one group."""
     pytest.importorskip("triton")
     from effml_lib.kernels.quant_matmul import GEMV_MAX_ROWS, quant_matmul
 
@@ -431,6 +432,37 @@ def test_triton_kernel_equals_the_reference_for_any_group(gen, bits, in_features
     gemm = {"block_n": 16, "block_k": 128, "num_warps": tiles["num_warps"]}  # each lane's product: >= 16 deep
     out = quant_matmul(x, q.codes, q.scale, q.zero, q.bias, bits, q.group_size, in_features, gemv=tiles, gemm=gemm)
     torch.testing.assert_close(out, q(x), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("bits,group_size,form", [(4, 32, "zero"), (4, None, "zero"), (4, 32, "offset"),
+                                                  (8, 32, "zero"), (8, None, "zero")])
+@pytest.mark.parametrize("block_n", [8, 16])  # 24 rows: whole tiles of 8, a ragged last tile of 16
+def test_gemv_float16_pairs_equal_the_reference(gen, dtype, bits, group_size, form, block_n):
+    """With 16-bit activations the GEMV multiplies float16 pairs made from the codes' bits: inline PTX on
+    a GPU, and the same bit tricks in plain Triton (math=1), which is what the interpreter runs. Both
+    must equal the float32 reference up to float16 sums and the output's rounding, in both forms of the
+    zero point, with a ragged last step (160 weights: 5 chunks of 32 or 10 of 16, steps of 2 or 4)."""
+    pytest.importorskip("triton")
+    from effml_lib.kernels.quant_matmul import quant_matmul
+
+    if form == "offset":
+        q = offset_form(160, 24, group_size, gen, bias=True)
+    else:
+        q = QuantLinear.from_linear(torch.nn.Linear(160, 24, bias=True), bits, group_size, impl="torch")
+    x = torch.randn(3, 160, generator=gen)
+    maths = (1,)
+    if torch.cuda.is_available():
+        q, x, maths = q.cuda(), x.cuda(), (1, 2)
+    reference = torch.nn.functional.linear(x.to(dtype).float(), q.dequantized_weight(), q.bias.float())
+    tiles = {"block_n": block_n, "chunks": 2 if bits == 4 else 4, "num_warps": 1}
+    tolerance = {torch.float16: 2e-3, torch.bfloat16: 8e-3}[dtype]  # float16 sums; the output's rounding
+    for math in maths:
+        out = quant_matmul(x.to(dtype), q.codes, q.scale, q.zero, q.bias, bits, q.group_size, 160,
+                           gemv=tiles, offset=q.offset, math=math)
+        assert out.dtype == dtype
+        error = ((out.float() - reference).abs().max() / reference.abs().max()).item()
+        assert error < tolerance, f"math={math}: largest error {error:.1e} of the largest output, expected < {tolerance}"
 
 
 @pytest.mark.parametrize("bits,in_features,group_size", [(8, 120, 15), (4, 36, 12), (4, 60, None)])
@@ -520,7 +552,7 @@ def test_triton_kernel_equals_the_reference_in_the_offset_form(gen, path):
     x = torch.randn(GEMV_MAX_ROWS + 1 if path == "gemm" else 3, 96, generator=gen)
     if torch.cuda.is_available():
         q, x = q.cuda(), x.cuda()
-    tiles = {"block_n": 8, "block_k": 64, "num_warps": 1}
+    tiles = {"block_n": 8, "chunks": 2, "num_warps": 1}
     gemm = {"block_n": 16, "block_k": 128, "num_warps": 1}
     out = quant_matmul(x, q.codes, q.scale, None, q.bias, 4, 32, 96, gemv=tiles, gemm=gemm, offset=q.offset)
     torch.testing.assert_close(out, q(x), atol=1e-4, rtol=1e-4)
