@@ -651,9 +651,10 @@ print("as loaded: " + "; ".join(f"{name}, {AS_LOADED[name]}" for name in w8a8.in
 w8a8.round(3)
 
 # %% [markdown]
-# effml-tiny hardly notices: W8A8 with per-tensor activations costs it 0.016 nats (2.183 to 2.199). SmolLM2
-# loses 0.809 nats (2.457, its file's Q4_1 weights dequantized, to 3.266), and only 0.035 with per-token
-# activations (2.492). Per-token scales are one way out, but they are computed at run time for every row and
+# effml-tiny hardly notices: W8A8 with per-tensor activations costs it less than 0.02 nats (from 2.183).
+# SmolLM2 loses about 0.8 nats (from 2.457, its file's Q4_1 weights dequantized, to about 3.3), and only about
+# 0.03 with per-token activations. (The third decimal moves from CPU to CPU: matrix routines round
+# differently, and a rounding that crosses half a step flips an INT8 code.) Per-token scales are one way out, but they are computed at run time for every row and
 # applied to the matmul's output; SmoothQuant keeps one scale per tensor and removes the outliers instead.
 
 # %% [markdown]
@@ -746,11 +747,11 @@ plt.show()
 # Left: for each site's worst layer, the output error falls by roughly an order of magnitude as
 # α grows from 0, is smallest at α = 0.75, and rises again at 1, where the weights' columns take the whole
 # range and become the hard part. Right: the whole model follows. α = 0 is worse than no smoothing at all
-# (5.585 against 3.266: it moves the weights' range into the activations), α = 0.5, the paper's default,
-# recovers most of the loss (2.709), and α = 0.75 is the best of the sweep, 2.554: 0.097 nats above the model
-# as loaded (its Q4_1 weights, dequantized), where per-tensor W8A8 without smoothing was 0.809 above it. The
+# (about 5.5 against 3.3: it moves the weights' range into the activations), α = 0.5, the paper's default,
+# recovers most of the loss (about 2.7), and α = 0.75 is the best of the sweep, about 2.56: 0.1 nats above the
+# model as loaded (its Q4_1 weights, dequantized), where per-tensor W8A8 without smoothing was about 0.8 above it. The
 # paper likewise finds that models with stronger outliers want a larger α. Per-token INT8 without smoothing
-# (2.492) is still better here: SmolLM2's massive activations sit at one token, and a scale per channel can
+# (about 2.49) is still better here: SmolLM2's massive activations sit at one token, and a scale per channel can
 # only shrink that channel on every token alike. (On effml-tiny, without the SmolLM2 file, smoothing leaves
 # W8A8 slightly worse than no smoothing: there is little range to move, and moving it costs the weights.)
 
@@ -1124,8 +1125,9 @@ print(f"1 token: float32 nn.Linear takes {time_ms[(1, 'nn.Linear, float32')] / f
 # speed (grey). In the committed run (a CPU) float32's `nn.Linear` takes about as long as reading its weight
 # (the first ratio printed above): a decode step is bound by bytes, as section 1 assumed. Whether float16's
 # half-size weight halves the time depends on the CPU and the shape: a CPU without fast float16 arithmetic
-# converts as it goes (the float16/float32 ratios above: at one token this CPU's float16 saves far less than
-# half, at 16 tokens nearly half). The reference
+# converts as it goes, and its matrix routines differ by shape. The float16/float32 ratios printed above say
+# what this CPU does at 1 and 16 tokens: 0.5 would be the bytes' saving, below it float16 gains more than its
+# bytes, above 1 it is slower than float32 (the committed run's and yours may differ). The reference
 # `QuantLinear` is many times slower than either, although its weight is 4× (W8) or 7.6× (W4 g128) smaller
 # than float32's. Its peak extra memory says why: each call materialises the dequantized weight and its
 # intermediates (128 MiB for W8, 192 MiB for W4, more than the 64 MiB float32 weight), so it writes and reads
@@ -1141,30 +1143,39 @@ print(f"1 token: float32 nn.Linear takes {time_ms[(1, 'nn.Linear, float32')] / f
 # %% [markdown]
 # ## On an NVIDIA H200 (precomputed)
 #
-# `python bench/quant.py` ran on an H200 (results shipped with the package). It times each linear layer of
-# Llama-2-7B at one token with random weights four ways: bf16 (cuBLAS), our Triton kernels for W8 (per channel)
-# and W4 (groups of 128), and PyTorch's own int4 kernel (`torch._weight_int4pack_mm`, "tinygemm", the int4
-# path of gpt-fast) on the same codes. Each call reads its weight from memory, not from the L2 cache, and the
-# bandwidth column counts the bytes the layer stores (codes, scales, zero points) against a device-to-device copy
-# in the same run.
+# `python bench/quant.py --parts gemv,decode` ran on an H200 (results shipped with the package). It times each
+# linear layer of Llama-2-7B at one token with random weights four ways: bf16 (cuBLAS), our Triton kernels for
+# W8 (per channel) and W4 (groups of 128), and PyTorch's own int4 kernel (`torch._weight_int4pack_mm`,
+# "tinygemm", the int4 path of gpt-fast) on the same codes. Each call reads its weight from memory, not from the
+# L2 cache, and the bandwidth column counts the bytes the layer stores (codes, scales, zero points) against a
+# device-to-device copy in the same run.
+
+# %%
+current = load_result(H200, "quant_decode")  # the library's kernels as they are now: layers, then decode
+current_env, current = current["env"], current["results"]
+print(f"precomputed on an {current_env['device_name']} at {current_env['timestamp_utc']} (UTC), torch "
+      f"{current_env['torch']}, triton {current_env['triton']}; copy bandwidth "
+      f"{current['copy_bandwidth_bytes_per_s'] / 1e12:.2f} TB/s")
+layer_rows = [{"layer": layer, "weights": name, "time (us)": round(r["ms"] * 1e3, 1),
+               "of copy bandwidth": f"{100 * r['fraction_of_copy_bandwidth']:.0f}%",
+               "speedup vs bf16": round(r["speedup_vs_bf16"], 2)}
+              for layer, row in current["gemv"].items() for name, r in row.items()]
+pd.DataFrame(layer_rows).set_index(["layer", "weights"])
+
+# %% [markdown]
+# Our W8 kernel reads the two large layers at 74-75% of the copy bandwidth, not far below bf16's cuBLAS
+# (77-84%), and so runs 1.76-1.94× faster than bf16 there. Our W4 kernel reads a quarter of bf16's bytes but
+# reaches only 39-57% of the copy bandwidth, so it is 2.4-2.6× faster than bf16, not 4×. It is still
+# 1.3-1.5× faster than tinygemm on every layer. Where a layer takes longer than its bytes need, the kernel, not
+# the memory, is the limit.
+#
+# An earlier full run (`python bench/quant.py`, with our previous GEMV; the GEMM above 8 tokens is the same)
+# also followed the 4096 → 11008 layer as the batch grows:
 
 # %%
 kernels = load_result(H200, "quant")
 kernels_env, kernels = kernels["env"], kernels["results"]
-copy_tb_s = kernels["copy_bandwidth_bytes_per_s"] / 1e12
-print(f"precomputed on an {kernels_env['device_name']} by `python bench/quant.py`, torch {kernels_env['torch']}, "
-      f"triton {kernels_env['triton']}; copy bandwidth {copy_tb_s:.2f} TB/s")
-layer_rows = [{"layer": layer, "weights": name, "time (us)": round(r["ms"] * 1e3, 1),
-               "of copy bandwidth": f"{100 * r['fraction_of_copy_bandwidth']:.0f}%",
-               "speedup vs bf16": round(r["speedup_vs_bf16"], 2)}
-              for layer, row in kernels["gemv"].items() for name, r in row.items()]
-pd.DataFrame(layer_rows).set_index(["layer", "weights"])
-
-# %% [markdown]
-# Where a layer takes longer than its bytes need, the kernel, not the memory, is the limit. The figure
-# below follows the same 4096 → 11008 layer as the batch grows.
-
-# %%
+print(f"precomputed at {kernels_env['timestamp_utc']} (UTC)")
 batch = pd.DataFrame(kernels["batch"]["ms"]).melt(id_vars="batch", var_name="weights", value_name="ms")
 batch["time (us)"] = batch["ms"] * 1e3
 fig, ax = plt.subplots(figsize=(6.5, 3.8))
@@ -1186,35 +1197,36 @@ print("first batch size at which bf16 is as fast or faster:", kernels["batch"]["
 # %% [markdown]
 # The plot shows time per call against the number of tokens: bf16's matrix multiply costs the same from 1 to 128
 # tokens, because reading the weight is all it waits for; every weight-only kernel does its dequantization once
-# per tile of tokens, so its time grows with the batch, and ours loses to bf16 from 2 tokens on (the crossover
-# printed above). Our kernels serve up to 8 tokens with the GEMV, which reads the weight once per token (the
-# rise up to 8), and more with the tiled GEMM. Better kernels keep the advantage to larger batches (tinygemm's
-# crossover is 8), but weight-only quantization pays off at decode's small batches.
+# per tile of tokens, so its time grows with the batch, and that run's kernel lost to bf16 from 2 tokens on (the
+# crossover printed above). Our kernels serve up to 8 tokens with the GEMV, which reads the weight once per
+# token (the rise up to 8), and more with the tiled GEMM. Better kernels keep the advantage to larger batches
+# (tinygemm's crossover is 8), but weight-only quantization pays off at decode's small batches.
 #
-# Whole decode steps, compiled with CUDA graphs (`generate(..., compile=True)`), on the Llama-2-7B shape. The
-# tinygemm decode ran in a second call on the same machine two minutes later (the first call's run stopped
-# on a bug in the benchmark's byte count, since fixed):
+# Whole decode steps, compiled with CUDA graphs (`generate(..., compile=True)`), on the Llama-2-7B shape, in
+# the same call as the layer table. tinygemm's decode comes from another call, on another day's kernels of
+# ours (its row is not a same-run comparison):
 
 # %%
-decoders = dict(kernels["decode"]["decoders"])  # bf16, ours W4 g128, ours W8: the run above
-tinygemm_run = load_result(H200, "quant_decode_int4pack")
-decoders.update(tinygemm_run["results"]["decode"]["decoders"])  # tinygemm int4 g128
-print(f"decode runs at {kernels_env['timestamp_utc']} and {tinygemm_run['env']['timestamp_utc']} (UTC)")
+decoders = dict(current["decode"]["decoders"])  # bf16, ours W4 g128, ours W8: the call above
 bf16_rate = decoders["bf16"]["tokens_per_s"]
+tinygemm_run = load_result(H200, "quant_decode_int4pack")
+print(f"tinygemm's decode at {tinygemm_run['env']['timestamp_utc']} (UTC)")
+decoders["int4pack-g128 (other call)"] = tinygemm_run["results"]["decode"]["decoders"]["int4pack-g128"]
 decode_rows = [{"weights": name, "tokens/s": round(r["tokens_per_s"], 1), "GB read per token": round(r["bytes_per_token"] / 1e9, 2),
                 "of copy bandwidth": f"{100 * r['fraction_of_copy_bandwidth']:.0f}%",
-                "speedup vs bf16": round(r["tokens_per_s"] / bf16_rate, 2)}
+                "speedup vs this call's bf16": round(r["tokens_per_s"] / bf16_rate, 2)}
                for name, r in decoders.items()]
 pd.DataFrame(decode_rows).set_index("weights")
 
 # %% [markdown]
-# Reading 4× fewer bytes does not by itself make a decode step 4× faster: the kernel has to turn those bytes into
-# weights as fast as memory delivers them. Our W4 kernel reaches 23-29% of the copy bandwidth per layer and 23%
-# over a decode step, so its decode is only 1.05× bf16's although it reads 28% of the bytes; our W8, at 43%,
-# 1.08×. PyTorch's tinygemm kernel is faster on every layer in the table and decodes 1.40× faster than bf16: it
-# is the target for ours.
+# Reading 4× fewer bytes does not by itself make a decode step 4× faster. Our W4 decode is 1.56× bf16's and
+# our W8 decode 1.50×, although they read 28% and 51% of the bytes. Part of that is the kernels, which turn
+# bytes into weights slower than memory delivers them at 4 bits. Part is the rest of the step (attention,
+# norms, the bf16 output layer): it takes a larger share of a step whose weights are small, and more time in
+# the quantized steps than the GEMV times above account for (`bench/NOTES.md` has the sums).
 #
-# What holds our W4 kernel back? Two more benchmarks ran on the H200, back to back in one call.
+# How did our W4 kernel get here? Its previous version took 19.4 µs on the 4096 → 11008 layer. Two more
+# benchmarks ran on the H200 against it, back to back in one call.
 # `bench/quant_read_probe.py` times kernels that only *read* each layer's packed words (and fold them together
 # with xor): the floor for any kernel that reads them. `bench/quant_gemv_variants.py` times variants of the GEMV
 # that store the words transposed, `(K / 8, N)` as GPTQ checkpoints do, so that one load of a word's
@@ -1228,7 +1240,7 @@ probe = load_result(H200, "quant_read_probe")
 variants = load_result(H200, "quant_gemv_variants")
 print(f"at {variants['env']['timestamp_utc']} and {probe['env']['timestamp_utc']} (UTC), copy bandwidth "
       f"{probe['results']['copy_bandwidth_bytes_per_s'] / 1e12:.2f} TB/s")
-kinds = {"read the words only": ("probe", ("rows",)), "ours (QuantLinear)": ("variants", ("library",)),
+kinds = {"read the words only": ("probe", ("rows",)), "our previous GEMV": ("variants", ("library",)),
          "transposed": ("variants", ("lanes", "split")), "transposed, lean lanes": ("variants", ("unit", "unit+prefetch")),
          "tinygemm int4": ("variants", ("tinygemm",))}
 
@@ -1249,15 +1261,18 @@ pd.DataFrame(limit_rows).set_index(["layer", "W4 g128 kernel"])
 
 # %% [markdown]
 # Merely reading the words of the 4096 → 11008 layer takes 7.0 µs, 77% of the copy bandwidth: neither the
-# layout nor the memory keeps our kernel at 19.4 µs. Moving no activations between threads gains 1-3 µs, and
+# layout nor the memory kept that kernel at 19.4 µs. Moving no activations between threads gains 1-3 µs, and
 # lean lanes about 3 µs more on 11008 → 4096 (14.9 µs, level with tinygemm's 15.0), but every variant stays at
-# or below 38% of the copy bandwidth. The rest of the time is the kernels' own work and how it waits: Triton
-# compiles one instruction per element and operation, so each 4-bit weight still costs a shift, a mask and a
-# multiply-add, plus its share of loading and converting activations, scales and zero points, and each
-# program waits on its own loads with few others to hide behind; a profile of the lean variant
-# (`bench/results/nvidia-h200/ncu_quant_gemv.txt`) finds its issue slots busier than the DRAM. Closing
-# the gap to the 7.0 µs read takes fewer instructions per weight and more bytes in flight while they run
-# (`bench/NOTES.md` follows that further).
+# or below 38% of the copy bandwidth. Triton compiles one instruction per element and operation, so each 4-bit
+# weight cost a shift, a mask and a multiply-add, plus its share of loading and converting activations, scales
+# and zero points.
+#
+# The kernel in the library now does three things differently (`effml_lib/kernels/quant_matmul.py`). It makes
+# two float16 weights from two codes with one bit operation and multiplies them in pairs, in inline PTX. It
+# reads each thread's activations in 16-byte loads. And it lays its tiles out so that the compiler gives each
+# thread one chunk of every row: Triton 3.6 had spread each warp across rows and passed every pair of
+# activations through shared memory (`bench/NOTES.md` has the profile). Together they took the layer from 19.4
+# to 9.8 µs.
 #
 # The real model, SmolLM2-135M from its GGUF file, also ran on the H200 (`python bench/quant.py --parts
 # smollm2`, compiled decode, bf16 activations):
@@ -1274,8 +1289,8 @@ pd.DataFrame([{"weights": smol_labels[name],
 # %% [markdown]
 # A 135M-parameter model is too small to be bound by memory on an H200: a step reads its weights at 299 GB/s
 # at most, of the 4.2 TB/s the copy reaches, so its time is 30 layers' worth of small kernels, each waiting on
-# its own latency (our GEMV is probably slower than cuBLAS's on layers this small; they have not been timed
-# alone). W4 makes SmolLM2 slower here
+# its own latency (the GEMV of that run, our previous one, was probably slower than cuBLAS's on layers this
+# small; they have not been timed alone). W4 makes SmolLM2 slower here
 # (830.1 against 1110.3 tokens/s): quantization for speed pays on large models at small batches, where bytes
 # dominate, as on Llama-2-7B above.
 
@@ -1292,8 +1307,8 @@ pd.DataFrame([{"weights": smol_labels[name],
 #   linear scales catch up by 4 bits and are what kernels and file formats use.
 # - SmolLM2 has channel outliers (channel 247 entering attention, 12.0× the median channel in a typical layer)
 #   and massive activations at the first token (3266.6× entering layer 11's down projection): INT8 activations
-#   per tensor cost it 0.809 nats. effml-tiny's outliers are mild, and W8A8 costs it 0.016.
-# - SmoothQuant at α = 0.75 brought SmolLM2's per-tensor W8A8 to 2.554 nats (2.457 as loaded, its Q4_1 weights
+#   per tensor cost it about 0.8 nats. effml-tiny's outliers are mild, and W8A8 costs it less than 0.02.
+# - SmoothQuant at α = 0.75 brought SmolLM2's per-tensor W8A8 to about 2.56 nats (2.457 as loaded, its Q4_1 weights
 #   dequantized); too small or too large an α fails.
 # - At 3 bits, keeping the 1% of input channels with the largest activations in fp16 almost halves the
 #   damage, choosing them by weight or at random does not, and AWQ's scaling (one foldable s per shared
@@ -1302,9 +1317,9 @@ pd.DataFrame([{"weights": smol_labels[name],
 #   (linear, groups of 128) to 0.145 (k-means).
 # - A GGUF Q4_1 block is d and m (float16) and 16 bytes of codes, $w = d\,q + m$, weights $j$ and $j + 16$ sharing byte $j$.
 # - Saved bytes become saved time only when dequantizing is fused into the matmul, and only if that
-#   kernel unpacks as fast as memory delivers: on the H200 our W8 and W4 decodes beat bf16 by only 8% and 5%,
-#   where tinygemm's int4 gains 40%. Reading the packed words alone reaches 77% of the copy bandwidth on
-#   the large layers; our kernel is held back by its instructions per weight and too few loads in flight.
+#   kernel unpacks as fast as memory delivers. On the H200 our W8 kernel reads the large layers at 74-75% of
+#   the copy bandwidth and our W4 kernel at 50-57%, 1.3-1.5× faster than tinygemm's. Our W8 and W4 decodes
+#   are 1.50× and 1.56× bf16's: the rest of the step, not only the kernels, now limits them.
 #
 # **Lab 05** ([`labs/lab05_quantization/lab05_quantization.ipynb`](../labs/lab05_quantization/lab05_quantization.ipynb), 12 points)
 # has you build the pieces, each part graded by hidden tests:
