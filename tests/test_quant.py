@@ -397,7 +397,7 @@ def test_a_quantized_model_decodes_with_a_cache(code_tokens):
 @pytest.mark.parametrize("rows", [1, 5, 9, 37])  # decode steps (the GEMV), then the GEMM: 9 rows, more than one tile
 def test_triton_kernel_equals_the_reference(gen, bits, group_size, rows):
     pytest.importorskip("triton")
-    linear = torch.nn.Linear(128, 80, bias=True)  # 80: not a multiple of the kernel's 64-wide tiles
+    linear = torch.nn.Linear(128, 80, bias=True)  # 80: a ragged tile of the GEMM's 128 rows (the GEMV's: below)
     q = QuantLinear.from_linear(linear, bits, group_size, impl="torch")
     x = torch.randn(rows, 128, generator=gen)
     if torch.cuda.is_available():
@@ -423,15 +423,59 @@ def test_triton_kernel_equals_the_reference_for_any_group(gen, bits, in_features
     a ragged last step (96 = 3 chunks of 32) and a ragged last tile of rows (40 = 2.5 tiles of 16); the
     others (groups of 24 and 12) go to the GEMM, whose steps split into segments inside one group."""
     pytest.importorskip("triton")
-    from effml_lib.kernels.quant_matmul import GEMV_MAX_ROWS, quant_matmul
+    from effml_lib.kernels.quant_matmul import GEMV_MAX_ROWS, fits_gemv, quant_matmul
 
     q = QuantLinear.from_linear(torch.nn.Linear(in_features, 40, bias=True), bits, group_size, impl="torch")
     x = torch.randn(GEMV_MAX_ROWS + (path == "gemm"), in_features, generator=gen)
     if torch.cuda.is_available():
         q, x = q.cuda(), x.cuda()
     gemm = {"block_n": 16, "block_k": 128, "num_warps": tiles["num_warps"]}  # each lane's product: >= 16 deep
-    out = quant_matmul(x, q.codes, q.scale, q.zero, q.bias, bits, q.group_size, in_features, gemv=tiles, gemm=gemm)
+    on_the_gemv = path == "gemv" and fits_gemv(bits, q.group_size, in_features)
+    assert on_the_gemv == (path == "gemv" and group_size not in (24, 12)), "which layouts the GEMV takes"
+    # math=0 (float32 products) makes quant_matmul refuse the call if it would not run the GEMV
+    out = quant_matmul(x, q.codes, q.scale, q.zero, q.bias, bits, q.group_size, in_features, gemv=tiles, gemm=gemm,
+                       math=0 if on_the_gemv else None)
     torch.testing.assert_close(out, q(x), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gemv_default_tiles_equal_the_reference(gen, bits, dtype):
+    """The GEMV's default tiles on a row of whole steps and a ragged tail: 2112 weights are 66 chunks of 32
+    (4 bits: one step of 64 chunks, then 2) or 132 of 16 (8 bits: two steps, then 4)."""
+    pytest.importorskip("triton")
+    from effml_lib.kernels.quant_matmul import quant_matmul
+
+    q = QuantLinear.from_linear(torch.nn.Linear(2112, 12, bias=True), bits, 64, impl="torch")
+    x = torch.randn(2, 2112, generator=gen)
+    if torch.cuda.is_available():
+        q, x = q.cuda(), x.cuda()
+    reference = torch.nn.functional.linear(x.to(dtype).float(), q.dequantized_weight(), q.bias.float())
+    out = quant_matmul(x.to(dtype), q.codes, q.scale, q.zero, q.bias, bits, q.group_size, 2112,
+                       math=0 if dtype == torch.float32 else None)
+    tolerance = 1e-5 if dtype == torch.float32 else 8e-3  # float32 rounding; bf16 output, float16 sums
+    error = ((out.float() - reference).abs().max() / reference.abs().max()).item()
+    assert error < tolerance, f"largest error {error:.1e} of the largest output, expected < {tolerance}"
+
+
+def test_gemv_math_must_be_one_the_call_can_run(gen):
+    """``math`` picks the GEMV's arithmetic; asking for one the call cannot run is an error, not a silent
+    fallback: on the GEMM's path, float16 pairs of float32 activations, PTX without a GPU."""
+    pytest.importorskip("triton")
+    from effml_lib.kernels.quant_matmul import GEMV_MAX_ROWS, quant_matmul
+
+    q = QuantLinear.from_linear(torch.nn.Linear(64, 8), 4, 32, impl="torch")
+    x = torch.randn(GEMV_MAX_ROWS + 1, 64, generator=gen)
+    args = (q.codes, q.scale, q.zero, None, 4, 32, 64)
+    with pytest.raises(ValueError, match="GEMM"):
+        quant_matmul(x, *args, math=0)
+    with pytest.raises(ValueError, match="float16 or bfloat16"):
+        quant_matmul(x[:1], *args, math=1)
+    with pytest.raises(ValueError, match="math must be"):
+        quant_matmul(x[:1].half(), *args, math=3)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="PTX"):
+            quant_matmul(x[:1].half(), *args, math=2)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

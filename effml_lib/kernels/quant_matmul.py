@@ -24,18 +24,19 @@ CUDA, or on CPU tensors under ``TRITON_INTERPRET=1`` (how CI proves it without a
 reference's ``(code - zero) * scale`` (or ``code * scale + offset``). With float32 inputs both kernels
 compute it in float32 as ``code * scale + shift`` (``shift = -zero * scale``, or the offset) and their
 products are float32, equal to the reference up to float32 rounding. With 16-bit inputs the GEMV's
-products are float16 pairs of ``(code - zero)`` (exact) and x, summed in float16 over a chunk, scaled
-and summed in float32; the GEMM rounds the weight tile to x's dtype for the tensor cores (as the
+products are float16 pairs of ``(code - zero)`` (exact) and x rounded to float16 (exact for bf16 values
+of float16's range, down to its subnormals near 6e-5), summed in float16 over a chunk, scaled and summed
+in float32; the GEMM rounds the weight tile to x's dtype for the tensor cores (as the
 reference's dequantized weight is).
 """
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from ..device import triton_interpreter_enabled
 
 
 @triton.jit
@@ -89,14 +90,16 @@ def _lane(word, lane: tl.constexpr, BITS: tl.constexpr):
 # them. A chunk lies inside one group (``fits_gemv``), so each row's chunk needs one scale and one zero
 # point. Three ways to compute a chunk's sum, one answer (MATH):
 #   0  float32: each lane's code as an exact float, one multiply-add for the weight, one for the product
-#      (float32 inputs, and under the interpreter the reference of the two below);
+#      (float32 inputs);
 #   1  pairs, in plain Triton: the bit manipulation of 2, each half of a float16 pair computed apart in
 #      float32 (how CI proves 2's bit tricks on a CPU: the interpreter cannot run inline assembly);
 #   2  pairs, in PTX (16-bit inputs on a GPU): one ``lop3`` turns two codes of a word into a float16
 #      pair ``(16 + q / 64)`` (4 bits; ``4 + u / 256`` for the offset-binary bytes of 8 bits), one
 #      ``sub``/``fma`` removes the magic and the zero point exactly, leaving ``(q - z) / 64``, and one
 #      ``fma.rn.f16x2`` multiplies two weights with their activations. The chunk's products are summed in
-#      float16 (16 per half at 4 bits, 8 at 8: ``|x|`` up to 4000 cannot overflow), then in float32.
+#      float16, then in float32: 16 products of at most 15/64 |x| per half at 4 bits, 8 of at most
+#      128/256 |x| at 8, so a half's sum stays below 4 max|x|, within float16's 65504 for |x| < 16000
+#      (beyond, the output is inf or NaN: activations that large need the float32 path).
 # x reaches the chunk as 32-bit words of two 16-bit activations, regrouped into the float16 pairs
 # that match the codes' pairs: lanes ``(l, l + 4)`` of a 4-bit word, ``(l, l + 2)`` of an 8-bit one.
 
@@ -106,9 +109,9 @@ _SIXTEENTH = 0x2C002C00  # float16 1/16 in both halves
 
 
 def _pairs_ptx(bits: int) -> str:
-    """PTX for one row's chunk: $0 = UNIT * sum over four words of ``(q - z) * x``, in float32.
+    """PTX for one row's chunk: $0 = sum over four words of ``(q - z) * x``, divided by UNIT, in float32.
     Operands: $1-$4 the words, then the x pairs (4 per word at 4 bits, 2 at 8), then za, nzb, and the
-    constants (see ``_chunk_pairs``)."""
+    constants (see ``_chunk4_pairs`` and ``_chunk8_pairs``)."""
     n_pairs = 4 if bits == 4 else 2
     x0 = 5
     za, nzb = x0 + 4 * n_pairs, x0 + 4 * n_pairs + 1
@@ -269,7 +272,7 @@ def _chunk_float32(x_row, w0, w1, w2, w3, ch, ch_ok, s, shift, BITS: tl.constexp
 @triton.jit
 def _chunk4_pairs(xw_row, w0, w1, w2, w3, ch, ch_ok, za, nzb, MAGIC, LO, HI, SIXTEENTH,
                   X_F16: tl.constexpr, MATH: tl.constexpr):
-    """64 * sum over a 4-bit chunk of (q - z) * x (or q * x with z = 0), and the chunk's sum of x."""
+    """sum over a 4-bit chunk of (q - z) * x (or q * x with z = 0), divided by 64, and the chunk's sum of x."""
     CHUNKS: tl.constexpr = ch.shape[0]
     base = ch * 16  # words of x: 16 per chunk, 4 per word of codes
     a0, a1, a2, a3 = _x_words(xw_row, base, ch_ok, CHUNKS)
@@ -299,7 +302,7 @@ def _chunk4_pairs(xw_row, w0, w1, w2, w3, ch, ch_ok, za, nzb, MAGIC, LO, HI, SIX
 
 @triton.jit
 def _chunk8_pairs(xw_row, w0, w1, w2, w3, ch, ch_ok, MAGIC, MASK, X_F16: tl.constexpr, MATH: tl.constexpr):
-    """256 * sum over an 8-bit chunk of q * x."""
+    """sum over an 8-bit chunk of q * x, divided by 256."""
     CHUNKS: tl.constexpr = ch.shape[0]
     base = ch * 8  # words of x: 8 per chunk, 2 per word of codes
     a0, a1, a2, a3 = _x_words(xw_row, base, ch_ok, CHUNKS)
@@ -310,11 +313,11 @@ def _chunk8_pairs(xw_row, w0, w1, w2, w3, ch, ch_ok, MAGIC, MASK, X_F16: tl.cons
     X30, X31 = _x_pairs8(a2, a3, X_F16, MATH)
     full = tl.zeros(w0.shape, tl.int32)
     za = full + MAGIC  # 4.5 in both halves: 4 + 128 / 256
-    if MATH == 2:  # (za twice: the 8-bit PTX has no second fix-up)
+    if MATH == 2:  # (za also fills the nzb slot: the 8-bit PTX has no second fix-up)
         return tl.inline_asm_elementwise(
             _PAIRS_PTX_8, "=r" + ",r" * 16,
             [w0, w1, w2, w3, X00[None, :], X01[None, :], X10[None, :], X11[None, :],
-             X20[None, :], X21[None, :], X30[None, :], X31[None, :], za, za, za, full + MASK],
+             X20[None, :], X21[None, :], X30[None, :], X31[None, :], za, za, full + MAGIC, full + MASK],
             dtype=tl.float32, is_pure=True, pack=1)
     d = _word8_pairs(w0, X00[None, :], X01[None, :], za, MAGIC, MASK)
     d += _word8_pairs(w1, X10[None, :], X11[None, :], za, MAGIC, MASK)
@@ -463,7 +466,7 @@ def gemv_math(x: torch.Tensor) -> int:
     16-bit inputs under the interpreter, float32 products for float32 inputs."""
     if x.dtype not in (torch.float16, torch.bfloat16):
         return 0
-    return 2 if x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1" else 1
+    return 2 if x.is_cuda and not triton_interpreter_enabled() else 1
 
 
 @triton.jit
@@ -518,7 +521,7 @@ def fits(bits: int, group_size: int, in_features: int) -> bool:
 # Tiles from sweeps on an H200. GEMV (bench/quant_gemv_chunks.py: bench/results/nvidia-h200/quant_gemv_chunks.json,
 # a sweep of this kernel before its layout fix, not yet repeated): four rows of W and two warps per program
 # were within 1% of the fastest tile on each of Llama-2-7B's three shapes at 4 bits, and 0-12% off at 8
-# (4.8% on average, the best tile's 3.4%); more rows per thread cost registers and parallelism.
+# (4.9% on average, the best tile's 3.4%); more rows per thread cost registers and parallelism.
 # GEMM: bench/quant.py --parts sweep-gemm.
 GEMV_TILES = {4: {"block_n": 4, "chunks": 64, "num_warps": 2}, 8: {"block_n": 4, "chunks": 64, "num_warps": 2}}
 GEMM_TILES = {4: {"block_n": 128, "block_k": 256, "num_warps": 8}, 8: {"block_n": 128, "block_k": 256, "num_warps": 8}}
@@ -544,6 +547,19 @@ def _gemv(x2: torch.Tensor, words: torch.Tensor, scale: torch.Tensor, second: to
     return y
 
 
+def _check_math(math: int, x2: torch.Tensor, gemv_path: bool) -> None:
+    """A ``math`` asked for must be one the GEMV runs, for this call and these activations."""
+    if not gemv_path:
+        raise ValueError(f"math chooses the GEMV's arithmetic, but this call goes to the GEMM ({x2.shape[0]} rows, "
+                         f"at most {GEMV_MAX_ROWS} for the GEMV, or a layer that is not whole chunks: fits_gemv)")
+    if math not in (0, 1, 2):
+        raise ValueError(f"math must be 0 (float32), 1 (pairs, plain Triton) or 2 (pairs, PTX), got {math!r}")
+    if math and x2.dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"math={math} (float16 pairs) needs float16 or bfloat16 activations, got {x2.dtype}")
+    if math == 2 and gemv_math(x2) != 2:
+        raise ValueError("math=2 (inline PTX) needs CUDA tensors and Triton's compiler, not its interpreter")
+
+
 def quant_matmul(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
                  bias: torch.Tensor | None, bits: int, group_size: int, in_features: int,
                  gemv: dict | None = None, gemm: dict | None = None, offset: torch.Tensor | None = None,
@@ -559,12 +575,18 @@ def quant_matmul(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zero
     if not fits(bits, group_size, in_features):
         raise ValueError(f"the kernels need in_features and group_size in whole 32-bit words of codes "
                          f"(multiples of {32 // bits} for {bits} bits), got {in_features} and {group_size}")
+    if zero is not None and zero.stride() != scale.stride():
+        raise ValueError(f"zero must have scale's layout (strides {scale.stride()}), got strides {zero.stride()}")
     lead = x.shape[:-1]
     x2 = x.reshape(-1, in_features)  # (M, K)
     m, n = x2.shape[0], codes.shape[0]
+    gemv_path = m <= GEMV_MAX_ROWS and fits_gemv(bits, group_size, in_features)
+    if math is not None:
+        _check_math(math, x2, gemv_path)
     words = codes.contiguous().view(torch.int32)  # (N, K / per_word): the bytes, four at a time
     second = offset if offset is not None else (scale if zero is None else zero)  # zero points or offsets
-    if m <= GEMV_MAX_ROWS and fits_gemv(bits, group_size, in_features):
+    bias = None if bias is None else bias.contiguous()
+    if gemv_path:
         y = _gemv(x2, words, scale, second, bias, bits, group_size, offset is not None,
                   {**GEMV_TILES[bits], **(gemv or {})}, math)
         return y.reshape(*lead, n)
