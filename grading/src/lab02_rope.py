@@ -374,10 +374,11 @@ print("the score peaks at distance", peak_distance)
 # pairs in Python pays that overhead once per iteration. Rotate whole tensors at once.
 #
 # **The rule:** on the grading machine (its CPU, one thread), with `x` of shape `(1, 8, T, 64)` in float32
-# and `positions=None`, your `apply_rope` must be correct and take **at most 4×** the time of the library's
+# and `positions=None`, your `apply_rope` must be correct and take **at most 10×** the time of the library's
 # readable reference (`effml_lib.rope.rotate_reference`, with the cos/sin rows already gathered) at
-# `T = 512`. The graded cell shows its measurement as a plot. The cell below makes the same comparison
-# on your machine.
+# `T = 512`. A rotation of whole tensors takes about the reference's time, a Python loop over positions
+# 40-100× it: the wide line leaves room for a busy grading machine, not for loops. The graded cell shows
+# its measurement as a plot. The cell below makes the same comparison on your machine.
 
 # %% nbgrader={"grade_id": "p5_visible", "locked": true}
 # Your apply_rope against the reference on this machine (not graded)
@@ -399,7 +400,7 @@ latency_vs_size(timings, "seq_len", hue="implementation", xlabel="sequence lengt
                 title="RoPE on x of shape (1, 8, T, 64), float32")
 at_512 = timings[timings.seq_len == 512].set_index("implementation").median_ms
 print(f"at T = 512 yours takes {at_512['your apply_rope'] / at_512['reference']:.1f}× the reference's time "
-      f"(graded: at most 4×)")
+      f"(graded: at most 10×)")
 
 # %% [markdown] nbgrader={"grade_id": "p5_plot_note", "locked": true}
 # The plot shows the median latency of each implementation at each length, on log–log axes: a vectorized

@@ -762,7 +762,7 @@ decode.rename_axis(index="batch (sequences)", columns=None).round(0)
 # 4. **`score_by_distance`** (2 points): section 3's identity put to work, one rotation per distance instead
 #    of one per pair of positions; then a question about the course model: how far back does layer 0,
 #    head 1 look from a `)` for a `(`?
-# 5. **Speed** (2 points): your `apply_rope` must stay within 4× the library's reference rotation on the
+# 5. **Speed** (2 points): your `apply_rope` must stay within 10× the library's reference rotation on the
 #    grading machine; the graded cell plots both.
 #
 # While the hidden tests run, the library's own versions of these functions are unavailable, so the notebook

@@ -10,10 +10,10 @@ import torch
 from effml_lib.rope import rope_frequencies, rotate_reference
 from trusted import judge_speed
 
-# A vectorized rotation takes about 1.1x the reference; a Python loop over positions about 100x.
-# The lab states 4x; the line is drawn at 10x, never harsher than the lab's text. In the sandbox the
-# reference solution has measured 4.4x-7x at T = 512 on this session's 2-core machines (the channel's cost
-# for 1 MiB tensors is not all subtracted: to be found), while a loop over positions is about 40x.
+# A vectorized rotation takes about 1.1x the reference; a Python loop over positions about 100x. In the
+# sandbox the reference solution has measured 4.4x-7x at T = 512 on 2-core machines (the channel's cost for
+# 1 MiB tensors is not all subtracted), while a loop over positions is about 40x: so the line, and the
+# lab's text, is 10x.
 FACTOR = 10.0
 B, H, D = 1, 8, 64
 SEQ_LENS = (128, 256, 512)  # judged at the longest
