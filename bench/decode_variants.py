@@ -105,19 +105,21 @@ def _profiled(run, n_tokens: int):
     return wall, kernels
 
 
-def profile_step(run, n_tokens: int) -> dict:
+def profile_step(run, n_tokens: int, top: int = 12) -> dict:
     """Where a decode step's time goes: kernels' GPU time and wall time per token, from the
-    difference of ``run(n_tokens)`` and ``run(1)`` (so prefill and setup cancel, as in decode.py)."""
+    difference of ``run(n_tokens)`` and ``run(1)`` (so prefill and setup cancel, as in decode.py);
+    the ``top`` kernels by time."""
     wall_n, kernels_n = _profiled(run, n_tokens)
     wall_1, kernels_1 = _profiled(run, 1)
     steps = n_tokens - 1
     per_token = {name: ((us - kernels_1.get(name, (0, 0))[0]) / steps, (calls - kernels_1.get(name, (0, 0))[1]) / steps)
                  for name, (us, calls) in kernels_n.items()}
-    top = sorted(per_token.items(), key=lambda item: -item[1][0])[:12]
+    slowest = sorted(per_token.items(), key=lambda item: -item[1][0])[:top]
     return {
         "wall_us_per_token": (wall_n - wall_1) / steps * 1e6,
         "kernel_us_per_token": sum(us for us, _ in per_token.values()),
-        "top_kernels": [{"name": name[:90], "us_per_token": us, "calls_per_token": calls} for name, (us, calls) in top],
+        "kernel_calls_per_token": sum(calls for _, calls in per_token.values()),
+        "top_kernels": [{"name": name[:90], "us_per_token": us, "calls_per_token": calls} for name, (us, calls) in slowest],
     }
 
 

@@ -5,6 +5,7 @@
     python bench/quant.py --parts smollm2       # on a CPU too: SmolLM2's real decode, fp16/fp32 vs W4
     EFFML_DECODE_VARIANTS=int4pack-g128 python bench/quant.py --parts decode --name quant_decode_int4pack
                                                 # some decoders only (bf16, w4-g128, w8, int4pack-g128)
+    python bench/quant.py --parts decode --profile   # and each decoder's kernels per token (torch.profiler)
 
 Parts:
   sweep     GEMV tiles (BLOCK_N, CHUNKS, warps) at batch 1 on Llama-2-7B's three layer shapes
@@ -42,7 +43,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from decode import bytes_per_token, decode_rate  # noqa: E402
-from decode_variants import random_model  # noqa: E402
+from decode_variants import profile_step, random_model  # noqa: E402
 
 from effml_lib import checkpoints, decoding  # noqa: E402
 from effml_lib.decoding import generate  # noqa: E402
@@ -262,7 +263,8 @@ def quantized_bytes_per_token(model, config, context) -> float:
     return dense["total"] - 2 * layer_params + layer_bytes
 
 
-def run_decode(device, bandwidth, shape="llama-2-7b", prompt_len=32, new_tokens=64, reps=2, on_progress=None) -> dict:
+def run_decode(device, bandwidth, shape="llama-2-7b", prompt_len=32, new_tokens=64, reps=2, on_progress=None,
+               profile=False) -> dict:
     config = ModelConfig(**MODEL_SHAPES[shape], max_seq_len=prompt_len + new_tokens, norm_eps=1e-5)
     gen = torch.Generator(device="cpu").manual_seed(0)
     prompt = torch.randint(0, config.vocab_size, (1, prompt_len), generator=gen).to(device)
@@ -297,8 +299,12 @@ def run_decode(device, bandwidth, shape="llama-2-7b", prompt_len=32, new_tokens=
             continue
         first_tokens[name] = generate(model, prompt, 16, cache=cache, compile=True)[0, prompt_len:].tolist()
         nbytes = quantized_bytes_per_token(model, config, prompt_len + new_tokens / 2)
-        r.update(bytes_per_token=nbytes, fraction_of_copy_bandwidth=r["tokens_per_s"] * nbytes / bandwidth,
-                 bench_seconds=time.perf_counter() - start)
+        r.update(bytes_per_token=nbytes, fraction_of_copy_bandwidth=r["tokens_per_s"] * nbytes / bandwidth)
+        if profile:  # where the step's time goes: every kernel's GPU time per token (torch.profiler)
+            r["profile"] = profile_step(lambda n: generate(model, prompt, n, cache=cache, compile=True), new_tokens, top=40)
+            print(f"  {name}: kernels {r['profile']['kernel_us_per_token']:.0f} us and "
+                  f"{r['profile']['kernel_calls_per_token']:.0f} launches per token, wall {r['profile']['wall_us_per_token']:.0f} us")
+        r["bench_seconds"] = time.perf_counter() - start
         results[name] = r
         print(f"decode {name:14s} {r['tokens_per_s']:7.1f} tok/s, {nbytes / 1e9:.2f} GB/token, "
               f"{100 * r['fraction_of_copy_bandwidth']:.0f}% of copy bandwidth")
@@ -352,6 +358,7 @@ def main(argv=None):
     p.add_argument("--device", default=None)
     p.add_argument("--out", default=None, help="results directory (default bench/results/<device>)")
     p.add_argument("--name", default="quant", help="result file stem")
+    p.add_argument("--profile", action="store_true", help="decode: also profile each decoder's step (kernels per token)")
     args = p.parse_args(argv)
     parts = args.parts.split(",")
     if unknown := set(parts) - set(PARTS):
@@ -373,7 +380,7 @@ def main(argv=None):
             if part == "decode":  # slow (a compilation per decoder): saved after each decoder
                 def on_progress(partial):
                     save_result(out / f"{args.name}.json", {**result, "decode": partial}, device)
-                result[part] = run_decode(device, bandwidth, on_progress=on_progress)
+                result[part] = run_decode(device, bandwidth, on_progress=on_progress, profile=args.profile)
             else:
                 result[part] = runners[part](device, bandwidth)
             print(f"[{part}: {time.perf_counter() - start:.0f} s]")
