@@ -54,8 +54,7 @@ def check(device) -> list[dict]:
 
 
 def bench(device, out_dir: Path, checks) -> None:
-    from quant import Int4PackLinear, copies_for, random_linear  # bench/quant.py
-    from quant_gemv_variants import print_best, timed_row
+    from quant_gemv_variants import layer_with_baselines, print_best
 
     from effml_lib.measure import copy_bandwidth, save_result
 
@@ -64,28 +63,14 @@ def bench(device, out_dir: Path, checks) -> None:
     rows = []
     for (k, n), (bits, group) in itertools.product(((4096, 11008), (11008, 4096), (4096, 4096)),
                                                    ((4, 128), (8, None))):
-        linears = [random_linear(k, n, device, i) for i in range(copies_for(k * n * bits // 8))]
-        qs = [QuantLinear.from_linear(lin, bits, group, impl="triton") for lin in linears]
-        nbytes = qs[0].weight_bytes
-        x = torch.randn(1, k, device=device, dtype=torch.bfloat16)
-        reference = F.linear(x.float(), qs[0].dequantized_weight())
-
-        def record(name, calls, **tiles):
-            rows.append(timed_row(calls, reference, nbytes, bandwidth, **{"in": k, "out": n, "bits": bits,
-                                  "group_size": group, "variant": name}, **tiles))
-
-        record("bf16 cuBLAS", [lambda lin=lin: lin(x) for lin in linears])
-        if bits == 4:
-            packs = [Int4PackLinear(q) for q in qs]
-            record("tinygemm", [lambda p=p: p(x) for p in packs])
-            del packs
+        qs, x, record = layer_with_baselines(k, n, bits, group, device, bandwidth, rows)
         record("library", [lambda q=q: q(x) for q in qs])  # the layer's forward: default tiles, custom op
         for block_n, warps in itertools.product((4, 8, 16), (1, 2, 4)):  # one chunk per thread and row
             t = {"block_n": block_n, "chunks": 32 * warps, "num_warps": warps}
             record("chunks", [lambda q=q, t=t: quant_matmul(x, q.codes, q.scale, q.zero, None, bits, q.group_size, k, gemv=t)
                               for q in qs], **t)
         print_best(rows, k, n, bits, ("bf16 cuBLAS", "tinygemm", "library", "chunks"))
-        del linears, qs
+        del qs, record
         torch.cuda.empty_cache()
         save_result(out_dir / "quant_gemv_chunks.json", {"copy_bandwidth_bytes_per_s": bandwidth, "checks": checks, "rows": rows}, device)
 

@@ -332,9 +332,30 @@ def print_best(rows: list[dict], k: int, n: int, bits: int, names) -> None:
                   f"err {best['relative_error']:.1e} {tiles}")
 
 
-def bench(device, out_dir: Path) -> None:
+def layer_with_baselines(k: int, n: int, bits: int, group, device, bandwidth: float, rows: list[dict]):
+    """Copies of one random ``k -> n`` layer quantized to ``bits`` (enough that none is read from L2), x at
+    batch 1, and ``record(name, calls, **tiles)``, which appends a :func:`timed_row` to ``rows``. Records the
+    baselines first: bf16 cuBLAS on the float copies, tinygemm at 4 bits. Returns ``(qs, x, record)``."""
     from quant import Int4PackLinear, copies_for, random_linear  # bench/quant.py
 
+    linears = [random_linear(k, n, device, i) for i in range(copies_for(k * n * bits // 8))]
+    qs = [QuantLinear.from_linear(lin, bits, group, impl="triton") for lin in linears]
+    nbytes = qs[0].weight_bytes  # the quantized layer's bytes (bf16 reads 16 / bits times more)
+    x = torch.randn(1, k, device=device, dtype=torch.bfloat16)
+    reference = F.linear(x.float(), qs[0].dequantized_weight())
+
+    def record(name, calls, **tiles):
+        rows.append(timed_row(calls, reference, nbytes, bandwidth, **{"in": k, "out": n, "bits": bits,
+                              "group_size": group, "variant": name}, **tiles))
+
+    record("bf16 cuBLAS", [lambda lin=lin: lin(x) for lin in linears])
+    if bits == 4:
+        packs = [Int4PackLinear(q) for q in qs]
+        record("tinygemm", [lambda p=p: p(x) for p in packs])
+    return qs, x, record
+
+
+def bench(device, out_dir: Path) -> None:
     from effml_lib.kernels import quant_matmul as qm
     from effml_lib.measure import copy_bandwidth, save_result
 
@@ -342,24 +363,10 @@ def bench(device, out_dir: Path) -> None:
     print(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s")
     rows = []
     for (k, n), (bits, group) in itertools.product(((4096, 11008), (11008, 4096), (4096, 4096)), ((4, 128), (8, None))):
-        linears = [random_linear(k, n, device, i) for i in range(copies_for(k * n * bits // 8))]
-        qs = [QuantLinear.from_linear(lin, bits, group, impl="triton") for lin in linears]
+        qs, x, record = layer_with_baselines(k, n, bits, group, device, bandwidth, rows)
         ts = [TransposedQuant(q) for q in qs]
-        nbytes = qs[0].weight_bytes  # the quantized layer's bytes (bf16 reads 16 / bits times more)
-        x = torch.randn(1, k, device=device, dtype=torch.bfloat16)
-        reference = F.linear(x.float(), qs[0].dequantized_weight())
-
-        def record(name, calls, **tiles):
-            rows.append(timed_row(calls, reference, nbytes, bandwidth, **{"in": k, "out": n, "bits": bits,
-                                  "group_size": group, "variant": name}, **tiles))
-
-        record("bf16 cuBLAS", [lambda lin=lin: lin(x) for lin in linears])
         record("library", [lambda q=q: qm.quant_matmul(x, q.codes, q.scale, q.zero, None, q.bits, q.group_size, q.in_features)
                            for q in qs])
-        if bits == 4:
-            packs = [Int4PackLinear(q) for q in qs]
-            record("tinygemm", [lambda p=p: p(x) for p in packs])
-            del packs
         only = os.environ.get("EFFML_GEMV_VARIANTS")  # e.g. "unit,pairs": some variants only
         for xmode in XMODES:
             if (xmode == "split" and bits != 4) or (only and xmode not in only.split(",")):
@@ -379,7 +386,7 @@ def bench(device, out_dir: Path) -> None:
                 record("pairs", [lambda t=t: t.pairs(x, words, warps) for t in ts], words=words, num_warps=warps)
                 record("pairs x2", [lambda t=t: t.pairs(x, words, warps, 2) for t in ts], words=words, num_warps=warps)
         print_best(rows, k, n, bits, NAMES)
-        del linears, qs, ts
+        del qs, ts, record
         torch.cuda.empty_cache()
         save_result(out_dir / "quant_gemv_variants.json", {"copy_bandwidth_bytes_per_s": bandwidth, "rows": rows}, device)
 

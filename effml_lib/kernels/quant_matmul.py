@@ -371,9 +371,10 @@ def _step_load(w_row, s_row, z_row, c0, n_ok, n_chunks, s_sg, GROUP: tl.constexp
 
 
 @triton.jit
-def _step_math(acc, w4, s, second, x_row, xw_row, c0, n_chunks, MAGIC, LO, HI, SIXTEENTH, NZB,
+def _step_math(acc, w4, s, second, x_row, c0, n_chunks, MAGIC, LO, HI, SIXTEENTH, NZB,
                BITS: tl.constexpr, OFFSET: tl.constexpr, MATH: tl.constexpr, X_F16: tl.constexpr):
-    """acc + one step's products, from what _step_load loaded (x is read here: it sits in L1)."""
+    """acc + one step's products, from what _step_load loaded (x is read here: it sits in L1). ``x_row``
+    points to x's row as float32 values (MATH 0) or as words of two 16-bit activations (the pairs)."""
     BLOCK_N: tl.constexpr = acc.shape[0]
     CHUNKS: tl.constexpr = acc.shape[1]
     UNIT: tl.constexpr = 64.0 if BITS == 4 else 256.0  # the pairs hold (q - z) / UNIT
@@ -392,20 +393,20 @@ def _step_math(acc, w4, s, second, x_row, xw_row, c0, n_chunks, MAGIC, LO, HI, S
         z = second.to(tl.int32) if not OFFSET else tl.zeros((BLOCK_N, CHUNKS), tl.int32)
         za = z * 0x10001 + MAGIC  # 16 + z / 64 in both halves
         nzb = z * 0x100010 + NZB  # -(1 + z / 64)
-        d, xsum = _chunk4_pairs(xw_row, w0, w1, w2, w3, ch, ch_ok, za, nzb, MAGIC, LO, HI, SIXTEENTH, X_F16, MATH)
+        d, xsum = _chunk4_pairs(x_row, w0, w1, w2, w3, ch, ch_ok, za, nzb, MAGIC, LO, HI, SIXTEENTH, X_F16, MATH)
         acc += (s * UNIT) * d
         if OFFSET:
             acc += second * xsum[None, :]
     else:
-        acc += (s * UNIT) * _chunk8_pairs(xw_row, w0, w1, w2, w3, ch, ch_ok, MAGIC, LO, X_F16, MATH)
+        acc += (s * UNIT) * _chunk8_pairs(x_row, w0, w1, w2, w3, ch, ch_ok, MAGIC, LO, X_F16, MATH)
     return acc
 
 
 @triton.jit
 def _quant_gemv_kernel(
-    x, xw, words, scale, zero, bias, y,
+    x, words, scale, zero, bias, y,
     N, K,
-    x_sm, xw_sm, w_sn, s_sn, s_sg, y_sm, y_sn,
+    x_sm, w_sn, s_sn, s_sg, y_sm, y_sn,
     MAGIC, LO, HI, SIXTEENTH, NZB,
     GROUP: tl.constexpr, BITS: tl.constexpr, HAS_BIAS: tl.constexpr, OFFSET: tl.constexpr,
     MATH: tl.constexpr, X_F16: tl.constexpr, BLOCK_N: tl.constexpr, CHUNKS: tl.constexpr,
@@ -418,7 +419,7 @@ def _quant_gemv_kernel(
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,) output features
     n_ok = n < N
     w_row, s_row, z_row = words + n * w_sn, scale + n * s_sn, zero + n * s_sn  # (BLOCK_N,) pointers
-    x_row, xw_row = x + row * x_sm, xw + row * xw_sm
+    x_row = x + row * x_sm  # float32 values (MATH 0) or int32 words of two 16-bit activations
     n_chunks = K // CK
     whole = n_chunks // CHUNKS * CHUNKS
     acc = tl.zeros((BLOCK_N, CHUNKS), dtype=tl.float32)
@@ -426,18 +427,18 @@ def _quant_gemv_kernel(
         for c0 in range(0, whole, CHUNKS):
             w4, s, second = _step_load(w_row, s_row, z_row, c0, n_ok, n_chunks, s_sg, GROUP, BITS, OFFSET,
                                        BLOCK_N, CHUNKS, False, False)
-            acc = _step_math(acc, w4, s, second, x_row, xw_row, c0, n_chunks, MAGIC, LO, HI, SIXTEENTH,
+            acc = _step_math(acc, w4, s, second, x_row, c0, n_chunks, MAGIC, LO, HI, SIXTEENTH,
                              NZB, BITS, OFFSET, MATH, X_F16)
         if whole < n_chunks:
             w4, s, second = _step_load(w_row, s_row, z_row, whole, n_ok, n_chunks, s_sg, GROUP, BITS, OFFSET,
                                        BLOCK_N, CHUNKS, False, True)
-            acc = _step_math(acc, w4, s, second, x_row, xw_row, whole, n_chunks, MAGIC, LO, HI, SIXTEENTH,
+            acc = _step_math(acc, w4, s, second, x_row, whole, n_chunks, MAGIC, LO, HI, SIXTEENTH,
                              NZB, BITS, OFFSET, MATH, X_F16)
     else:
         for c0 in range(0, n_chunks, CHUNKS):
             w4, s, second = _step_load(w_row, s_row, z_row, c0, n_ok, n_chunks, s_sg, GROUP, BITS, OFFSET,
                                        BLOCK_N, CHUNKS, True, True)
-            acc = _step_math(acc, w4, s, second, x_row, xw_row, c0, n_chunks, MAGIC, LO, HI, SIXTEENTH,
+            acc = _step_math(acc, w4, s, second, x_row, c0, n_chunks, MAGIC, LO, HI, SIXTEENTH,
                              NZB, BITS, OFFSET, MATH, X_F16)
     out = tl.sum(acc, axis=1)  # (BLOCK_N,)
     if HAS_BIAS:
@@ -533,12 +534,12 @@ def _gemv(x2: torch.Tensor, words: torch.Tensor, scale: torch.Tensor, second: to
     """The GEMV's launch: ``x2 (M, K) -> (M, N)``, ``second`` the zero points or offsets (or any tensor)."""
     math = gemv_math(x2) if math is None else math
     x2 = x2.contiguous()
-    xw = x2.view(torch.int32) if math else x2  # (M, K / 2): words of two 16-bit activations, for the pairs
+    xk = x2.view(torch.int32) if math else x2  # the pairs read x as (M, K / 2) words of two 16-bit activations
     m, n = x2.shape[0], words.shape[0]
     y = torch.empty(m, n, dtype=x2.dtype, device=x2.device)
     _quant_gemv_kernel[(m, triton.cdiv(n, tiles["block_n"]))](
-        x2, xw, words, scale, second, y if bias is None else bias, y, n, x2.shape[1],
-        x2.stride(0), xw.stride(0), words.stride(0), scale.stride(0), scale.stride(1), y.stride(0), y.stride(1),
+        xk, words, scale, second, y if bias is None else bias, y, n, x2.shape[1],
+        xk.stride(0), words.stride(0), scale.stride(0), scale.stride(1), y.stride(0), y.stride(1),
         *_PAIR_CONSTANTS[bits],
         GROUP=group_size, BITS=bits, HAS_BIAS=bias is not None, OFFSET=offset, MATH=math,
         X_F16=x2.dtype == torch.float16, BLOCK_N=tiles["block_n"], CHUNKS=tiles["chunks"],
