@@ -22,11 +22,9 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-import types
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -36,8 +34,7 @@ from decode import bytes_per_token, decode_rate, device_slug  # noqa: E402
 from effml_lib import attention, decoding  # noqa: E402
 from effml_lib.kvcache import MODEL_SHAPES, StaticKVCache  # noqa: E402
 from effml_lib.measure import copy_bandwidth, save_result  # noqa: E402
-from effml_lib.model import ModelConfig, Transformer  # noqa: E402
-from effml_lib.rope import apply_rope_qk_unchecked  # noqa: E402
+from effml_lib.model import ModelConfig, Transformer, fuse_projections  # noqa: E402
 
 
 def random_model(config, device, dtype):
@@ -52,35 +49,6 @@ def random_model(config, device, dtype):
             else:
                 p.normal_(0, 0.02, generator=gen)
     return model.eval()
-
-
-def _fused_attention_forward(self, x, cos, sin, positions=None, cache=None, layer=0):
-    b, t, _ = x.shape
-    q, k, v = F.linear(x, self.wqkv).split(self.qkv_sizes, dim=-1)
-    q = q.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
-    k = k.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
-    v = v.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
-    q, k = apply_rope_qk_unchecked(q, k, cos, sin, positions)
-    keys, values, lens = cache.update(layer, k, v, positions)
-    out = cache.attention(q, keys, values, lens, impl=self.impl)
-    return self.wo(out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
-
-
-def _fused_ffn_forward(self, x):
-    gate, up = F.linear(x, self.w13).chunk(2, dim=-1)
-    return self.w2(F.silu(gate) * up)
-
-
-def fuse_projections(model):
-    """A decode-only variant: each layer's q/k/v (and gate/up) weights as one concatenated matrix."""
-    for block in model.layers:
-        att, ffn = block.attention, block.feed_forward
-        att.wqkv = torch.cat([att.wq.weight, att.wk.weight, att.wv.weight]).detach()
-        att.qkv_sizes = [att.wq.out_features, att.wk.out_features, att.wv.out_features]
-        att.forward = types.MethodType(_fused_attention_forward, att)
-        ffn.w13 = torch.cat([ffn.w1.weight, ffn.w3.weight]).detach()
-        ffn.forward = types.MethodType(_fused_ffn_forward, ffn)
-    return model
 
 
 def compile_step():

@@ -10,13 +10,14 @@
 Parts:
   sweep     GEMV tiles (BLOCK_N, CHUNKS, warps) at batch 1 on Llama-2-7B's three layer shapes
   sweep-gemm  GEMM tiles at 16 and 64 rows on 4096 -> 11008 and 11008 -> 4096
-  gemv      batch-1 time of each layer shape of Llama-2-7B: bf16 (cuBLAS), ours W8 / W4 g128, and
+  gemv      batch-1 time of each layer shape of Llama-2-7B (and the fused q/k/v and gate/up shapes): bf16 (cuBLAS), ours W8 / W4 g128, and
             torch's tinygemm int4 kernel (_weight_int4pack_mm, group 128, gpt-fast's int4) on the same
             weights; bandwidth counted on the bytes each reads (packed codes, scales, zero points)
   batch     the same 4096 -> 11008 layer at batch 1 .. 256: where W4A16 stops beating bf16 (the GEMV
             serves up to GEMV_MAX_ROWS rows, the tiled GEMM beyond)
   decode    the Llama-2-7B shape (random weights), compiled decode (torch.compile + CUDA graphs):
-            bf16, ours W8 (per channel), ours W4 g128, and tinygemm int4 g128 swapped in the same way
+            bf16, ours W8 (per channel), ours W4 g128, and tinygemm int4 g128 swapped in the same way,
+            each quantized one with its q/k/v and gate/up projections fused (model.fuse_projections) and not
   smollm2   SmolLM2-135M-Instruct from its GGUF file (checkpoints.load_gguf): 16-bit vs our W4 g32, and
             the file's own Q4_1 kept as QuantLinear (load_gguf(..., quantized=True))
 
@@ -49,7 +50,7 @@ from effml_lib import checkpoints, decoding  # noqa: E402
 from effml_lib.decoding import generate  # noqa: E402
 from effml_lib.kvcache import MODEL_SHAPES, StaticKVCache  # noqa: E402
 from effml_lib.measure import copy_bandwidth, device_slug, env_info, save_result  # noqa: E402
-from effml_lib.model import ModelConfig  # noqa: E402
+from effml_lib.model import ModelConfig, fuse_projections  # noqa: E402
 from effml_lib.quant import QuantLinear, quantize_model, unpack_int4  # noqa: E402
 
 PARTS = ("sweep", "sweep-gemm", "gemv", "batch", "decode", "smollm2")
@@ -150,7 +151,7 @@ def random_linear(k: int, n: int, device, seed: int) -> nn.Linear:
 
 # --- parts ------------------------------------------------------------------------------------------
 
-SWEEP_SHAPES = ((4096, 4096), (4096, 11008), (11008, 4096))  # (in, out): Llama-2-7B's three layer shapes
+SWEEP_SHAPES = ((4096, 4096), (4096, 11008), (11008, 4096), (4096, 12288), (4096, 22016))  # (in, out): Llama-2-7B's layer shapes, then its fused q/k/v and gate/up
 SWEEP_WIDTHS = ((4, 128), (8, None))  # (bits, group_size): W4 g128, W8 per channel
 
 
@@ -209,6 +210,8 @@ LLAMA2_7B_LAYERS = {  # (in, out) of each linear layer of one block
     "wq/wk/wv/wo 4096->4096": (4096, 4096),
     "w1/w3 4096->11008": (4096, 11008),
     "w2 11008->4096": (11008, 4096),
+    "wqkv 4096->12288 (fused)": (4096, 12288),  # model.fuse_projections: q, k, v stacked
+    "w13 4096->22016 (fused)": (4096, 22016),  # gate and up stacked
 }
 
 
@@ -263,7 +266,7 @@ def quantized_bytes_per_token(model, config, context) -> float:
     return dense["total"] - 2 * layer_params + layer_bytes
 
 
-def run_decode(device, bandwidth, shape="llama-2-7b", prompt_len=32, new_tokens=64, reps=2, on_progress=None,
+def run_decode(device, bandwidth, shape="llama-2-7b", prompt_len=32, new_tokens=64, reps=3, on_progress=None,
                profile=False) -> dict:
     config = ModelConfig(**MODEL_SHAPES[shape], max_seq_len=prompt_len + new_tokens, norm_eps=1e-5)
     gen = torch.Generator(device="cpu").manual_seed(0)
@@ -275,8 +278,12 @@ def run_decode(device, bandwidth, shape="llama-2-7b", prompt_len=32, new_tokens=
         return model
 
     only = os.environ.get("EFFML_DECODE_VARIANTS")  # e.g. "int4pack-g128": re-run some decoders only
-    variants = {  # the pair that matters most first: a run cut short still compares them
-        "bf16": lambda m: m,
+    variants = {  # the ones that matter most first: a run cut short still compares them
+        "bf16": lambda m: m,  # inductor's own matrix-vector kernels, with the norms and SwiGLU fused in
+        # "-fused": q/k/v and gate/up as one layer each (model.fuse_projections): 4 GEMVs a block, not 7
+        "w4-g128-fused": lambda m: quantize_model(fuse_projections(m), 4, 128, impl="triton"),
+        "w8-fused": lambda m: quantize_model(fuse_projections(m), 8, None, impl="triton"),
+        "int4pack-g128-fused": lambda m: int4pack(fuse_projections(m)),
         "w4-g128": lambda m: quantize_model(m, 4, 128, impl="triton"),
         "w8": lambda m: quantize_model(m, 8, None, impl="triton"),
         "int4pack-g128": int4pack,

@@ -271,6 +271,21 @@ class Attention(nn.Module):
         self.wv = nn.Linear(dim, n_kv_heads * head_dim, bias=qkv_bias)
         self.wo = nn.Linear(n_heads * head_dim, dim, bias=out_bias)
 
+    def qkv_sizes(self) -> list[int]:
+        """Output features of q, k and v: where a fused ``wqkv``'s output splits."""
+        return [self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.n_kv_heads * self.head_dim]
+
+    def fuse_qkv(self) -> "Attention":
+        """Replace wq, wk and wv by one linear layer ``wqkv`` (their weights stacked by rows), in place.
+
+        The same outputs from one matrix product instead of three: at decode, one larger kernel where
+        there were three small ones. Rows are kept whole, so quantizing ``wqkv`` afterwards gives the
+        codes and scales the three layers would have had.
+        """
+        self.wqkv = concatenated_linear(self.wq, self.wk, self.wv)
+        del self.wq, self.wk, self.wv
+        return self
+
     def forward(self, x, cos, sin, positions=None, cache=None, layer: int = 0):
         """x (B, T, dim) -> (B, T, dim). cos/sin: the model's RoPE tables (max_seq_len, D/2).
 
@@ -280,9 +295,13 @@ class Attention(nn.Module):
         the cache protocol (``kvcache.KVCache``): ``update`` then ``attention``.
         """
         b, t, _ = x.shape
-        q = self.wq(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = self.wk(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
-        v = self.wv(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        if "wqkv" in self._modules:  # fused (fuse_qkv): one product, its output split
+            q, k, v = self.wqkv(x).split(self.qkv_sizes(), dim=-1)
+        else:
+            q, k, v = self.wq(x), self.wk(x), self.wv(x)
+        q = q.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = k.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        v = v.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
         q, k = apply_rope_qk_unchecked(q, k, cos, sin, positions)  # one Triton kernel on a GPU
         if cache is None:
             out = attention(q, k, v, causal=True, impl=self.impl)  # (B, H, T, D)
@@ -290,6 +309,26 @@ class Attention(nn.Module):
             keys, values, context_lens = cache.update(layer, k, v, positions)
             out = cache.attention(q, keys, values, context_lens, impl=self.impl)  # (B, H, T, D)
         return self.wo(out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
+
+
+def concatenated_linear(*linears: nn.Module) -> nn.Linear:
+    """One ``nn.Linear`` whose output is the given layers' outputs side by side (weights stacked by rows)."""
+    for m in linears:
+        if type(m) is not nn.Linear:
+            raise TypeError(f"only plain nn.Linear layers can be fused (fuse before quantizing or adding adapters), "
+                            f"got {type(m).__name__}")
+    first = linears[0]
+    if any(m.in_features != first.in_features or (m.bias is None) != (first.bias is None) for m in linears):
+        raise ValueError("fused layers need the same in_features and all or none with a bias, got "
+                         + ", ".join(f"({m.in_features}, bias={m.bias is not None})" for m in linears))
+    bias = first.bias is not None
+    fused = nn.Linear(first.in_features, sum(m.out_features for m in linears), bias=bias,
+                      device=first.weight.device, dtype=first.weight.dtype)
+    with torch.no_grad():
+        fused.weight.copy_(torch.cat([m.weight for m in linears]))  # (sum of out, in)
+        if bias:
+            fused.bias.copy_(torch.cat([m.bias for m in linears]))
+    return fused
 
 
 def pool_heads(weight: torch.Tensor, head_dim: int, n_groups: int) -> torch.Tensor:

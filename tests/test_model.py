@@ -257,3 +257,57 @@ def test_replace_linears_defaults_to_every_block_projection_and_checks_its_argum
         replace_linears(model, lambda name, linear: None, targets="output")
     with pytest.raises(TypeError, match="replace must be a callable"):
         replace_linears(model, None)
+
+
+# --- fused projections (decode: one q/k/v product and one gate/up product per block) ---------------
+
+@pytest.mark.parametrize("overrides", [{}, {"n_kv_heads": 1, "qkv_bias": True, "mlp_bias": True}])
+def test_fused_projections_give_the_same_logits_with_and_without_a_cache(overrides, gen):
+    import copy
+
+    from effml_lib.model import fuse_projections
+
+    model = small_model(**overrides)
+    fused = fuse_projections(copy.deepcopy(model))
+    tokens = torch.randint(0, 97, (2, 12), generator=gen)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(tokens), model(tokens), atol=1e-5, rtol=1e-5)
+        caches = [StaticKVCache.for_model(m, batch_size=2) for m in (model, fused)]
+        for m, cache in zip((model, fused), caches):
+            m(tokens[:, :8], cache, 0)
+        steps = [m(tokens[:, 8:9], cache, 8) for m, cache in zip((model, fused), caches)]
+    torch.testing.assert_close(steps[1], steps[0], atol=1e-5, rtol=1e-5)
+    attention, ffn = fused.layers[0].attention, fused.layers[0].feed_forward
+    kv = model.config.n_kv_heads * model.config.head_dim
+    assert attention.wqkv.out_features == model.config.dim + 2 * kv and not hasattr(attention, "wq")
+    assert ffn.w13.out_features == 2 * model.config.hidden_dim and not hasattr(ffn, "w1")
+
+
+def test_quantizing_fused_projections_gives_the_separate_layers_codes():
+    import copy
+
+    from effml_lib.model import fuse_projections
+    from effml_lib.quant import quantize_model
+
+    model = small_model()
+    separate = quantize_model(copy.deepcopy(model), 4, 16)
+    fused = quantize_model(fuse_projections(copy.deepcopy(model)), 4, 16)
+    for a, b in zip(separate.layers, fused.layers):
+        for name in ("codes", "scale", "zero"):
+            att = [getattr(getattr(a.attention, w), name) for w in ("wq", "wk", "wv")]
+            ffn = [getattr(getattr(a.feed_forward, w), name) for w in ("w1", "w3")]
+            assert torch.equal(getattr(b.attention.wqkv, name), torch.cat(att)), f"wqkv.{name}"
+            assert torch.equal(getattr(b.feed_forward.w13, name), torch.cat(ffn)), f"w13.{name}"
+
+
+def test_fuse_projections_checks_what_it_fuses():
+    from effml_lib.model import fuse_projections
+    from effml_lib.quant import quantize_model
+
+    model = fuse_projections(small_model())
+    with pytest.raises(ValueError, match="already fused"):
+        fuse_projections(model)
+    with pytest.raises(TypeError, match="fuse before quantizing"):
+        fuse_projections(quantize_model(small_model(), 8, None))
+    with pytest.raises(ValueError, match="needs a model with decoder blocks"):
+        fuse_projections(torch.nn.Linear(4, 4))
