@@ -1143,39 +1143,37 @@ print(f"1 token: float32 nn.Linear takes {time_ms[(1, 'nn.Linear, float32')] / f
 # %% [markdown]
 # ## On an NVIDIA H200 (precomputed)
 #
-# `python bench/quant.py --parts gemv,decode` ran on an H200 (results shipped with the package). It times each
+# `python bench/quant.py --parts gemv,batch` ran on an H200 (results shipped with the package). It times each
 # linear layer of Llama-2-7B at one token with random weights four ways: bf16 (cuBLAS), our Triton kernels for
 # W8 (per channel) and W4 (groups of 128), and PyTorch's own int4 kernel (`torch._weight_int4pack_mm`,
 # "tinygemm", the int4 path of gpt-fast) on the same codes. Each call reads its weight from memory, not from the
 # L2 cache, and the bandwidth column counts the bytes the layer stores (codes, scales, zero points) against a
-# device-to-device copy in the same run.
+# device-to-device copy in the same run. The last two layers are a block's q/k/v and gate/up projections, each
+# set stacked into one matrix (`fuse_projections`, below).
 
 # %%
-current = load_result(H200, "quant_decode")  # the library's kernels as they are now: layers, then decode
-current_env, current = current["env"], current["results"]
-print(f"precomputed on an {current_env['device_name']} at {current_env['timestamp_utc']} (UTC), torch "
-      f"{current_env['torch']}, triton {current_env['triton']}; copy bandwidth "
-      f"{current['copy_bandwidth_bytes_per_s'] / 1e12:.2f} TB/s")
+kernels = load_result(H200, "quant")  # the library's kernels as they are now: layers, then batch sizes
+kernels_env, kernels = kernels["env"], kernels["results"]
+print(f"precomputed on an {kernels_env['device_name']} at {kernels_env['timestamp_utc']} (UTC), torch "
+      f"{kernels_env['torch']}, triton {kernels_env['triton']}; copy bandwidth "
+      f"{kernels['copy_bandwidth_bytes_per_s'] / 1e12:.2f} TB/s")
 layer_rows = [{"layer": layer, "weights": name, "time (us)": round(r["ms"] * 1e3, 1),
                "of copy bandwidth": f"{100 * r['fraction_of_copy_bandwidth']:.0f}%",
                "speedup vs bf16": round(r["speedup_vs_bf16"], 2)}
-              for layer, row in current["gemv"].items() for name, r in row.items()]
+              for layer, row in kernels["gemv"].items() for name, r in row.items()]
 pd.DataFrame(layer_rows).set_index(["layer", "weights"])
 
 # %% [markdown]
-# Our W8 kernel reads the two large layers at 74-75% of the copy bandwidth, not far below bf16's cuBLAS
-# (77-84%), and so runs 1.76-1.94× faster than bf16 there. Our W4 kernel reads a quarter of bf16's bytes but
-# reaches only 39-57% of the copy bandwidth, so it is 2.4-2.6× faster than bf16, not 4×. It is still
-# 1.3-1.5× faster than tinygemm on every layer. Where a layer takes longer than its bytes need, the kernel, not
-# the memory, is the limit.
+# Our W8 kernel reads these layers at 58-89% of the copy bandwidth, not far below bf16's cuBLAS (63-92%), and
+# so runs 1.74-1.93× faster than bf16. Our W4 kernel reads a quarter of bf16's bytes but reaches only 40-69% of
+# the copy bandwidth, so it is 2.44-2.86× faster than bf16, not 4×. It is still 1.3-1.6× faster than tinygemm
+# on every layer. Where a layer takes longer than its bytes need, the kernel, not the memory, is the limit.
+# Larger layers come closer to the bandwidth: the stacked gate/up layer takes 16.1 µs at W4, where each of its
+# two halves alone takes 9.7 µs.
 #
-# An earlier full run (`python bench/quant.py`, with our previous GEMV; the GEMM above 8 tokens is the same)
-# also followed the 4096 → 11008 layer as the batch grows:
+# The same call followed the 4096 → 11008 layer as the batch grows:
 
 # %%
-kernels = load_result(H200, "quant")
-kernels_env, kernels = kernels["env"], kernels["results"]
-print(f"precomputed at {kernels_env['timestamp_utc']} (UTC)")
 batch = pd.DataFrame(kernels["batch"]["ms"]).melt(id_vars="batch", var_name="weights", value_name="ms")
 batch["time (us)"] = batch["ms"] * 1e3
 fig, ax = plt.subplots(figsize=(6.5, 3.8))
@@ -1195,35 +1193,88 @@ plt.show()
 print("first batch size at which bf16 is as fast or faster:", kernels["batch"]["crossover_batch"])
 
 # %% [markdown]
-# The plot shows time per call against the number of tokens: bf16's matrix multiply costs the same from 1 to 128
-# tokens, because reading the weight is all it waits for; every weight-only kernel does its dequantization once
-# per tile of tokens, so its time grows with the batch, and that run's kernel lost to bf16 from 2 tokens on (the
-# crossover printed above). Our kernels serve up to 8 tokens with the GEMV, which reads the weight once per
-# token (the rise up to 8), and more with the tiled GEMM. Better kernels keep the advantage to larger batches
-# (tinygemm's crossover is 8), but weight-only quantization pays off at decode's small batches.
+# The plot shows time per call against the number of tokens: bf16's matrix multiply costs about the same from 1
+# to 128 tokens, because reading the weight is all it waits for; every weight-only kernel does its
+# dequantization once per tile of tokens, so its time grows with the batch. Our kernels serve up to 8 tokens
+# with the GEMV, which reads the weight once per token (the rise up to 8), and more with the tiled GEMM; they
+# lose to bf16 from 4 tokens on (the crossover printed above), tinygemm from 8. Weight-only quantization pays
+# off at decode's small batches; serving many sequences at once needs a GEMM that dequantizes once for a large
+# tile of tokens, as Marlin does.
 #
 # Whole decode steps, compiled with CUDA graphs (`generate(..., compile=True)`), on the Llama-2-7B shape, in
-# the same call as the layer table. tinygemm's decode comes from another call, on another day's kernels of
-# ours (its row is not a same-run comparison):
+# another call (`python bench/quant.py --parts decode --profile`). Each of our quantized decoders ran twice: as
+# `quantize_model` leaves the model, seven GEMVs a block; and "fused", after `fuse_projections(model)` has
+# stacked each block's q/k/v and gate/up weights into one layer each, four GEMVs a block. Quantizing a stacked
+# layer gives row for row the same codes and scales, so the same weights. tinygemm ran in the fused model,
+# swapped in the same way (its unfused decoder did not finish within the call):
 
 # %%
-decoders = dict(current["decode"]["decoders"])  # bf16, ours W4 g128, ours W8: the call above
+decode_h200 = load_result(H200, "quant_decode")
+print(f"precomputed at {decode_h200['env']['timestamp_utc']} (UTC), copy bandwidth "
+      f"{decode_h200['results']['copy_bandwidth_bytes_per_s'] / 1e12:.2f} TB/s")
+decoders = decode_h200["results"]["decode"]["decoders"]
 bf16_rate = decoders["bf16"]["tokens_per_s"]
-tinygemm_run = load_result(H200, "quant_decode_int4pack")
-print(f"tinygemm's decode at {tinygemm_run['env']['timestamp_utc']} (UTC)")
-decoders["int4pack-g128 (other call)"] = tinygemm_run["results"]["decode"]["decoders"]["int4pack-g128"]
 decode_rows = [{"weights": name, "tokens/s": round(r["tokens_per_s"], 1), "GB read per token": round(r["bytes_per_token"] / 1e9, 2),
                 "of copy bandwidth": f"{100 * r['fraction_of_copy_bandwidth']:.0f}%",
-                "speedup vs this call's bf16": round(r["tokens_per_s"] / bf16_rate, 2)}
+                "kernels per token": round(r["profile"]["kernel_calls_per_token"]),
+                "speedup vs bf16": round(r["tokens_per_s"] / bf16_rate, 2)}
                for name, r in decoders.items()]
 pd.DataFrame(decode_rows).set_index("weights")
 
 # %% [markdown]
-# Reading 4× fewer bytes does not by itself make a decode step 4× faster. Our W4 decode is 1.56× bf16's and
-# our W8 decode 1.50×, although they read 28% and 51% of the bytes. Part of that is the kernels, which turn
-# bytes into weights slower than memory delivers them at 4 bits. Part is the rest of the step (attention,
-# norms, the bf16 output layer): it takes a larger share of a step whose weights are small, and more time in
-# the quantized steps than the GEMV times above account for (`bench/NOTES.md` has the sums).
+# Fusing the projections is worth 16% at W4 (424.1 → 491.4 tokens/s) and 19% at W8 (330.2 → 391.4), with the
+# same weights: fewer, larger kernels. Our fused W4 decode is 2.11× bf16's while reading 28% of its bytes, our
+# fused W8 decode 1.68× at 51%; tinygemm in the same fused model reaches 370.6 tokens/s (1.59×). So reading
+# 4× fewer bytes does not make a step 4× faster. Part of that is the kernels, which turn bytes into weights
+# slower than memory delivers them at 4 bits. The other part is everything else a step runs. The profile of
+# another call shows where the GPU's time goes (kernel time per token, the difference of a 64- and a 1-token
+# run, so that the prompt's cost cancels):
+
+# %%
+profiled = load_result(H200, "quant_profile")
+print(f"precomputed at {profiled['env']['timestamp_utc']} (UTC)")
+PART_OF_STEP = ("matrix-vector products: ours", "matrix-vector products: inductor's",
+                "attention (split-K kernel)", "everything else")
+
+
+def part_of_step(kernel: str) -> str:
+    """Which part of a decode step a kernel (by its profiler name) belongs to."""
+    if kernel == "_quant_gemv_kernel":
+        return PART_OF_STEP[0]
+    if kernel.startswith("triton_red") and "mm" in kernel.split("_"):  # a reduction that inductor built from a matmul
+        return PART_OF_STEP[1]
+    if kernel in ("_partial_kernel", "_combine_kernel"):
+        return PART_OF_STEP[2]
+    return PART_OF_STEP[3]
+
+
+step_rows = []
+for name, r in profiled["results"]["decode"]["decoders"].items():
+    parts = dict.fromkeys(PART_OF_STEP, 0.0)
+    for k in r["profile"]["top_kernels"]:
+        parts[part_of_step(k["name"])] += k["us_per_token"]
+    parts[PART_OF_STEP[3]] += r["profile"]["kernel_us_per_token"] - sum(k["us_per_token"] for k in r["profile"]["top_kernels"])
+    step_rows.append({"decoder": f"{name} ({r['tokens_per_s']:.0f} tok/s)", **parts})
+steps = pd.DataFrame(step_rows).set_index("decoder")
+ax = steps.plot.barh(stacked=True, figsize=(7.5, 3.2), color=sns.color_palette("deep", 4))
+ax.invert_yaxis()
+ax.set_xlabel("GPU time of kernels per token (µs)")
+ax.set_ylabel("")
+ax.set_title(f"Where a Llama-2-7B decode step goes, {profiled['env']['device_name']} (precomputed)", fontsize=11)
+ax.legend(fontsize=8, loc="lower right")
+plt.tight_layout()
+plt.show()
+steps.round(0)
+
+# %% [markdown]
+# The bars split each decoder's kernel time per token into four parts. In bf16, inductor builds the
+# matrix-vector products itself and fuses the RMSNorms, RoPE, the cache writes and the SwiGLU product into
+# them, so only 122 µs per token runs outside them and attention. Our GEMVs are custom operators that inductor
+# cannot fuse into, so around them the quantized steps launch those operations as separate kernels: 337-338 µs
+# per token of them, in 395-491 kernels per token against bf16's 331. Stacking the projections shrank the
+# GEMVs' share from 1554 to 1330 µs. With bf16's 122 µs of "everything else", the fused W4 step's kernels would
+# take about 1.68 ms instead of 1.90: the next gains are fusing the norms and the SwiGLU product into the
+# GEMVs, and a W4 GEMV closer to the bandwidth.
 #
 # How did our W4 kernel get here? Its previous version took 19.4 µs on the 4096 → 11008 layer. Two more
 # benchmarks ran on the H200 against it, back to back in one call.
@@ -1272,7 +1323,7 @@ pd.DataFrame(limit_rows).set_index(["layer", "W4 g128 kernel"])
 # reads each thread's activations in 16-byte loads. And it lays its tiles out so that the compiler gives each
 # thread one chunk of every row: Triton 3.6 had spread each warp across rows and passed every pair of
 # activations through shared memory (`bench/NOTES.md` has the profile). Together they took the layer from 19.4
-# to 9.8 µs.
+# to 9.7 µs (in the layer table above).
 #
 # The real model, SmolLM2-135M from its GGUF file, also ran on the H200 (`python bench/quant.py --parts
 # smollm2`, compiled decode, bf16 activations):
@@ -1317,9 +1368,11 @@ pd.DataFrame([{"weights": smol_labels[name],
 #   (linear, groups of 128) to 0.145 (k-means).
 # - A GGUF Q4_1 block is d and m (float16) and 16 bytes of codes, $w = d\,q + m$, weights $j$ and $j + 16$ sharing byte $j$.
 # - Saved bytes become saved time only when dequantizing is fused into the matmul, and only if that
-#   kernel unpacks as fast as memory delivers. On the H200 our W8 kernel reads the large layers at 74-75% of
-#   the copy bandwidth and our W4 kernel at 50-57%, 1.3-1.5× faster than tinygemm's. Our W8 and W4 decodes
-#   are 1.50× and 1.56× bf16's: the rest of the step, not only the kernels, now limits them.
+#   kernel unpacks as fast as memory delivers. On the H200 our W8 kernel reads Llama-2-7B's layers at 58-89% of
+#   the copy bandwidth and our W4 kernel at 40-69%, 1.3-1.6× faster than tinygemm's. With each block's
+#   projections stacked (four GEMVs instead of seven), our W8 and W4 decodes are 1.68× and 2.11× bf16's
+#   (tinygemm's 1.59×). The norms, RoPE and the SwiGLU product, which inductor fuses into bf16's kernels but
+#   not into ours, take 18% of the fused W4 step's kernel time.
 #
 # **Lab 05** ([`labs/lab05_quantization/lab05_quantization.ipynb`](../labs/lab05_quantization/lab05_quantization.ipynb), 12 points)
 # has you build the pieces, each part graded by hidden tests:
