@@ -283,16 +283,26 @@ def fuse_projections(model: nn.Module) -> nn.Module:
 
     For decoding: four matrix-vector products per block instead of seven, so fewer and larger
     kernels. Fuse first, then quantize (``quantize_model`` swaps the fused layers, row by row the same
-    codes). Names change: a later ``targets=["wq"]`` no longer matches. A block whose feed-forward is
-    not the SwiGLU ``FeedForward`` (a mixture of experts) keeps it as it is.
+    codes). Names change, so a later ``targets=["wq"]`` no longer matches, the state_dict has
+    ``wqkv``/``w13`` keys (an unfused checkpoint loads before fusing, not after), and head conversions
+    such as ``mha_to_gqa`` need the separate layers. A block whose feed-forward is not the SwiGLU
+    ``FeedForward`` (a mixture of experts) keeps it as it is.
     """
-    blocks = [m for m in model.modules() if isinstance(m, Block)]
+    blocks = [(name, m) for name, m in model.named_modules() if isinstance(m, Block)]
     if not blocks:
         raise ValueError(f"fuse_projections needs a model with decoder blocks (effml_lib.model.Block), "
                          f"got {type(model).__name__}")
-    for block in blocks:
+    for name, block in blocks:  # every check before any change: a refused model is left as it was
         if "wqkv" in block.attention._modules:
-            raise ValueError("the model's projections are already fused")
+            raise ValueError(f"fuse_projections: {name}.attention is already fused (it has wqkv)")
+        layers = {f"attention.{w}": getattr(block.attention, w) for w in ("wq", "wk", "wv")}
+        if isinstance(block.feed_forward, FeedForward):
+            layers.update({f"feed_forward.{w}": getattr(block.feed_forward, w) for w in ("w1", "w3")})
+        for layer_name, layer in layers.items():
+            if type(layer) is not nn.Linear:
+                raise TypeError(f"fuse_projections needs plain nn.Linear projections (fuse before quantizing or "
+                                f"adding adapters); {name}.{layer_name} is a {type(layer).__name__}")
+    for _, block in blocks:
         block.attention.fuse_qkv()
         if isinstance(block.feed_forward, FeedForward):
             block.feed_forward.fuse_gate_up()

@@ -305,9 +305,12 @@ def test_fuse_projections_checks_what_it_fuses():
     from effml_lib.quant import quantize_model
 
     model = fuse_projections(small_model())
-    with pytest.raises(ValueError, match="already fused"):
+    with pytest.raises(ValueError, match=r"layers\.0\.attention is already fused"):
         fuse_projections(model)
-    with pytest.raises(TypeError, match="fuse before quantizing"):
-        fuse_projections(quantize_model(small_model(), 8, None))
+    partly = quantize_model(small_model(), 8, None, targets=["layers.1.feed_forward.w3"])
+    with pytest.raises(TypeError, match=r"fuse before quantizing.*layers\.1\.feed_forward\.w3 is a QuantLinear"):
+        fuse_projections(partly)
+    assert all(hasattr(b.attention, "wq") and hasattr(b.feed_forward, "w1") for b in partly.layers), \
+        "a refused model is left unfused, not half fused"
     with pytest.raises(ValueError, match="needs a model with decoder blocks"):
         fuse_projections(torch.nn.Linear(4, 4))

@@ -1226,22 +1226,20 @@ pd.DataFrame(decode_rows).set_index("weights")
 # same weights: fewer, larger kernels. Our fused W4 decode is 2.11× bf16's while reading 28% of its bytes, our
 # fused W8 decode 1.68× at 51%; tinygemm in the same fused model reaches 370.6 tokens/s (1.59×). So reading
 # 4× fewer bytes does not make a step 4× faster. Part of that is the kernels, which turn bytes into weights
-# slower than memory delivers them at 4 bits. The other part is everything else a step runs. The profile of
-# another call shows where the GPU's time goes (kernel time per token, the difference of a 64- and a 1-token
-# run, so that the prompt's cost cancels):
+# slower than memory delivers them at 4 bits. The other part is everything else a step runs. The same call
+# profiled each decoder, to show where the GPU's time goes (kernel time per token, the difference of a 64- and
+# a 1-token run, so that the prompt's cost cancels):
 
 # %%
-profiled = load_result(H200, "quant_profile")
-print(f"precomputed at {profiled['env']['timestamp_utc']} (UTC)")
-PART_OF_STEP = ("matrix-vector products: ours", "matrix-vector products: inductor's",
+PART_OF_STEP = ("quantized matrix-vector products", "inductor's matrix-vector products",
                 "attention (split-K kernel)", "everything else")
 
 
 def part_of_step(kernel: str) -> str:
-    """Which part of a decode step a kernel (by its profiler name) belongs to."""
-    if kernel == "_quant_gemv_kernel":
+    """Which part of a decode step a kernel belongs to, by its profiler name."""
+    if kernel == "_quant_gemv_kernel" or "tinygemm" in kernel:  # ours, or torch's int4 kernel
         return PART_OF_STEP[0]
-    if kernel.startswith("triton_red") and "mm" in kernel.split("_"):  # a reduction that inductor built from a matmul
+    if kernel.startswith("triton_red") and "mm" in kernel.split("_"):  # a reduction inductor built from a matmul
         return PART_OF_STEP[1]
     if kernel in ("_partial_kernel", "_combine_kernel"):
         return PART_OF_STEP[2]
@@ -1249,32 +1247,35 @@ def part_of_step(kernel: str) -> str:
 
 
 step_rows = []
-for name, r in profiled["results"]["decode"]["decoders"].items():
+for name, r in decoders.items():
     parts = dict.fromkeys(PART_OF_STEP, 0.0)
-    for k in r["profile"]["top_kernels"]:
+    for k in r["profile"]["top_kernels"]:  # the 40 slowest kernels; the others go to "everything else"
         parts[part_of_step(k["name"])] += k["us_per_token"]
-    parts[PART_OF_STEP[3]] += r["profile"]["kernel_us_per_token"] - sum(k["us_per_token"] for k in r["profile"]["top_kernels"])
+    rest = r["profile"]["kernel_us_per_token"] - sum(k["us_per_token"] for k in r["profile"]["top_kernels"])
+    parts[PART_OF_STEP[3]] += max(rest, 0.0)  # slightly negative where a kernel ran more often in the 1-token run
     step_rows.append({"decoder": f"{name} ({r['tokens_per_s']:.0f} tok/s)", **parts})
 steps = pd.DataFrame(step_rows).set_index("decoder")
-ax = steps.plot.barh(stacked=True, figsize=(7.5, 3.2), color=sns.color_palette("deep", 4))
+ax = steps.plot.barh(stacked=True, figsize=(7.5, 4.4), color=sns.color_palette("deep", 4))
 ax.invert_yaxis()
 ax.set_xlabel("GPU time of kernels per token (µs)")
 ax.set_ylabel("")
-ax.set_title(f"Where a Llama-2-7B decode step goes, {profiled['env']['device_name']} (precomputed)", fontsize=11)
-ax.legend(fontsize=8, loc="lower right")
+ax.set_title(f"Where a Llama-2-7B decode step goes, {decode_h200['env']['device_name']} (precomputed)", fontsize=11)
+ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.4, -0.17), ncol=2, frameon=False)  # below the bars
 plt.tight_layout()
 plt.show()
 steps.round(0)
 
 # %% [markdown]
 # The bars split each decoder's kernel time per token into four parts. In bf16, inductor builds the
-# matrix-vector products itself and fuses the RMSNorms, RoPE, the cache writes and the SwiGLU product into
-# them, so only 122 µs per token runs outside them and attention. Our GEMVs are custom operators that inductor
-# cannot fuse into, so around them the quantized steps launch those operations as separate kernels: 337-338 µs
-# per token of them, in 395-491 kernels per token against bf16's 331. Stacking the projections shrank the
-# GEMVs' share from 1554 to 1330 µs. With bf16's 122 µs of "everything else", the fused W4 step's kernels would
-# take about 1.68 ms instead of 1.90: the next gains are fusing the norms and the SwiGLU product into the
-# GEMVs, and a W4 GEMV closer to the bandwidth.
+# matrix-vector products itself and fuses the RMSNorms (with the residual adds before them), the SwiGLU
+# product and one of the cache writes into them, so only 118 µs per token runs outside them and attention
+# (RoPE and the other cache write among it). Our GEMVs, and tinygemm's, are custom operators that inductor
+# cannot fuse into, so around them the quantized steps launch the norms and the SwiGLU product as kernels of
+# their own: 344-451 µs per token of "everything else", in 395-491 kernels per token against bf16's 331.
+# Stacking the projections shrank the W4 GEMVs from 1548 to 1330 µs per token, and tinygemm's take 2003 µs in
+# the same fused model. With bf16's 118 µs of "everything else", the fused W4 step's kernels would take about
+# 1.69 ms instead of 1.92, 2.5× less than bf16's 4.23 ms: the next gains are fusing the norms and the SwiGLU
+# product into the GEMVs, and a W4 GEMV closer to the bandwidth.
 #
 # How did our W4 kernel get here? Its previous version took 19.4 µs on the 4096 → 11008 layer. Two more
 # benchmarks ran on the H200 against it, back to back in one call.
@@ -1371,8 +1372,9 @@ pd.DataFrame([{"weights": smol_labels[name],
 #   kernel unpacks as fast as memory delivers. On the H200 our W8 kernel reads Llama-2-7B's layers at 58-89% of
 #   the copy bandwidth and our W4 kernel at 40-69%, 1.3-1.6× faster than tinygemm's. With each block's
 #   projections stacked (four GEMVs instead of seven), our W8 and W4 decodes are 1.68× and 2.11× bf16's
-#   (tinygemm's 1.59×). The norms, RoPE and the SwiGLU product, which inductor fuses into bf16's kernels but
-#   not into ours, take 18% of the fused W4 step's kernel time.
+#   (tinygemm's 1.59×). Kernels outside the GEMVs and attention take 18% of the fused W4 step's kernel time
+#   against 3% of bf16's: the norms and the SwiGLU product, which inductor fuses into its own bf16 kernels but
+#   not into ours.
 #
 # **Lab 05** ([`labs/lab05_quantization/lab05_quantization.ipynb`](../labs/lab05_quantization/lab05_quantization.ipynb), 12 points)
 # has you build the pieces, each part graded by hidden tests:
