@@ -1274,8 +1274,10 @@ steps.round(0)
 # their own: 344-451 µs per token of "everything else", in 395-491 kernels per token against bf16's 331.
 # Stacking the projections shrank the W4 GEMVs from 1548 to 1330 µs per token, and tinygemm's take 2003 µs in
 # the same fused model. With bf16's 118 µs of "everything else", the fused W4 step's kernels would take about
-# 1.69 ms instead of 1.92, 2.5× less than bf16's 4.23 ms: the next gains are fusing the norms and the SwiGLU
-# product into the GEMVs, and a W4 GEMV closer to the bandwidth.
+# 1.69 ms instead of 1.92, 2.5× less than bf16's 4.23 ms. Fusing the norms into the GEMVs is not free,
+# though: each GEMV's loop would scale its activations too, which adds 25-63% to its instructions
+# (`bench/quant_gemv_sass.py` counts them). The SwiGLU product could go into the gate/up GEMV's last step,
+# and a W4 GEMV closer to the bandwidth is the other gain.
 #
 # How did our W4 kernel get here? Its previous version took 19.4 µs on the 4096 → 11008 layer. Two more
 # benchmarks ran on the H200 against it, back to back in one call.
