@@ -280,19 +280,22 @@ def run_decode(device, bandwidth, shape="llama-2-7b", prompt_len=32, new_tokens=
         replace_in_blocks(model, lambda q: Int4PackLinear(q))
         return model
 
+    def w8_fused(model):
+        return quantize_model(fuse_projections(model), 8, None, impl="triton")
+
     only = os.environ.get("EFFML_DECODE_VARIANTS")  # e.g. "int4pack-g128": re-run some decoders only
     variants = {  # the ones that matter most first: a run cut short still compares them
         "bf16": lambda m: m,  # inductor's own matrix-vector kernels, with the norms and SwiGLU fused in
         # "-fused": q/k/v and gate/up as one layer each (model.fuse_projections): 4 GEMVs a block, not 7
         "w4-g128-fused": lambda m: quantize_model(fuse_projections(m), 4, 128, impl="triton"),
-        "w8-fused": lambda m: quantize_model(fuse_projections(m), 8, None, impl="triton"),
+        "w8-fused": w8_fused,
         "int4pack-g128-fused": lambda m: int4pack(fuse_projections(m)),
         "w4-g128": lambda m: quantize_model(m, 4, 128, impl="triton"),
         "w8": lambda m: quantize_model(m, 8, None, impl="triton"),
         "int4pack-g128": int4pack,
         # quant_sweep.json's fastest W8 tile for a fused block (7% less GEMV time than the default's),
         # not yet the library's default: this decoder measures it
-        "w8-fused-tile-4x128x4": lambda m: quantize_model(fuse_projections(m), 8, None, impl="triton"),
+        "w8-fused-tile-4x128x4": w8_fused,  # with the tile in tiles_of below
     }
     tiles_of = {"w8-fused-tile-4x128x4": {8: {"block_n": 4, "chunks": 128, "num_warps": 4}}}
     if only:

@@ -77,12 +77,19 @@ def _bf16_words(lo, hi):
 
 
 @triton.jit
-def _x_words_exact(xw_row, base, ok, CHUNKS: tl.constexpr):
-    """x * r rounded to bf16, times g rounded to bf16: the reference RMSNorm's roundings."""
+def _x_and_g(xw_row, base, ok):
+    """Four words of x from ``base`` (CHUNKS,) and the norm weight's words at the same place, as float32
+    halves, and a stand-in r: what both scaling variants start from."""
     at = base[:, None] + tl.arange(0, 4)[None, :]
     lo, hi = _bf16_halves(tl.load(xw_row + at, mask=ok[:, None], other=0))
     g_lo, g_hi = _bf16_halves(tl.load(xw_row + G_OFFSET + at, mask=ok[:, None], other=0))
-    r = 1.2345
+    return lo, hi, g_lo, g_hi, 1.2345
+
+
+@triton.jit
+def _x_words_exact(xw_row, base, ok, CHUNKS: tl.constexpr):
+    """x * r rounded to bf16, times g rounded to bf16: the reference RMSNorm's roundings."""
+    lo, hi, g_lo, g_hi, r = _x_and_g(xw_row, base, ok)
     lo = (lo * r).to(tl.bfloat16).to(tl.float32) * g_lo
     hi = (hi * r).to(tl.bfloat16).to(tl.float32) * g_hi
     return _words(_bf16_words(lo, hi), CHUNKS)
@@ -91,10 +98,7 @@ def _x_words_exact(xw_row, base, ok, CHUNKS: tl.constexpr):
 @triton.jit
 def _x_words_fast(xw_row, base, ok, CHUNKS: tl.constexpr):
     """x * (r * g), rounded to bf16 once."""
-    at = base[:, None] + tl.arange(0, 4)[None, :]
-    lo, hi = _bf16_halves(tl.load(xw_row + at, mask=ok[:, None], other=0))
-    g_lo, g_hi = _bf16_halves(tl.load(xw_row + G_OFFSET + at, mask=ok[:, None], other=0))
-    r = 1.2345
+    lo, hi, g_lo, g_hi, r = _x_and_g(xw_row, base, ok)
     return _words(_bf16_words(lo * (g_lo * r), hi * (g_hi * r)), CHUNKS)
 
 
